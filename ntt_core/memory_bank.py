@@ -1,0 +1,380 @@
+"""The memory bank: one DINOv2 descriptor per reference instance, class prototypes from them,
+and a pickle-free file format (safetensors + a JSON manifest)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .images import as_rgb_array, load_image
+from .models import FeatureEncoder, PromptSegmenter
+from .settings import Settings
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TENSORS_NAME = "features.safetensors"
+
+
+class ReferenceError(ValueError):
+    """References that cannot make a memory bank; the message says which and why."""
+
+
+class MemoryBankError(ValueError):
+    """A memory bank file or payload that is invalid, tampered with, or made for other models."""
+
+
+@dataclass
+class ReferenceInstance:
+    """One annotated example: a mask (preferred) or a box, and its class."""
+
+    class_name: str
+    mask: np.ndarray | None = None  # [H, W] bool or float in [0, 1], at the image's size
+    box: Sequence[float] | None = None  # (x0, y0, x1, y1) in pixels
+    reference_id: str = ""
+    negative: bool = False  # an example of what is *not* ``class_name``
+
+
+@dataclass
+class ReferenceImage:
+    """An image and the reference instances annotated in it."""
+
+    image: np.ndarray | str | Path
+    instances: list[ReferenceInstance]
+    image_id: str = ""
+
+
+@dataclass
+class MemoryBank:
+    """Per-instance descriptors of the references and everything needed to score against them."""
+
+    classes: list[str]
+    descriptors: torch.Tensor  # [R, C] float32, mask-weighted mean patch features (not normalised)
+    class_index: torch.Tensor  # [R] int64, index into ``classes``
+    negative: torch.Tensor  # [R] bool, negative references
+    reference_ids: list[str]
+    image_ids: list[str]
+    encoder_id: str
+    encoder_fingerprint: str
+    encoder_input_size: int
+    segmenter_id: str = ""
+    settings: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)  # {"reference_id", "class_name", "reason"}
+
+    def __post_init__(self) -> None:
+        rows = self.descriptors.shape[0]
+        if not (len(self.class_index) == len(self.negative) == len(self.reference_ids) == len(self.image_ids) == rows):
+            raise MemoryBankError("memory bank fields disagree on the number of references")
+        if rows and (int(self.class_index.min()) < 0 or int(self.class_index.max()) >= len(self.classes)):
+            raise MemoryBankError("memory bank class index out of range")
+        missing = [name for i, name in enumerate(self.classes) if not bool(((self.class_index == i) & ~self.negative).any())]
+        if missing:
+            raise MemoryBankError(f"classes without a positive reference: {', '.join(missing)}")
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.descriptors.shape[1])
+
+    def counts(self, negative: bool = False) -> dict[str, int]:
+        """References per class (positive ones, or negative ones)."""
+        chosen = self.class_index[self.negative == negative]
+        return {name: int((chosen == i).sum()) for i, name in enumerate(self.classes)}
+
+    def prototypes(self) -> torch.Tensor:
+        """``[K, C]`` L2-normalised mean of each class's positive descriptors (two-step aggregation)."""
+        return _class_means(self.descriptors, self.class_index, ~self.negative, len(self.classes))
+
+    def negative_prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[K, C]`` normalised mean of each class's negative descriptors and ``[K]`` bool: has any."""
+        present = torch.zeros(len(self.classes), dtype=torch.bool)
+        present[self.class_index[self.negative]] = True
+        return _class_means(self.descriptors, self.class_index, self.negative, len(self.classes)), present
+
+    def check_encoder(self, encoder: FeatureEncoder) -> None:
+        """Raise :class:`MemoryBankError` unless ``encoder`` is the one the bank was built with."""
+        if encoder.fingerprint != self.encoder_fingerprint or encoder.input_size != self.encoder_input_size:
+            raise MemoryBankError(
+                f"this memory bank was built with encoder {self.encoder_id!r} at {self.encoder_input_size} px "
+                f"(weights {self.encoder_fingerprint}), but the encoder in use is {encoder.model_id!r} at "
+                f"{encoder.input_size} px (weights {encoder.fingerprint}); rebuild the bank or use that encoder"
+            )
+
+    # --- serialisation: safetensors bytes + a JSON manifest, never pickle ---
+
+    def to_payload(self) -> dict:
+        """A JSON-able dict: the manifest plus the safetensors bytes in base64."""
+        blob = save_safetensors(
+            {
+                "descriptors": self.descriptors.float().contiguous(),
+                "class_index": self.class_index.long().contiguous(),
+                "negative": self.negative.to(torch.uint8).contiguous(),
+            }
+        )
+        return {"manifest": self._manifest(blob), "tensors": base64.b64encode(blob).decode("ascii")}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> MemoryBank:
+        try:
+            blob = base64.b64decode(payload["tensors"], validate=True)
+            manifest = payload["manifest"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise MemoryBankError(f"not a memory bank payload: {error}") from None
+        return cls._from_parts(manifest, blob, "payload")
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``manifest.json`` and ``features.safetensors`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = self.to_payload()
+        (directory / TENSORS_NAME).write_bytes(base64.b64decode(payload["tensors"]))
+        (directory / MANIFEST_NAME).write_text(json.dumps(payload["manifest"], indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MemoryBank:
+        directory = Path(directory)
+        manifest_path, tensors_path = directory / MANIFEST_NAME, directory / TENSORS_NAME
+        if not manifest_path.is_file() or not tensors_path.is_file():
+            raise MemoryBankError(f"{directory}: not a memory bank (needs {MANIFEST_NAME} and {TENSORS_NAME})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise MemoryBankError(f"{manifest_path}: unreadable manifest ({error})") from None
+        return cls._from_parts(manifest, tensors_path.read_bytes(), str(directory))
+
+    def _manifest(self, blob: bytes) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "classes": list(self.classes),
+            "reference_ids": list(self.reference_ids),
+            "image_ids": list(self.image_ids),
+            "feature_dim": self.feature_dim,
+            "encoder_id": self.encoder_id,
+            "encoder_fingerprint": self.encoder_fingerprint,
+            "encoder_input_size": self.encoder_input_size,
+            "segmenter_id": self.segmenter_id,
+            "settings": dict(self.settings),
+            "counts": self.counts(),
+            "skipped": list(self.skipped),
+        }
+
+    @classmethod
+    def _from_parts(cls, manifest: dict, blob: bytes, where: str) -> MemoryBank:
+        if not isinstance(manifest, dict):
+            raise MemoryBankError(f"{where}: the manifest is not a JSON object")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise MemoryBankError(
+                f"{where}: memory bank schema version {version!r} is not supported (this version reads {SCHEMA_VERSION}); rebuild the bank"
+            )
+        if hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
+            raise MemoryBankError(f"{where}: checksum mismatch, the memory bank is truncated or was modified")
+        try:
+            tensors = load_safetensors(blob)
+            descriptors, class_index = tensors["descriptors"], tensors["class_index"]
+            negative = tensors["negative"].bool()
+            rows = len(manifest["reference_ids"])
+            if descriptors.dtype != torch.float32 or descriptors.shape != (rows, manifest["feature_dim"]):
+                raise MemoryBankError(f"{where}: descriptors have shape {tuple(descriptors.shape)} / {descriptors.dtype}")
+            if class_index.dtype != torch.int64 or class_index.shape != (rows,) or negative.shape != (rows,):
+                raise MemoryBankError(f"{where}: class index or negative flags have the wrong shape or type")
+            if not torch.isfinite(descriptors).all():
+                raise MemoryBankError(f"{where}: descriptors hold NaN or infinite values")
+            return cls(
+                classes=list(manifest["classes"]),
+                descriptors=descriptors,
+                class_index=class_index,
+                negative=negative,
+                reference_ids=list(manifest["reference_ids"]),
+                image_ids=list(manifest["image_ids"]),
+                encoder_id=str(manifest["encoder_id"]),
+                encoder_fingerprint=str(manifest["encoder_fingerprint"]),
+                encoder_input_size=int(manifest["encoder_input_size"]),
+                segmenter_id=str(manifest.get("segmenter_id", "")),
+                settings=dict(manifest.get("settings", {})),
+                skipped=list(manifest.get("skipped", [])),
+            )
+        except (KeyError, TypeError) as error:
+            raise MemoryBankError(f"{where}: manifest is missing or mistypes {error}") from None
+        except Exception as error:  # safetensors raises its own error types on corrupt bytes
+            if isinstance(error, MemoryBankError):
+                raise
+            raise MemoryBankError(f"{where}: unreadable tensors ({error})") from None
+
+
+def _class_means(descriptors: torch.Tensor, class_index: torch.Tensor, chosen: torch.Tensor, classes: int) -> torch.Tensor:
+    """``[K, C]`` L2-normalised mean of the chosen descriptors of each class (zeros where none)."""
+    sums = torch.zeros(classes, descriptors.shape[1], dtype=torch.float32)
+    sums.index_add_(0, class_index[chosen], descriptors[chosen].float())
+    counts = torch.bincount(class_index[chosen], minlength=classes).clamp(min=1).unsqueeze(1)
+    return F.normalize(sums / counts, dim=1)
+
+
+def reference_crop_box(box: Sequence[float], image_size: tuple[int, int], context_ratio: float) -> tuple[int, int, int, int]:
+    """Square around the box centre, side max(w, h) x (1 + context_ratio), clipped to the image.
+    Returns integer (x0, y0, x1, y1), end-exclusive, never empty."""
+    height, width = image_size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    half = max(x1 - x0, y1 - y0) * (1.0 + context_ratio) / 2.0
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    left, top = int(np.floor(max(cx - half, 0.0))), int(np.floor(max(cy - half, 0.0)))
+    right, bottom = int(np.ceil(min(cx + half, width))), int(np.ceil(min(cy + half, height)))
+    return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Tight end-exclusive box (x0, y0, x1, y1) of the non-zero pixels, or None if there are none."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def describe_crops(encoder: FeatureEncoder, crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask-weighted mean patch features.
+
+    crops ``[N, 3, S, S]`` in [0, 1] and soft masks ``[N, S, S]`` at the encoder's input size ->
+    descriptors ``[N, C]`` and mask weight sums ``[N]`` (0 means an empty mask).
+    """
+    features = encoder.encode(crops).float()  # [N, C, g, g]
+    grid = features.shape[-1]
+    # PyTorch's legacy 'nearest' takes source pixel floor(i * S / g): the top-left pixel of each patch.
+    weights = F.interpolate(masks[:, None].float(), size=(grid, grid), mode="nearest")[:, 0].to(features.device)
+    totals = weights.flatten(1).sum(1)  # [N]
+    sums = torch.einsum("nchw,nhw->nc", features, weights)
+    return (sums / totals.clamp(min=1e-12).unsqueeze(1)).cpu(), totals.cpu()
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, *size]`` (antialiased when shrinking), clamped to [0, 1]."""
+    return F.interpolate(image, size=size, mode=mode, align_corners=False, antialias=True).clamp_(0.0, 1.0)
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 -> ``[1, 3, H, W]`` float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+def build_memory_bank(
+    references: Iterable[ReferenceImage],
+    encoder: FeatureEncoder,
+    segmenter: PromptSegmenter | None = None,
+    settings: Settings | None = None,
+    classes: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> MemoryBank:
+    """Describe every reference instance with the encoder and collect them into a bank.
+
+    Box-only references get their mask from the segmenter's box prompt. Instances that cannot
+    be used (empty mask, no mask and no box, box outside the image) are skipped and listed in
+    ``bank.skipped``; a class left without any positive reference is an error. ``classes`` fixes
+    the class order (default: order of first appearance). ``progress`` is called with the number
+    of reference images done.
+    """
+    settings = settings or Settings()
+    size = encoder.input_size
+    crops, masks, meta, skipped = [], [], [], []
+    for done, reference in enumerate(references, start=1):
+        image = load_image(reference.image) if isinstance(reference.image, (str, Path)) else as_rgb_array(reference.image)
+        height, width = image.shape[:2]
+        pixels = None
+        for instance in reference.instances:
+            mask, reason = _reference_mask(instance, image, segmenter)
+            if mask is None:
+                skipped.append({"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": reason})
+                continue
+            box = mask_box(mask > 0) if instance.box is None else instance.box
+            x0, y0, x1, y1 = reference_crop_box(box, (height, width), settings.context_ratio)
+            if pixels is None:
+                pixels = image_tensor(image)
+            crops.append(resize_image(pixels[:, :, y0:y1, x0:x1], (size, size), "bicubic")[0])
+            crop_mask = torch.from_numpy(mask[y0:y1, x0:x1].astype(np.float32))[None, None]
+            masks.append(F.interpolate(crop_mask, size=(size, size), mode="bilinear", align_corners=False)[0, 0])
+            meta.append((instance, reference.image_id))
+        if progress is not None:
+            progress(done)
+
+    descriptors, totals = [], []
+    for start in range(0, len(crops), 16):
+        d, t = describe_crops(encoder, torch.stack(crops[start : start + 16]), torch.stack(masks[start : start + 16]))
+        descriptors.append(d)
+        totals.append(t)
+    descriptors = torch.cat(descriptors) if descriptors else torch.zeros(0, 0)
+    totals = torch.cat(totals) if totals else torch.zeros(0)
+
+    kept = []
+    for row, (instance, _) in enumerate(meta):
+        if totals[row] <= 0:
+            skipped.append(
+                {"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": "mask is empty at the encoder's patch grid"}
+            )
+        else:
+            kept.append(row)
+    positive_classes = list(dict.fromkeys(meta[row][0].class_name for row in kept if not meta[row][0].negative))
+    class_names = list(classes) if classes is not None else positive_classes
+    missing = [name for name in class_names if name not in positive_classes]
+    if missing or not class_names:
+        reasons = "; ".join(f"{s['reference_id'] or '?'} ({s['class_name']}): {s['reason']}" for s in skipped)
+        what = f"no usable reference for class(es) {', '.join(missing)}" if missing else "no usable reference at all"
+        raise ReferenceError(what + (f". Skipped: {reasons}" if reasons else ""))
+    kept = [row for row in kept if meta[row][0].class_name in class_names]
+    lookup = {name: i for i, name in enumerate(class_names)}
+    return MemoryBank(
+        classes=class_names,
+        descriptors=descriptors[kept].float() if kept else torch.zeros(0, 0),
+        class_index=torch.tensor([lookup[meta[row][0].class_name] for row in kept], dtype=torch.int64),
+        negative=torch.tensor([meta[row][0].negative for row in kept], dtype=torch.bool),
+        reference_ids=[meta[row][0].reference_id for row in kept],
+        image_ids=[str(meta[row][1]) for row in kept],
+        encoder_id=encoder.model_id,
+        encoder_fingerprint=encoder.fingerprint,
+        encoder_input_size=encoder.input_size,
+        segmenter_id=segmenter.model_id if segmenter is not None else "",
+        settings=settings.to_dict(),
+        skipped=skipped,
+    )
+
+
+def _reference_mask(
+    instance: ReferenceInstance, image: np.ndarray, segmenter: PromptSegmenter | None
+) -> tuple[np.ndarray | None, str]:
+    """The instance's mask as ``[H, W]`` float32, or None and the reason it cannot be used."""
+    height, width = image.shape[:2]
+    if instance.mask is not None:
+        mask = np.asarray(instance.mask, dtype=np.float32)
+        if mask.shape != (height, width):
+            return None, f"mask shape {mask.shape} differs from the image size {(height, width)}"
+        if not np.isfinite(mask).all() or not (mask > 0).any():
+            return None, "mask is empty"
+        return mask, ""
+    if instance.box is None:
+        return None, "neither a mask nor a box"
+    x0, y0, x1, y1 = (float(v) for v in instance.box)
+    if not (x1 > x0 and y1 > y0) or x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return None, f"box {list(instance.box)} is empty or outside the {width}x{height} image"
+    if segmenter is None:
+        return None, "box-only reference but no segmenter was given to turn the box into a mask"
+    return box_to_mask(segmenter, image, [instance.box])[0].astype(np.float32), ""
+
+
+def box_to_mask(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> ``[N, H, W]`` bool masks at image size."""
+    height, width = image.shape[:2]
+    frame = segmenter.input_size
+    pixels = resize_image(image_tensor(image), (frame, frame), "bilinear")
+    features = segmenter.embed(pixels)
+    scale = torch.tensor([frame / width, frame / height, frame / width, frame / height])
+    prompts = torch.as_tensor(np.asarray(boxes, dtype=np.float32)) * scale
+    logits, _ = segmenter.segment_boxes(features, prompts[None])  # [1, N, m, m]
+    full = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    return (full > 0).cpu().numpy()

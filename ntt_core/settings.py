@@ -1,0 +1,61 @@
+"""Settings of the method; the defaults are the paper's COCO few-shot configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the pipeline. Defaults reproduce the paper (see ALGORITHM.md).
+
+    Input sizes are not here: SAM2's frame (1024) and mask size (256) come from its config,
+    DINOv2's input side (518) from ``encoder_size`` or its config, the patch grid (37) from both.
+    """
+
+    points_per_side: int = 32
+    prompt_batch_size: int = 256
+    sam_iou_threshold: float = 0.4
+    nms_iou_threshold: float = 0.5
+    pre_merge_keep: int = 800
+    max_detections: int = 100
+    soft_merge_exponent: float = 0.5
+    context_ratio: float = 0.2
+    negative_temperature: float = 0.8
+    score_threshold: float = 0.0
+    encoder_size: int | None = None
+    add_no_memory_embedding: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {
+            "points_per_side": self.points_per_side >= 1,
+            "prompt_batch_size": self.prompt_batch_size >= 1,
+            "sam_iou_threshold": 0.0 <= self.sam_iou_threshold <= 1.0,
+            "nms_iou_threshold": 0.0 < self.nms_iou_threshold <= 1.0,
+            "pre_merge_keep": self.pre_merge_keep >= 1,
+            "max_detections": self.max_detections >= 1,
+            "soft_merge_exponent": self.soft_merge_exponent >= 0.0,
+            "context_ratio": self.context_ratio >= 0.0,
+            "negative_temperature": self.negative_temperature > 0.0,
+            "score_threshold": 0.0 <= self.score_threshold <= 1.0,
+            "encoder_size": self.encoder_size is None or self.encoder_size >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"Invalid settings: {values}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Settings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown settings: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
