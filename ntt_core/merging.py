@@ -1,0 +1,145 @@
+"""Full-resolution masks from SAM2's low-resolution logits, computed only where needed, and the
+method's semantic-aware soft merging.
+
+Bilinear upsampling (``align_corners=False``) is separable with two taps per output pixel, so any
+window of the full-resolution mask can be computed from the logits alone: a 10,000 x 10,000 image
+never needs hundreds of full-size masks in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+#: Elements of float32 scratch per chunk of upsampled masks (256 MB).
+CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Bilinear taps of one axis: output pixel i = w0[i] * source[i0[i]] + w1[i] * source[i1[i]]."""
+
+    i0: torch.Tensor  # [out] int64
+    i1: torch.Tensor  # [out] int64
+    w0: torch.Tensor  # [out] float32
+    w1: torch.Tensor  # [out] float32
+
+
+@functools.lru_cache(maxsize=32)
+def _taps_cpu(source: int, target: int) -> Taps:
+    # PyTorch's bilinear source index with align_corners=False: (i + 0.5) * source / target - 0.5, floored at 0.
+    scale = torch.tensor(source / target, dtype=torch.float32)
+    position = ((torch.arange(target, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0.0)
+    i0 = position.floor().long().clamp(max=source - 1)
+    i1 = (i0 + 1).clamp(max=source - 1)
+    w1 = position - i0.float()
+    return Taps(i0, i1, 1.0 - w1, w1)
+
+
+def taps(source: int, target: int, device: torch.device) -> Taps:
+    """The two-tap weights of ``F.interpolate(..., mode="bilinear", align_corners=False)`` along one axis."""
+    cpu = _taps_cpu(source, target)
+    return Taps(cpu.i0.to(device), cpu.i1.to(device), cpu.w0.to(device), cpu.w1.to(device))
+
+
+def upsample_window(logits: torch.Tensor, rows: Taps, cols: Taps, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    """Rows y0:y1 and columns x0:x1 of the bilinearly upsampled logits ``[N, m, m]`` -> ``[N, y1-y0, x1-x0]``."""
+    r0, r1 = rows.i0[y0:y1], rows.i1[y0:y1]
+    low, high = int(r0.min()), int(r1.max()) + 1  # the low-resolution rows this window reads
+    band = logits[:, low:high]
+    c0, c1 = cols.i0[x0:x1], cols.i1[x0:x1]
+    band = band[:, :, c0] * cols.w0[x0:x1] + band[:, :, c1] * cols.w1[x0:x1]  # [N, rows read, x1-x0]
+    return band[:, r0 - low] * rows.w0[y0:y1, None] + band[:, r1 - low] * rows.w1[y0:y1, None]
+
+
+def window_bounds(low_boxes: torch.Tensor, mask_size: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """Full-resolution windows ``[N, 4]`` (x0, y0, x1, y1), end-exclusive, certain to contain the
+    upsampled masks whose low-resolution inclusive boxes are ``low_boxes`` ``[N, 4]``.
+
+    An output pixel is positive only if one of its two taps is, and taps lie within one source pixel
+    of the output pixel's source position, so a one-pixel margin at low resolution is enough.
+    """
+    height, width = image_size
+    scale = low_boxes.new_tensor([width, height, width, height]) / mask_size
+    low = (low_boxes[:, :2] - 1.0).clamp(min=0.0)
+    high = low_boxes[:, 2:] + 2.0
+    start = ((low + 0.5) * scale[:2] - 0.5).floor() - 1
+    end = ((high + 0.5) * scale[2:] - 0.5).ceil() + 1
+    bounds = torch.cat([start, end], dim=1).long()
+    limits = bounds.new_tensor([width, height, width, height])
+    return torch.minimum(bounds.clamp(min=0), limits)
+
+
+def full_resolution_stats(
+    logits: torch.Tensor, labels: torch.Tensor, windows: torch.Tensor, image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Areas, tight boxes and same-class intersections of the upsampled masks (logit > 0), computed in
+    row bands without holding the full-size masks.
+
+    logits ``[N, m, m]``, labels ``[N]``, windows ``[N, 4]`` from :func:`window_bounds` ->
+    areas ``[N]`` float64, boxes ``[N, 4]`` int64 (x0, y0, x1, y1 end-exclusive; zeros if empty),
+    intersections ``[N, N]`` float64 (zero across classes).
+    """
+    height, width = image_size
+    count, device = logits.shape[0], logits.device
+    rows, cols = taps(logits.shape[1], height, device), taps(logits.shape[2], width, device)
+    areas = torch.zeros(count, dtype=torch.float64, device=device)
+    intersections = torch.zeros(count, count, dtype=torch.float64, device=device)
+    y_min = torch.full((count,), height, dtype=torch.int64, device=device)
+    y_max = torch.full((count,), -1, dtype=torch.int64, device=device)
+    x_min = torch.full((count,), width, dtype=torch.int64, device=device)
+    x_max = torch.full((count,), -1, dtype=torch.int64, device=device)
+    same_class = labels[:, None] == labels[None, :]
+    band = max(1, min(height, CHUNK_ELEMENTS // max(1, count * width), (1 << 24) // width))
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        active = torch.nonzero((windows[:, 1] < bottom) & (windows[:, 3] > top)).flatten()
+        if active.numel() == 0:
+            continue
+        masks = upsample_window(logits[active], rows, cols, top, bottom, 0, width) > 0  # [A, b, W]
+        flat = masks.flatten(1).float()  # exact: per-band counts stay below 2**24
+        areas[active] += flat.sum(1).double()
+        pairs = same_class[active][:, active]
+        intersections[active[:, None], active[None, :]] += (flat @ flat.T).double() * pairs
+        in_rows, in_cols = masks.any(dim=2), masks.any(dim=1)  # [A, b], [A, W]
+        row_index = torch.arange(top, bottom, device=device)
+        col_index = torch.arange(width, device=device)
+        y_min[active] = torch.minimum(y_min[active], torch.where(in_rows, row_index, height).min(1).values)
+        y_max[active] = torch.maximum(y_max[active], torch.where(in_rows, row_index, -1).max(1).values)
+        x_min[active] = torch.minimum(x_min[active], torch.where(in_cols, col_index, width).min(1).values)
+        x_max[active] = torch.maximum(x_max[active], torch.where(in_cols, col_index, -1).max(1).values)
+    boxes = torch.stack([x_min, y_min, x_max + 1, y_max + 1], dim=1) * (areas > 0)[:, None]
+    return areas, boxes, intersections
+
+
+def soft_merge_factors(
+    areas: torch.Tensor, intersections: torch.Tensor, descriptors: torch.Tensor, exponent: float = 0.5
+) -> torch.Tensor:
+    """(1 - IoS)^exponent for candidates in rank order (best first).
+
+    IoS_i = max over earlier candidates j of the same class of |m_i & m_j| / |m_i| x max(0, cos(f_i, f_j)).
+    areas ``[N]``, intersections ``[N, N]`` (zero across classes), descriptors ``[N, C]`` L2-normalised
+    -> ``[N]``.
+    """
+    count = areas.shape[0]
+    if count == 0:
+        return areas.new_zeros(0, dtype=torch.float32)
+    cosine = (descriptors @ descriptors.T).clamp(min=0.0).double()
+    overlap = intersections / areas.clamp(min=1.0)[:, None] * cosine
+    earlier = torch.ones(count, count, dtype=torch.bool, device=areas.device).tril(diagonal=-1)  # j < i
+    ios = overlap.masked_fill(~earlier, 0.0).max(dim=1).values.clamp(0.0, 1.0)
+    return (1.0 - ios).pow(exponent).float()
+
+
+def crop_masks(logits: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> list:
+    """Full-resolution masks of ``logits`` ``[K, m, m]`` cropped to their end-exclusive ``boxes``
+    ``[K, 4]``, as bool numpy arrays (one window each, never the whole image)."""
+    height, width = image_size
+    rows, cols = taps(logits.shape[1], height, logits.device), taps(logits.shape[2], width, logits.device)
+    crops = []
+    for index, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        crop = upsample_window(logits[index : index + 1], rows, cols, y0, y1, x0, x1)[0] > 0
+        crops.append(crop.cpu().numpy())
+    return crops

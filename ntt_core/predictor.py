@@ -1,0 +1,138 @@
+"""The per-batch pipeline: SAM2 candidates, DINOv2 matching against the memory bank, NMS, soft
+merging, top-k. One call segments every class of the bank in a batch of images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .images import ImageError, as_rgb_array, load_image
+from .instances import Instances
+from .matching import best_references, pool_features, score_classes
+from .memory_bank import MemoryBank, image_tensor, resize_image
+from .merging import crop_masks, full_resolution_stats, soft_merge_factors, window_bounds
+from .models import FeatureEncoder, PromptSegmenter
+from .proposals import Candidates, class_nms, mask_boxes, point_grid, propose
+from .settings import Settings
+
+
+class Predictor:
+    """Segment every instance of the bank's classes in images.
+
+    ``predict(images)`` takes ``[H, W, 3]`` uint8 arrays and returns one :class:`Instances` each.
+    """
+
+    def __init__(
+        self,
+        segmenter: PromptSegmenter,
+        encoder: FeatureEncoder,
+        bank: MemoryBank,
+        settings: Settings | None = None,
+    ) -> None:
+        bank.check_encoder(encoder)
+        self.segmenter, self.encoder, self.bank = segmenter, encoder, bank
+        self.settings = settings or Settings()
+        device = encoder.device
+        self.prototypes = bank.prototypes().to(device)  # [K, C]
+        negative, has_negative = bank.negative_prototypes()
+        self.negative_prototypes, self.has_negative = negative.to(device), has_negative.to(device)
+        positive = ~bank.negative
+        self.reference_rows = torch.nonzero(positive).flatten()
+        self.references = F.normalize(bank.descriptors[positive].float(), dim=1).to(device)  # [R, C]
+        self.reference_class = bank.class_index[positive].to(device)
+        self.points = point_grid(self.settings.points_per_side, segmenter.input_size, segmenter.device)
+        self.min_side = max(1, encoder.input_size // encoder.grid_size)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
+        """Instances for each image of the batch; raises :class:`ImageError` on an unusable image."""
+        arrays = [self._check(as_rgb_array(image, name=f"image {i}")) for i, image in enumerate(images)]
+        if not arrays:
+            return []
+        frame, size = self.segmenter.input_size, self.encoder.input_size
+        frames = torch.cat([resize_image(image_tensor(a).to(self.segmenter.device), (frame, frame), "bilinear") for a in arrays])
+        sam_features = self.segmenter.embed(frames)
+        dense = self.encoder.encode(resize_image(frames.to(self.encoder.device), (size, size), "bicubic"))  # [B, C, g, g]
+        candidates = propose(
+            self.segmenter,
+            sam_features,
+            len(arrays),
+            self.points,
+            self.settings.prompt_batch_size,
+            self.settings.sam_iou_threshold,
+        )
+        return [self._instances(c, dense[i], a.shape[:2]) for i, (c, a) in enumerate(zip(candidates, arrays))]
+
+    def predict_paths(self, paths: Sequence[str | Path]) -> list[Instances | ImageError]:
+        """Like :meth:`predict` for image files; an unreadable or unusable image gives its
+        :class:`ImageError` in its place instead of failing the batch."""
+        results: list[Instances | ImageError | None] = [None] * len(paths)
+        good, arrays = [], []
+        for i, path in enumerate(paths):
+            try:
+                arrays.append(self._check(load_image(path), name=str(path)))
+                good.append(i)
+            except ImageError as error:
+                results[i] = error
+        for i, instances in zip(good, self.predict(arrays)):
+            results[i] = instances
+        return results
+
+    def _check(self, image: np.ndarray, name: str = "image") -> np.ndarray:
+        if min(image.shape[:2]) < self.min_side:
+            raise ImageError(
+                f"{name}: {image.shape[1]}x{image.shape[0]} px is smaller than one {self.min_side}-px encoder patch"
+            )
+        return image
+
+    def _instances(self, candidates: Candidates, dense: torch.Tensor, image_size: tuple[int, int]) -> Instances:
+        """Post-process one image's candidates: describe, classify, NMS, soft-merge, top-k."""
+        s = self.settings
+        classes = self.bank.classes
+        device = dense.device
+        logits = candidates.logits.to(device)
+        sam_iou = candidates.sam_iou.to(device)
+        masks = logits > 0  # [N, m, m]
+        nonempty = masks.flatten(1).any(1)
+        logits, sam_iou, masks = logits[nonempty], sam_iou[nonempty], masks[nonempty]
+        if logits.shape[0] == 0:
+            return Instances.empty(image_size, classes)
+
+        descriptors = F.normalize(pool_features(dense, masks), dim=1)  # [N, C]
+        semantic, labels = score_classes(
+            descriptors, self.prototypes, self.negative_prototypes, self.has_negative, s.negative_temperature
+        )
+        keep = class_nms(mask_boxes(masks), sam_iou, labels, s.nms_iou_threshold, s.pre_merge_keep)
+        keep = keep[semantic[keep] > 0]  # in decreasing SAM-IoU order
+        if keep.numel() == 0:
+            return Instances.empty(image_size, classes)
+        logits, sam_iou, masks = logits[keep], sam_iou[keep], masks[keep]
+        descriptors, semantic, labels = descriptors[keep], semantic[keep], labels[keep]
+
+        windows = window_bounds(mask_boxes(masks), masks.shape[-1], image_size)
+        areas, boxes, intersections = full_resolution_stats(logits, labels, windows, image_size)
+        factors = soft_merge_factors(areas, intersections, descriptors, s.soft_merge_exponent)
+        scores = semantic * factors
+        valid = (areas > 0) & (scores >= s.score_threshold)
+        order = torch.nonzero(valid).flatten()
+        order = order[scores[order].argsort(descending=True, stable=True)][: s.max_detections]
+
+        reference = best_references(descriptors[order], labels[order], self.references, self.reference_class)
+        boxes = boxes[order]
+        crops = crop_masks(logits[order], boxes, image_size)
+        rows = self.reference_rows[reference.cpu()].tolist()
+        return Instances(
+            image_size=tuple(image_size),
+            boxes=boxes.cpu().numpy().astype(np.int64),
+            masks=crops,
+            labels=labels[order].cpu().numpy().astype(np.int64),
+            class_names=list(classes),
+            scores=scores[order].cpu().numpy().astype(np.float32),
+            semantic_scores=semantic[order].cpu().numpy().astype(np.float32),
+            sam_iou=sam_iou[order].cpu().numpy().astype(np.float32),
+            merge_factors=factors[order].cpu().numpy().astype(np.float32),
+            reference_ids=[self.bank.reference_ids[row] for row in rows],
+        )

@@ -1,0 +1,78 @@
+"""Candidate masks from SAM2: a grid of point prompts, best-of-three selection, IoU filtering, box NMS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import batched_nms
+
+from .models import PromptSegmenter
+
+
+@dataclass
+class Candidates:
+    """Candidate masks of one image at SAM2's low resolution."""
+
+    logits: torch.Tensor  # [N, m, m] float32 mask logits
+    sam_iou: torch.Tensor  # [N] float32 predicted IoU of the chosen output
+
+
+def point_grid(points_per_side: int, frame: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[n * n, 2]`` (x, y) prompts: linspace(0, frame - 1, n) + 0.5 on each axis, row by row.
+
+    The +0.5 is the method's; SAM2's prompt encoder adds its own +0.5 pixel-centre shift on top.
+    """
+    axis = torch.linspace(0, frame - 1, points_per_side, device=device) + 0.5
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
+
+
+def propose(
+    segmenter: PromptSegmenter,
+    features: object,
+    batch_size: int,
+    points: torch.Tensor,
+    prompt_batch_size: int,
+    iou_threshold: float,
+) -> list[Candidates]:
+    """Decode every point prompt for each image of the batch; keep, per prompt, the one of SAM2's three
+    outputs with the highest predicted IoU, and only if that IoU exceeds ``iou_threshold``.
+
+    points ``[P, 2]`` in frame pixels -> one :class:`Candidates` per image (all prompts decoded,
+    including a last partial batch).
+    """
+    kept_logits: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+    kept_iou: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+    for start in range(0, points.shape[0], prompt_batch_size):
+        chunk = points[start : start + prompt_batch_size]
+        logits, iou = segmenter.segment_points(features, chunk[None].expand(batch_size, -1, -1))  # [B,p,3,m,m], [B,p,3]
+        best_iou, best = iou.max(dim=2)  # [B, p]
+        index = best[:, :, None, None, None].expand(-1, -1, 1, *logits.shape[-2:])
+        best_logits = logits.gather(2, index)[:, :, 0]  # [B, p, m, m]
+        keep = best_iou > iou_threshold
+        for image in range(batch_size):
+            kept_logits[image].append(best_logits[image][keep[image]])
+            kept_iou[image].append(best_iou[image][keep[image]])
+    return [Candidates(torch.cat(logits), torch.cat(iou)) for logits, iou in zip(kept_logits, kept_iou)]
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """``[N, H, W]`` bool -> ``[N, 4]`` float (x0, y0, x1, y1) with inclusive max coordinates, as
+    ``torchvision.ops.masks_to_boxes``; zeros for empty masks."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # [N, H], [N, W]
+    height, width = masks.shape[-2:]
+    y0 = rows.float().argmax(dim=1)
+    y1 = height - 1 - rows.flip(1).float().argmax(dim=1)
+    x0 = cols.float().argmax(dim=1)
+    x1 = width - 1 - cols.flip(1).float().argmax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    return boxes * rows.any(dim=1, keepdim=True)
+
+
+def class_nms(boxes: torch.Tensor, sam_iou: torch.Tensor, labels: torch.Tensor, iou_threshold: float, keep: int) -> torch.Tensor:
+    """Box NMS within each predicted class, ranked by SAM2's predicted IoU; the first ``keep`` indices
+    of the survivors, in decreasing predicted-IoU order."""
+    return batched_nms(boxes.float(), sam_iou.float(), labels, iou_threshold)[:keep]
