@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 @functools.lru_cache(maxsize=16)
 def _interpolation_matrix_cpu(source: int, target: int, mode: str, antialias: bool) -> torch.Tensor:
-    eye = torch.eye(source, dtype=torch.float64).reshape(source, 1, source, 1)  # one unit impulse per batch item
-    out = F.interpolate(eye, size=(target, 1), mode=mode, align_corners=False, antialias=antialias)
-    return out[:, 0, :, 0].T.contiguous()  # [target, source]
+    # Interpolating the identity along its rows only (columns keep their size) gives U @ I = U.
+    eye = torch.eye(source, dtype=torch.float64)[None, None]
+    out = F.interpolate(eye, size=(target, source), mode=mode, align_corners=False, antialias=antialias)
+    return out[0, 0].contiguous()  # [target, source]
 
 
 def interpolation_matrix(

@@ -249,8 +249,9 @@ def _from_pretrained(model_class, source: str, kind: str, option: str):
     except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         where = "a local directory" if Path(source).exists() else "the Hugging Face hub" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+        reason = " ".join(str(error).split())
         raise ModelNotFoundError(
-            f"{kind} model {source!r} could not be loaded from {where}: {error}. "
+            f"{kind} model {source!r} could not be loaded from {where} ({reason}). "
             f"Point {option} at a local copy (a directory written by save_pretrained, with model.safetensors "
             f"and config.json, or Meta's original checkpoint file), or download it first with network access."
         ) from None

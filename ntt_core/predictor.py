@@ -49,7 +49,7 @@ class Predictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
         """Instances for each image of the batch; raises :class:`ImageError` on an unusable image."""
-        arrays = [self._check(as_rgb_array(image, name=f"image {i}")) for i, image in enumerate(images)]
+        arrays = [self._check(as_rgb_array(image, f"image {i}"), f"image {i}") for i, image in enumerate(images)]
         if not arrays:
             return []
         frame, size = self.segmenter.input_size, self.encoder.input_size

@@ -1,0 +1,80 @@
+"""Our SAM2 / DINOv2 wrappers against the transformers models' own forward paths."""
+
+import pytest
+import torch
+
+from ntt_core.models import ModelNotFoundError, load_encoder, load_segmenter, normalize
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    sam2_dir, dinov2_dir = tiny_models
+    return load_segmenter(str(sam2_dir), device="cpu"), load_encoder(str(dinov2_dir), device="cpu")
+
+
+def test_sizes_come_from_the_configs(models):
+    segmenter, encoder = models
+    assert (segmenter.input_size, segmenter.mask_size) == (128, 32)
+    assert (encoder.input_size, encoder.grid_size) == (56, 4)
+
+
+def test_segmenter_matches_sam2_forward_when_the_no_memory_embedding_is_added(tiny_models):
+    segmenter = load_segmenter(str(tiny_models[0]), device="cpu", add_no_memory_embedding=True)
+    model = segmenter.model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.no_memory_embedding.normal_()  # zeros in a fresh model: make it matter
+    images = torch.rand(2, 3, 128, 128)
+    points = torch.rand(2, 5, 2) * 128
+    logits, iou = segmenter.segment_points(segmenter.embed(images), points)
+    with torch.no_grad():
+        reference = model(pixel_values=normalize(images), input_points=points[:, :, None], multimask_output=True)
+    assert torch.allclose(logits, reference.pred_masks, atol=1e-5)
+    assert torch.allclose(iou, reference.iou_scores, atol=1e-6)
+
+    plain = load_segmenter(str(tiny_models[0]), device="cpu")  # the paper's path: no embedding added
+    features, with_embedding = plain.embed(images), segmenter.embed(images)
+    added = model.no_memory_embedding.reshape(1, -1, 1, 1)
+    assert torch.allclose(features.embeddings + added, with_embedding.embeddings, atol=1e-5)
+    assert torch.equal(features.high_resolution[0], with_embedding.high_resolution[0])
+
+
+def test_box_prompts_match_sam2_forward(models):
+    segmenter, _ = models
+    images = torch.rand(1, 3, 128, 128)
+    boxes = torch.tensor([[[10.0, 20.0, 90.0, 100.0], [0.0, 0.0, 50.0, 40.0]]])
+    logits, iou = segmenter.segment_boxes(segmenter.embed(images), boxes)
+    model = segmenter.model
+    with torch.no_grad():
+        model_no_memory = model.no_memory_embedding.clone()
+        model.no_memory_embedding.zero_()
+        reference = model(pixel_values=normalize(images), input_boxes=boxes, multimask_output=False)
+        model.no_memory_embedding.copy_(model_no_memory)
+    assert torch.allclose(logits, reference.pred_masks[:, :, 0], atol=1e-5)
+    assert torch.allclose(iou, reference.iou_scores[:, :, 0], atol=1e-6)
+
+
+def test_encoder_returns_final_layernorm_patch_tokens_without_cls(models):
+    _, encoder = models
+    images = torch.rand(2, 3, 56, 56)
+    features = encoder.encode(images)
+    with torch.no_grad():
+        tokens = encoder.model(pixel_values=normalize(images)).last_hidden_state
+    assert features.shape == (2, 32, 4, 4)
+    assert torch.allclose(features.flatten(2).transpose(1, 2), tokens[:, 1:], atol=1e-6)
+
+
+def test_loading_the_same_weights_from_two_places_gives_the_same_fingerprint(tiny_models, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny_models[1], tmp_path / "copy")
+    assert load_encoder(str(copy), device="cpu").fingerprint == load_encoder(str(tiny_models[1]), device="cpu").fingerprint
+
+
+@pytest.mark.bad_input
+def test_missing_model_names_the_model_and_the_option(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match=r"SAM2 model 'facebook/sam2-hiera-large-hf' could not be loaded.*--sam2"):
+        load_segmenter("sam2-large", device="cpu")
+    with pytest.raises(ModelNotFoundError, match=r"DINOv2 model .*nowhere.*--dinov2"):
+        load_encoder(str(tmp_path / "nowhere"), device="cpu")

@@ -1,0 +1,94 @@
+"""The whole pipeline with tiny random-weight models loaded from disk."""
+
+import numpy as np
+import pytest
+import torch
+
+from ntt_core.images import ImageError
+from ntt_core.memory_bank import ReferenceImage, ReferenceInstance, build_memory_bank
+from ntt_core.models import load_encoder, load_segmenter
+from ntt_core.predictor import Predictor
+from ntt_core.settings import Settings
+
+SETTINGS = Settings(points_per_side=3, prompt_batch_size=4, sam_iou_threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_models):
+    segmenter = load_segmenter(str(tiny_models[0]), device="cpu")
+    encoder = load_encoder(str(tiny_models[1]), device="cpu")
+    rng = np.random.default_rng(0)
+    image = (rng.random((90, 110, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((90, 110), dtype=bool)
+    mask[10:60, 20:70] = True
+    references = [
+        ReferenceImage(
+            image,
+            [
+                ReferenceInstance("cat", mask=mask, reference_id="cat-1"),
+                ReferenceInstance("dog", box=(60, 30, 105, 85), reference_id="dog-1"),
+            ],
+            image_id="ref",
+        )
+    ]
+    bank = build_memory_bank(references, encoder, segmenter, SETTINGS)
+    return Predictor(segmenter, encoder, bank, SETTINGS)
+
+
+def images():
+    rng = np.random.default_rng(1)
+    return [(rng.random(shape) * 255).astype(np.uint8) for shape in [(70, 90, 3), (120, 64, 3), (64, 64, 3)]]
+
+
+def test_instances_are_consistent(predictor):
+    for image, result in zip(images(), predictor.predict(images())):
+        assert result.image_size == image.shape[:2]
+        assert len(result) == len(result.boxes) == len(result.scores) == len(result.reference_ids)
+        assert set(result.class_names) == {"cat", "dog"}
+        assert (np.diff(result.scores) <= 0).all()  # best first
+        for mask, (x0, y0, x1, y1) in zip(result.masks, result.boxes):
+            assert mask.shape == (y1 - y0, x1 - x0) and mask.any()
+            assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()  # tight box
+        assert np.allclose(result.scores, result.semantic_scores * result.merge_factors, atol=1e-6)
+        assert set(result.reference_ids) <= {"cat-1", "dog-1"}
+
+
+def test_batched_equals_one_image_at_a_time(predictor):
+    batched = predictor.predict(images())
+    for image, together in zip(images(), batched):
+        alone = predictor.predict([image])[0]
+        assert np.array_equal(alone.boxes, together.boxes)
+        assert np.allclose(alone.scores, together.scores, atol=1e-5)
+        assert all(np.array_equal(a, b) for a, b in zip(alone.masks, together.masks))
+
+
+def test_nothing_found_is_an_empty_result(predictor):
+    strict = Predictor(predictor.segmenter, predictor.encoder, predictor.bank, SETTINGS.replace(sam_iou_threshold=1.0))
+    result = strict.predict(images()[:1])[0]
+    assert len(result) == 0 and result.image_size == (70, 90)
+
+
+@pytest.mark.bad_input
+def test_images_smaller_than_a_patch_are_refused_and_reported_per_file(predictor, tmp_path):
+    from PIL import Image
+
+    with pytest.raises(ImageError, match=r"image 0: 5x3 px is smaller than one 14-px encoder patch"):
+        predictor.predict([np.zeros((3, 5, 3), dtype=np.uint8)])
+    good, tiny, broken = tmp_path / "good.png", tmp_path / "tiny.png", tmp_path / "broken.jpg"
+    Image.fromarray(images()[0]).save(good)
+    Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(tiny)
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    results = predictor.predict_paths([good, tiny, broken])
+    assert len(results[0].image_size) == 2
+    assert isinstance(results[1], ImageError) and "smaller than one 14-px encoder patch" in str(results[1])
+    assert isinstance(results[2], ImageError) and "unreadable or corrupt image" in str(results[2])
+
+
+def test_grayscale_rgba_and_16_bit_images_are_accepted(predictor):
+    rng = np.random.default_rng(2)
+    gray = (rng.random((40, 50)) * 255).astype(np.uint8)
+    rgba = np.dstack([np.stack([gray] * 3, axis=2), np.full((40, 50), 255, np.uint8)])
+    deep = gray.astype(np.uint16) * 257
+    results = predictor.predict([gray, rgba, deep])
+    assert np.array_equal(results[0].boxes, results[1].boxes) and np.array_equal(results[0].boxes, results[2].boxes)
+    assert torch.is_tensor(predictor.prototypes)
