@@ -53,7 +53,7 @@ def score_classes(
     s = s_pos * exp(-max(0, s_neg - s_pos) / temperature).
     """
     similarity = (descriptors @ prototypes.T).clamp(min=0.0)  # [N, K]
-    if negative_prototypes is not None and has_negative is not None and bool(has_negative.any()):
+    if negative_prototypes is not None and has_negative is not None:
         negative = descriptors @ negative_prototypes.T
         damping = torch.exp(-(negative - similarity).clamp(min=0.0) / temperature)
         similarity = torch.where(has_negative[None, :], similarity * damping, similarity)

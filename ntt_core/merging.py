@@ -91,7 +91,6 @@ def full_resolution_stats(
     y_max = torch.full((count,), -1, dtype=torch.int64, device=device)
     x_min = torch.full((count,), width, dtype=torch.int64, device=device)
     x_max = torch.full((count,), -1, dtype=torch.int64, device=device)
-    same_class = labels[:, None] == labels[None, :]
     band = max(1, min(height, CHUNK_ELEMENTS // max(1, count * width), (1 << 24) // width))
     for top in range(0, height, band):
         bottom = min(height, top + band)
@@ -101,8 +100,13 @@ def full_resolution_stats(
         masks = upsample_window(logits[active], rows, cols, top, bottom, 0, width) > 0  # [A, b, W]
         flat = masks.flatten(1).float()  # exact: per-band counts stay below 2**24
         areas[active] += flat.sum(1).double()
-        pairs = same_class[active][:, active]
-        intersections[active[:, None], active[None, :]] += (flat @ flat.T).double() * pairs
+        active_labels = labels[active]
+        for label in torch.unique(active_labels).tolist():  # same-class pairs only
+            members = torch.nonzero(active_labels == label).flatten()
+            if members.numel() > 1:
+                rows_of_class = flat[members]
+                index = active[members]
+                intersections[index[:, None], index[None, :]] += (rows_of_class @ rows_of_class.T).double()
         in_rows, in_cols = masks.any(dim=2), masks.any(dim=1)  # [A, b], [A, W]
         row_index = torch.arange(top, bottom, device=device)
         col_index = torch.arange(width, device=device)

@@ -39,7 +39,10 @@ class Predictor:
         device = encoder.device
         self.prototypes = bank.prototypes().to(device)  # [K, C]
         negative, has_negative = bank.negative_prototypes()
-        self.negative_prototypes, self.has_negative = negative.to(device), has_negative.to(device)
+        if has_negative.any():
+            self.negative_prototypes, self.has_negative = negative.to(device), has_negative.to(device)
+        else:  # the default: no negative references, no damping
+            self.negative_prototypes = self.has_negative = None
         positive = ~bank.negative
         self.reference_rows = torch.nonzero(positive).flatten()
         self.references = F.normalize(bank.descriptors[positive].float(), dim=1).to(device)  # [R, C]
