@@ -76,7 +76,9 @@ class MemoryBank:
             raise MemoryBankError("memory bank fields disagree on the number of references")
         if rows and (int(self.class_index.min()) < 0 or int(self.class_index.max()) >= len(self.classes)):
             raise MemoryBankError("memory bank class index out of range")
-        missing = [name for i, name in enumerate(self.classes) if not bool(((self.class_index == i) & ~self.negative).any())]
+        missing = [
+            name for i, name in enumerate(self.classes) if not bool(((self.class_index == i) & ~self.negative).any())
+        ]
         if missing:
             raise MemoryBankError(f"classes without a positive reference: {', '.join(missing)}")
 
@@ -185,7 +187,9 @@ class MemoryBank:
             negative = tensors["negative"].bool()
             rows = len(manifest["reference_ids"])
             if descriptors.dtype != torch.float32 or descriptors.shape != (rows, manifest["feature_dim"]):
-                raise MemoryBankError(f"{where}: descriptors have shape {tuple(descriptors.shape)} / {descriptors.dtype}")
+                raise MemoryBankError(
+                    f"{where}: descriptors have shape {tuple(descriptors.shape)} / {descriptors.dtype}"
+                )
             if class_index.dtype != torch.int64 or class_index.shape != (rows,) or negative.shape != (rows,):
                 raise MemoryBankError(f"{where}: class index or negative flags have the wrong shape or type")
             if not torch.isfinite(descriptors).all():
@@ -212,7 +216,9 @@ class MemoryBank:
             raise MemoryBankError(f"{where}: unreadable tensors ({error})") from None
 
 
-def _class_means(descriptors: torch.Tensor, class_index: torch.Tensor, chosen: torch.Tensor, classes: int) -> torch.Tensor:
+def _class_means(
+    descriptors: torch.Tensor, class_index: torch.Tensor, chosen: torch.Tensor, classes: int
+) -> torch.Tensor:
     """``[K, C]`` L2-normalised mean of the chosen descriptors of each class (zeros where none)."""
     sums = torch.zeros(classes, descriptors.shape[1], dtype=torch.float32)
     sums.index_add_(0, class_index[chosen], descriptors[chosen].float())
@@ -220,7 +226,9 @@ def _class_means(descriptors: torch.Tensor, class_index: torch.Tensor, chosen: t
     return F.normalize(sums / counts, dim=1)
 
 
-def reference_crop_box(box: Sequence[float], image_size: tuple[int, int], context_ratio: float) -> tuple[int, int, int, int]:
+def reference_crop_box(
+    box: Sequence[float], image_size: tuple[int, int], context_ratio: float
+) -> tuple[int, int, int, int]:
     """Square around the box centre, side max(w, h) x (1 + context_ratio), clipped to the image.
     Returns integer (x0, y0, x1, y1), end-exclusive, never empty."""
     height, width = image_size
@@ -240,7 +248,9 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def describe_crops(encoder: FeatureEncoder, crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def describe_crops(
+    encoder: FeatureEncoder, crops: torch.Tensor, masks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask-weighted mean patch features.
 
     crops ``[N, 3, S, S]`` in [0, 1] and soft masks ``[N, S, S]`` at the encoder's input size ->
@@ -262,6 +272,8 @@ def resize_image(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """``[H, W, 3]`` uint8 -> ``[1, 3, H, W]`` float32 in [0, 1]."""
+    if not image.flags.writeable:
+        image = image.copy()
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
 
 
@@ -285,13 +297,17 @@ def build_memory_bank(
     size = encoder.input_size
     crops, masks, meta, skipped = [], [], [], []
     for done, reference in enumerate(references, start=1):
-        image = load_image(reference.image) if isinstance(reference.image, (str, Path)) else as_rgb_array(reference.image)
+        image = (
+            load_image(reference.image) if isinstance(reference.image, (str, Path)) else as_rgb_array(reference.image)
+        )
         height, width = image.shape[:2]
         pixels = None
         for instance in reference.instances:
             mask, reason = _reference_mask(instance, image, segmenter)
             if mask is None:
-                skipped.append({"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": reason})
+                skipped.append(
+                    {"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": reason}
+                )
                 continue
             box = mask_box(mask > 0) if instance.box is None else instance.box
             x0, y0, x1, y1 = reference_crop_box(box, (height, width), settings.context_ratio)
@@ -316,7 +332,11 @@ def build_memory_bank(
     for row, (instance, _) in enumerate(meta):
         if totals[row] <= 0:
             skipped.append(
-                {"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": "mask is empty at the encoder's patch grid"}
+                {
+                    "reference_id": instance.reference_id,
+                    "class_name": instance.class_name,
+                    "reason": "mask is empty at the encoder's patch grid",
+                }
             )
         else:
             kept.append(row)

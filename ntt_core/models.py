@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -223,7 +222,9 @@ class Dinov2Encoder:
         size = model.config.image_size if input_size is None else input_size
         self.input_size = int(size if isinstance(size, int) else size[0])
         if self.input_size % self.patch_size:
-            raise ValueError(f"encoder input size {self.input_size} is not a multiple of the patch size {self.patch_size}")
+            raise ValueError(
+                f"encoder input size {self.input_size} is not a multiple of the patch size {self.patch_size}"
+            )
         self.grid_size = self.input_size // self.patch_size
         self._skip = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
         self.fingerprint = weights_fingerprint(model.embeddings.patch_embeddings.projection.weight)
@@ -248,7 +249,11 @@ def _from_pretrained(model_class, source: str, kind: str, option: str):
         return model_class.from_pretrained(source, use_safetensors=True)
     except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        where = "a local directory" if Path(source).exists() else "the Hugging Face hub" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+        where = (
+            "a local directory"
+            if Path(source).exists()
+            else "the Hugging Face hub" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+        )
         reason = " ".join(str(error).split())
         raise ModelNotFoundError(
             f"{kind} model {source!r} could not be loaded from {where} ({reason}). "

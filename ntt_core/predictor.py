@@ -56,9 +56,13 @@ class Predictor:
         if not arrays:
             return []
         frame, size = self.segmenter.input_size, self.encoder.input_size
-        frames = torch.cat([resize_image(image_tensor(a).to(self.segmenter.device), (frame, frame), "bilinear") for a in arrays])
+        frames = torch.cat(
+            [resize_image(image_tensor(a).to(self.segmenter.device), (frame, frame), "bilinear") for a in arrays]
+        )
         sam_features = self.segmenter.embed(frames)
-        dense = self.encoder.encode(resize_image(frames.to(self.encoder.device), (size, size), "bicubic"))  # [B, C, g, g]
+        dense = self.encoder.encode(
+            resize_image(frames.to(self.encoder.device), (size, size), "bicubic")
+        )  # [B, C, g, g]
         candidates = propose(
             self.segmenter,
             sam_features,

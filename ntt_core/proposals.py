@@ -72,7 +72,9 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes * rows.any(dim=1, keepdim=True)
 
 
-def class_nms(boxes: torch.Tensor, sam_iou: torch.Tensor, labels: torch.Tensor, iou_threshold: float, keep: int) -> torch.Tensor:
+def class_nms(
+    boxes: torch.Tensor, sam_iou: torch.Tensor, labels: torch.Tensor, iou_threshold: float, keep: int
+) -> torch.Tensor:
     """Box NMS within each predicted class, ranked by SAM2's predicted IoU; the first ``keep`` indices
     of the survivors, in decreasing predicted-IoU order."""
     return batched_nms(boxes.float(), sam_iou.float(), labels, iou_threshold)[:keep]

@@ -184,9 +184,10 @@ def test_workflow_end_to_end(folder, tiny_models, tmp_path, capsys):
     )
     assert code == 0
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("bbox", "segm"))}
-    assert set(rows) == {"bbox", "segm"} and all(len(cells) == 7 for cells in rows.values())
+    assert set(rows) == {"bbox"} and len(rows["bbox"]) == 7
+    assert "note: segm skipped: some ground-truth annotations have no segmentation" in out  # the box-only blue
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert rows["segm"][0] == f"{100 * metrics['segm']['AP']:.1f}"
+    assert rows["bbox"][0] == f"{100 * metrics['bbox']['AP']:.1f}"
 
     # Without targets: ids follow the sorted file names and the bank's classes, written beside the results.
     code, out, _ = run(
@@ -267,12 +268,13 @@ def test_evaluate_a_perfect_results_file(folder, tmp_path, capsys):
         "--results",
         tmp_path / "perfect.json",
         "--classes",
-        "blue",
+        "red",
     )
-    assert code == 0 and out.splitlines()[0] == "1 classes: blue"
-    for line in out.splitlines():
-        if line.startswith(("bbox", "segm")):
-            assert line.split()[1:] == ["100.0", "100.0", "100.0", "-", "100.0", "-", "100.0"]
+    assert code == 0 and out.splitlines()[0] == "classes (1): red"
+    rows = [line.split() for line in out.splitlines() if line.startswith(("bbox", "segm"))]
+    assert [row[0] for row in rows] == ["bbox", "segm"], out
+    for row in rows:  # 36-px squares: medium objects only
+        assert row[1:] == ["100.0", "100.0", "100.0", "-", "100.0", "-", "100.0"]
 
 
 def error_line(err: str) -> str:
@@ -301,6 +303,25 @@ def test_sample_references_bad_files(tmp_path, capsys, content, message):
     )
     assert code == 2 and message in error_line(err)
     assert not (tmp_path / "refs.json").exists()
+
+
+def test_short_class_warns(folder, tmp_path, capsys):
+    code, out, err = run(
+        capsys,
+        "sample-references",
+        "--annotations",
+        folder / "annotations.json",
+        "--shots",
+        5,
+        "--seed",
+        0,
+        "--classes",
+        "all",
+        "--out",
+        tmp_path / "refs.json",
+    )
+    assert code == 0 and "wrote 8 references of 2 classes from 4 images" in out
+    assert "ntt: warning: class 'red': only 4 valid instance(s) in distinct images, 5 asked" in err
 
 
 @pytest.mark.bad_input

@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from ntt_core.coco import (
     FEW_SHOT_CLASSES,
     CocoFormatError,
+    ResultsWriter,
     annotation_mask,
     encode_mask,
     evaluate,
@@ -245,14 +246,14 @@ def test_short_class_keeps_what_it_has_and_warns(caplog):
 
 def test_class_seed_scope_seeds_before_each_class_shuffle():
     coco = sampling_coco(per_class=8)
-    sampled = sample_references(coco, shots=3, seed=33, classes="all")
+    sampled = sample_references(coco, shots=3, seed=33, classes="all", seed_scope="class")
     for category_id in (1, 2):
         expected = [a["id"] for a in coco["annotations"] if a["category_id"] == category_id]
         random.seed(33)
         random.shuffle(expected)
         assert sampled_ids(sampled, category_id) == expected[:3]
     # A class's sample does not depend on the other classes sampled with it.
-    alone = sample_references(coco, shots=3, seed=33, classes=["dog"])
+    alone = sample_references(coco, shots=3, seed=33, classes=["dog"], seed_scope="class")
     assert sampled_ids(alone, 2) == sampled_ids(sampled, 2)
 
 
@@ -267,7 +268,10 @@ def test_run_seed_scope_seeds_once_in_order_of_first_annotation():
         random.shuffle(ids)
         expected[category_id] = ids[:3]
     assert sampled_ids(sampled, 1) == expected[1] and sampled_ids(sampled, 2) == expected[2]
-    assert sampled_ids(sampled, 1) != sampled_ids(sample_references(coco, shots=3, seed=33, classes="all"), 1)
+    assert sampled_ids(sampled, 1) != sampled_ids(
+        sample_references(coco, shots=3, seed=33, classes="all", seed_scope="class"), 1
+    )
+    assert sample_references(coco, shots=3, seed=33, classes="all") == sampled  # the default is the authors' way
 
 
 def test_sampling_leaves_the_global_generator_alone_and_is_reproducible():
@@ -339,6 +343,23 @@ def test_encode_mask_round_trip():
     rle = encode_mask(mask)
     assert rle["size"] == [17, 23] and isinstance(rle["counts"], str)
     assert np.array_equal(annotation_mask({"segmentation": rle}, 17, 23), mask)
+
+
+def test_results_writer_streams_a_json_list(tmp_path):
+    path = tmp_path / "out" / "results.json"
+    with ResultsWriter(path) as writer:
+        writer.write([{"a": 1}, {"b": 2}])
+        writer.write([])
+        writer.write([{"c": 3}])
+        assert not path.exists()  # only complete files carry the name
+    assert json.loads(path.read_text()) == [{"a": 1}, {"b": 2}, {"c": 3}] and writer.count == 3
+    with ResultsWriter(tmp_path / "empty.json"):
+        pass
+    assert json.loads((tmp_path / "empty.json").read_text()) == []
+    with pytest.raises(RuntimeError), ResultsWriter(tmp_path / "failed.json") as writer:
+        writer.write([{"a": 1}])
+        raise RuntimeError("stop")
+    assert list(tmp_path.glob("failed.json*")) == []
 
 
 def test_targets_and_image_listing(tmp_path):
@@ -414,6 +435,16 @@ def test_bbox_and_segm_use_their_own_geometry():
     assert report["segm"]["AP"] == pytest.approx(0.3) and report["segm"]["AP75"] == 0.0
 
 
+def test_segm_area_ranges_use_mask_areas():
+    # A false positive with a small mask (400 px) but a whole-image box, ranked above a perfect match.
+    # segm: it is a small object, so APs = 1/2 (precision 1/2 at full recall); bbox: it is a large
+    # one, ignored when unmatched in the small range, so APs = 1.
+    truth = truth_with((1, 10, 10, 20, 20))
+    stray = detection(1, 0, 0, 100, 100, score=0.95, mask=square_mask(70, 70, 20, 20))
+    report = evaluate(truth, [stray, detection(1, 10, 10, 20, 20)])
+    assert report["segm"]["APs"] == pytest.approx(0.5) and report["bbox"]["APs"] == pytest.approx(1.0)
+
+
 def test_category_restriction():
     truth = truth_with((1, 10, 10, 40, 40), (2, 50, 50, 40, 40))
     results = [detection(1, 10, 10, 40, 40), detection(2, 20, 50, 40, 40)]  # the dog misses (IoU 1/7)
@@ -445,6 +476,16 @@ def test_box_only_results_skip_segm_with_a_note():
     report = evaluate(truth_with((1, 10, 10, 40, 40)), [result])
     assert report["bbox"]["AP"] == pytest.approx(1.0) and "segm" not in report
     assert report["notes"] == ["segm skipped: the results have no segmentation"]
+
+
+def test_box_only_ground_truth_skips_segm_with_a_note():
+    truth = truth_with((1, 10, 10, 40, 40), (2, 50, 50, 40, 40))
+    del truth["annotations"][1]["segmentation"]  # a box-only dog
+    results = [detection(1, 10, 10, 40, 40), detection(2, 50, 50, 40, 40)]
+    report = evaluate(truth, results)
+    assert report["bbox"]["AP"] == pytest.approx(1.0) and "segm" not in report
+    assert report["notes"] == ["segm skipped: some ground-truth annotations have no segmentation"]
+    assert evaluate(truth, results, categories=[1])["segm"]["AP"] == pytest.approx(1.0)  # cats have masks
 
 
 @pytest.mark.bad_input

@@ -26,10 +26,10 @@ def test_exact_pooling_equals_mean_of_upsampled_features(grid, size):
     masks = torch.rand(5, size, size) > 0.7
     masks[3] = False
     masks[4, 10:12, 3:9] = True
-    upsampled = F.interpolate(features[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    naive = torch.stack(
-        [upsampled[:, m].mean(dim=1) if m.any() else torch.zeros(16) for m in masks]
-    )
+    upsampled = F.interpolate(features[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[
+        0
+    ]
+    naive = torch.stack([upsampled[:, m].mean(dim=1) if m.any() else torch.zeros(16) for m in masks])
     assert torch.allclose(pool_features(features, masks), naive, atol=1e-4)
 
 

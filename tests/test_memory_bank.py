@@ -81,7 +81,11 @@ def make_bank():
 def test_save_and_load_round_trip(tmp_path):
     bank = make_bank()
     loaded = MemoryBank.load(bank.save(tmp_path / "bank"))
-    assert loaded.classes == ["cat", "dog"] and loaded.reference_ids == ["r1", "r2"] and loaded.image_ids == ["img1", "img2"]
+    assert (
+        loaded.classes == ["cat", "dog"]
+        and loaded.reference_ids == ["r1", "r2"]
+        and loaded.image_ids == ["img1", "img2"]
+    )
     assert torch.equal(loaded.descriptors, bank.descriptors)
     assert MemoryBank.from_payload(json.loads(json.dumps(bank.to_payload()))).classes == ["cat", "dog"]
 
@@ -131,7 +135,9 @@ def test_empty_masks_are_skipped_and_a_class_without_references_is_an_error():
             ],
         )
     ]
-    with pytest.raises(ReferenceError, match=r"no usable reference for class\(es\) dog.*empty-dog \(dog\): mask is empty"):
+    with pytest.raises(
+        ReferenceError, match=r"no usable reference for class\(es\) dog.*empty-dog \(dog\): mask is empty"
+    ):
         build_memory_bank(references, PixelEncoder(), classes=["cat", "dog"])
     bank = build_memory_bank(references, PixelEncoder())
     assert bank.classes == ["cat"] and [s["reference_id"] for s in bank.skipped] == ["empty", "empty-dog"]

@@ -68,13 +68,17 @@ def test_loading_the_same_weights_from_two_places_gives_the_same_fingerprint(tin
     import shutil
 
     copy = shutil.copytree(tiny_models[1], tmp_path / "copy")
-    assert load_encoder(str(copy), device="cpu").fingerprint == load_encoder(str(tiny_models[1]), device="cpu").fingerprint
+    assert (
+        load_encoder(str(copy), device="cpu").fingerprint == load_encoder(str(tiny_models[1]), device="cpu").fingerprint
+    )
 
 
 @pytest.mark.bad_input
 def test_missing_model_names_the_model_and_the_option(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match=r"SAM2 model 'facebook/sam2-hiera-large-hf' could not be loaded.*--sam2"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"SAM2 model 'facebook/sam2-hiera-large-hf' could not be loaded.*--sam2"
+    ):
         load_segmenter("sam2-large", device="cpu")
     with pytest.raises(ModelNotFoundError, match=r"DINOv2 model .*nowhere.*--dinov2"):
         load_encoder(str(tmp_path / "nowhere"), device="cpu")

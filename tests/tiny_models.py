@@ -11,7 +11,13 @@ DINOV2_INPUT = 56  # DINOv2 input side in the tests; a 4x4 patch grid
 
 
 def tiny_sam2_config(image_size: int = SAM2_INPUT):
-    from transformers import Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2PromptEncoderConfig, Sam2VisionConfig
+    from transformers import (
+        Sam2Config,
+        Sam2HieraDetConfig,
+        Sam2MaskDecoderConfig,
+        Sam2PromptEncoderConfig,
+        Sam2VisionConfig,
+    )
 
     stages = [24, 48, 96, 192]
     backbone = Sam2HieraDetConfig(
@@ -40,7 +46,12 @@ def tiny_dinov2_config(image_size: int = DINOV2_INPUT):
     from transformers import Dinov2Config
 
     return Dinov2Config(
-        image_size=image_size, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        image_size=image_size,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
     )
 
 

@@ -1,0 +1,458 @@
+"""``ntt``: the COCO-folder workflow from the command line.
+
+    ntt sample-references --annotations A.json --shots K --seed S --out refs.json
+    ntt build-memory --references refs.json --images DIR --out BANK_DIR
+    ntt predict --memory BANK_DIR --images DIR [--targets T.json] --out results.json
+    ntt evaluate --targets T.json --results results.json [--classes few-shot]
+
+Bad input ends with exit status 2 and one line, ``ntt: error: <reason>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .coco import (
+    METRIC_NAMES,
+    CocoFormatError,
+    ResultsWriter,
+    evaluate,
+    instances_to_coco_results,
+    list_images,
+    load_coco,
+    make_targets,
+    references_from_coco,
+    resolve_classes,
+    sample_references,
+    write_json,
+)
+from .images import ImageError
+from .settings import Settings
+
+PAPER = Settings()  # the paper's defaults
+
+logger = logging.getLogger("ntt_core.cli")
+
+
+class CliError(ValueError):
+    """A command-line input the commands cannot use (e.g. an unavailable device)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``ntt`` subcommand; returns the exit status (0, or 2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    _log_warnings_to_stderr()
+    try:
+        args.command(args)
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
+        reason = " ".join(str(error).split())
+        print(f"ntt: error: {reason}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The error types that mean bad input (printed as one line), imported when needed."""
+    from .memory_bank import MemoryBankError, ReferenceError
+    from .meta_checkpoints import CheckpointError
+    from .models import ModelNotFoundError
+
+    return (
+        CliError,
+        CocoFormatError,
+        ImageError,
+        ReferenceError,
+        MemoryBankError,
+        ModelNotFoundError,
+        CheckpointError,
+        OSError,
+    )
+
+
+# --- argument parsing ---
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ntt",
+        description="Training-free reference-based instance segmentation (No Time to Train!) on COCO-format folders.",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    formatter = _HelpFormatter
+
+    sample = commands.add_parser(
+        "sample-references",
+        help="pick K reference instances per class from a COCO json (the paper's few-shot protocol)",
+        description="Per class: shuffle the class's annotations with the seed and keep K valid instances "
+        "(not crowd, box >= 32 px, >= 10 px from the borders) from K distinct images.",
+        formatter_class=formatter,
+    )
+    sample.add_argument("--annotations", required=True, type=Path, help="COCO instances json to sample from")
+    sample.add_argument("--shots", required=True, type=_positive_int, help="instances per class (K)")
+    sample.add_argument("--seed", required=True, type=int, help="random seed")
+    sample.add_argument(
+        "--classes",
+        default="few-shot",
+        type=_classes,
+        help="few-shot (the 20 COCO-FSOD novel classes), all, or names a,b,c",
+    )
+    sample.add_argument(
+        "--seed-scope",
+        default="run",
+        choices=("class", "run"),
+        help="run (default, the authors' script): seeded once, classes in order of first annotation; class: random.seed(seed) before each class's shuffle",
+    )
+    sample.add_argument("--out", required=True, type=Path, help="output COCO json of the references")
+    sample.set_defaults(command=run_sample_references)
+
+    build = commands.add_parser(
+        "build-memory",
+        help="describe the reference instances with DINOv2 and save a memory bank",
+        description="Build a memory bank from a COCO json of references (masks, or boxes that SAM2 turns into masks).",
+        formatter_class=formatter,
+    )
+    build.add_argument("--references", required=True, type=Path, help="COCO json of the references")
+    build.add_argument(
+        "--images", required=True, type=Path, help="folder the references' file_name entries are relative to"
+    )
+    build.add_argument("--out", required=True, type=Path, help="memory bank folder to write")
+    build.add_argument(
+        "--shots", type=_positive_int, help="use at most this many references per class (first ones in the file)"
+    )
+    build.add_argument(
+        "--context-ratio",
+        type=_non_negative_float,
+        default=PAPER.context_ratio,
+        help="context added around each reference crop",
+    )
+    _add_model_options(build)
+    build.set_defaults(command=run_build_memory)
+
+    predict = commands.add_parser(
+        "predict",
+        help="segment every instance of the bank's classes in a folder of images",
+        description="Write COCO results json (RLE masks). Without --targets, image ids follow the sorted file "
+        "names and category ids the bank's classes (1-based); a targets json with both is written beside the results.",
+        formatter_class=formatter,
+    )
+    predict.add_argument("--memory", required=True, type=Path, help="memory bank folder (from build-memory)")
+    predict.add_argument("--images", required=True, type=Path, help="folder of target images")
+    predict.add_argument("--targets", type=Path, help="COCO json of the targets: image ids, file names, category ids")
+    predict.add_argument("--out", required=True, type=Path, help="COCO results json to write")
+    predict.add_argument("--batch-size", default=1, type=_positive_int, help="images per forward pass")
+    _add_model_options(predict)
+    for option, kind, text in (
+        ("--points-per-side", _positive_int, "point-prompt grid side"),
+        ("--prompt-batch-size", _positive_int, "point prompts decoded at once"),
+        ("--sam-iou-threshold", _fraction, "drop candidates whose SAM2 predicted IoU is at or below this"),
+        ("--nms-iou-threshold", _fraction, "box NMS IoU"),
+        ("--pre-merge-keep", _positive_int, "candidates kept after NMS"),
+        ("--max-detections", _positive_int, "instances kept per image"),
+        ("--score-threshold", _fraction, "drop instances scoring below this"),
+    ):
+        predict.add_argument(option, type=kind, default=getattr(PAPER, option[2:].replace("-", "_")), help=text)
+    predict.add_argument(
+        "--add-no-memory-embedding",
+        action="store_true",
+        help="add SAM2's learned no-memory embedding (the paper does not)",
+    )
+    predict.set_defaults(command=run_predict)
+
+    assess = commands.add_parser(
+        "evaluate",
+        help="pycocotools bbox and segm AP of a results json",
+        description="COCOeval (100 detections) of results against a ground-truth COCO json.",
+        formatter_class=formatter,
+    )
+    assess.add_argument("--targets", required=True, type=Path, help="ground-truth COCO json")
+    assess.add_argument("--results", required=True, type=Path, help="COCO results json")
+    assess.add_argument(
+        "--classes", type=_classes, help="restrict to these classes: few-shot, all, or names a,b,c (default: all)"
+    )
+    assess.add_argument("--out", type=Path, help="also write the metrics as json here")
+    assess.set_defaults(command=run_evaluate)
+    return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except absent ones (None) and off switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument(
+        "--sam2",
+        help="SAM2: short name (sam2-large, sam2.1-tiny...), hub id, local folder or Meta .pt (default: the paper's Hiera-L)",
+    )
+    group.add_argument(
+        "--dinov2",
+        help="DINOv2: short name (dinov2-large...), hub id, local folder or Meta .pth (default: the paper's ViT-L/14)",
+    )
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    group.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="compute dtype (auto: bf16 on CUDA)"
+    )
+    group.add_argument(
+        "--encoder-size", type=_positive_int, help="DINOv2 input side in pixels (default: the model's, 518)"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _classes(text: str) -> str | list[str]:
+    """``few-shot`` / ``all`` / comma-separated class names."""
+    if text in ("few-shot", "all"):
+        return text
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give few-shot, all, or comma-separated class names")
+    return names
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The paper's settings with the options this command has."""
+    names = [field.name for field in dataclasses.fields(Settings) if hasattr(args, field.name)]
+    return PAPER.replace(**{name: getattr(args, name) for name in names})
+
+
+# --- commands ---
+
+
+def run_sample_references(args: argparse.Namespace) -> None:
+    coco = load_coco(args.annotations)
+    sampled = sample_references(coco, args.shots, args.seed, args.classes, args.seed_scope)
+    write_json(sampled, args.out)
+    print(
+        f"wrote {len(sampled['annotations'])} references of {len(sampled['categories'])} classes "
+        f"from {len(sampled['images'])} images to {args.out}"
+    )
+
+
+def run_build_memory(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from .memory_bank import build_memory_bank
+
+    references = references_from_coco(args.references, args.images, max_per_class=args.shots)
+    instances = [instance for reference in references for instance in reference.instances]
+    if not instances:
+        raise CliError(f"{args.references}: no usable (non-crowd) reference annotation")
+    used = {instance.class_name for instance in instances}
+    classes = [category["name"] for category in load_coco(args.references)["categories"] if category["name"] in used]
+    if args.shots is not None:
+        for name in classes:
+            count = sum(instance.class_name == name for instance in instances)
+            if count < args.shots:
+                logger.warning(f"class {name!r} has {count} reference(s), fewer than --shots {args.shots}")
+
+    settings = _settings(args)
+    device = _device(args.device)
+    encoder = _encoder(args, device, settings.encoder_size)
+    segmenter = _segmenter(args, device, settings) if any(instance.mask is None for instance in instances) else None
+    if device.type == "cpu":
+        size = encoder.input_size
+        seconds = _seconds(lambda: encoder.encode(torch.zeros(1, 3, size, size))) * len(instances)
+        if segmenter is not None:
+            frame = segmenter.input_size
+            with_boxes = sum(any(instance.mask is None for instance in reference.instances) for reference in references)
+            seconds += _seconds(lambda: segmenter.embed(torch.zeros(1, 3, frame, frame))) * with_boxes
+        _estimate(seconds, f"{len(instances)} reference instances")
+
+    with (
+        tqdm(total=len(references), desc="reading references", unit="image") as reading,
+        tqdm(total=len(instances), desc="describing", unit="instance") as describing,
+    ):
+        bank = build_memory_bank(
+            references,
+            _CountingEncoder(encoder, describing),
+            segmenter,
+            settings,
+            classes=classes,
+            progress=lambda done: reading.update(done - reading.n),
+        )
+    for skipped in bank.skipped:
+        logger.warning(f"reference {skipped['reference_id']} ({skipped['class_name']}) skipped: {skipped['reason']}")
+    bank.save(args.out)
+    counts = ", ".join(f"{name}: {count}" for name, count in bank.counts().items())
+    print(f"wrote a memory bank of {len(bank.reference_ids)} references ({counts}) to {args.out}")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .memory_bank import MemoryBank
+    from .predictor import Predictor
+
+    bank = MemoryBank.load(args.memory)
+    if args.targets is not None:
+        targets = load_coco(args.targets, require_annotations=False)
+        images = [(image["id"], image["file_name"], (image["height"], image["width"])) for image in targets["images"]]
+        by_name = {category["name"]: category["id"] for category in targets["categories"]}
+        missing = [name for name in bank.classes if name not in by_name]
+        if missing:
+            raise CocoFormatError(
+                f"{args.targets}: no category for the bank's class(es) {', '.join(map(repr, missing))}"
+            )
+        category_ids = {name: by_name[name] for name in bank.classes}
+    else:
+        images = [(i + 1, name, None) for i, name in enumerate(list_images(args.images))]
+        category_ids = {name: i + 1 for i, name in enumerate(bank.classes)}
+    if not images:
+        raise CocoFormatError(f"{args.targets or args.images}: no images to segment")
+
+    settings = _settings(args)
+    device = _device(args.device)
+    segmenter = _segmenter(args, device, settings)
+    encoder = _encoder(args, device, settings.encoder_size or bank.encoder_input_size)
+    predictor = Predictor(segmenter, encoder, bank, settings)
+
+    done, failed = [], []
+    first = 1 if device.type == "cpu" else args.batch_size
+    batches = [images[:first]] + [images[i : i + args.batch_size] for i in range(first, len(images), args.batch_size)]
+    with ResultsWriter(args.out) as writer, tqdm(total=len(images), desc="segmenting", unit="image") as bar:
+        for number, batch in enumerate(batches):
+            start = time.perf_counter()
+            outputs = predictor.predict_paths([args.images / name for _, name, _ in batch])
+            if number == 0 and device.type == "cpu" and len(images) > 1:
+                _estimate((time.perf_counter() - start) * (len(images) - 1), f"the other {len(images) - 1} images")
+            for (image_id, name, size), output in zip(batch, outputs):
+                if isinstance(output, ImageError):
+                    failed.append(str(output))
+                elif size is not None and tuple(output.image_size) != tuple(size):
+                    failed.append(
+                        f"{name}: image is {output.image_size[1]}x{output.image_size[0]} px but {args.targets} says {size[1]}x{size[0]}"
+                    )
+                else:
+                    writer.write(instances_to_coco_results(output, image_id, category_ids))
+                    done.append((image_id, name, output.image_size))
+            bar.update(len(batch))
+
+    written = f"wrote {writer.count} results for {len(done)} images to {args.out}"
+    if args.targets is None:
+        targets_path = args.out.with_name(args.out.stem + "_targets.json")
+        write_json(make_targets(done, bank.classes), targets_path)
+        written += f" (image and category ids in {targets_path})"
+    print(written)
+    for reason in failed:
+        logger.warning(f"skipped {reason}")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    truth = load_coco(args.targets)
+    categories = None
+    if args.classes is not None:
+        categories = [category["id"] for category in resolve_classes(truth, args.classes, str(args.targets))]
+    report = evaluate(truth, args.results, categories)
+    names = {category["id"]: category["name"] for category in truth["categories"]}
+    print(f"classes ({len(report['categories'])}): {', '.join(names[c] for c in report['categories'])}")
+    print("      " + "".join(f"{name:>7}" for name in METRIC_NAMES))
+    for iou_type in ("bbox", "segm"):
+        if iou_type in report:
+            cells = "".join(f"{100 * v:7.1f}" if v >= 0 else f"{'-':>7}" for v in report[iou_type].values())
+            print(f"{iou_type:<6}{cells}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if args.out is not None:
+        write_json(report, args.out)
+
+
+# --- helpers ---
+
+
+class _CountingEncoder:
+    """An encoder that advances a progress bar by the number of crops it encodes."""
+
+    def __init__(self, encoder, bar) -> None:
+        self._encoder, self._bar = encoder, bar
+
+    def __getattr__(self, name: str):
+        return getattr(self._encoder, name)
+
+    def encode(self, images):
+        features = self._encoder.encode(images)
+        self._bar.update(images.shape[0])
+        return features
+
+
+def _device(name: str):
+    from .models import choose_device
+
+    try:
+        return choose_device(name)
+    except RuntimeError as error:  # an unknown or unavailable device
+        raise CliError(f"--device {name}: {error}") from None
+
+
+def _segmenter(args: argparse.Namespace, device, settings):
+    from .models import DEFAULT_SAM2, load_segmenter
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    return load_segmenter(args.sam2 or DEFAULT_SAM2, device, dtype, settings.add_no_memory_embedding)
+
+
+def _encoder(args: argparse.Namespace, device, input_size: int | None):
+    from .models import DEFAULT_DINOV2, load_encoder
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    return load_encoder(args.dinov2 or DEFAULT_DINOV2, device, dtype, input_size)
+
+
+def _seconds(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def _estimate(seconds: float, what: str) -> None:
+    from tqdm import tqdm
+
+    amount = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    tqdm.write(f"ntt: on CPU, about {amount} for {what}", file=sys.stderr)
+
+
+class _StderrHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"ntt: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _log_warnings_to_stderr() -> None:
+    """Show the library's warnings (short classes, skipped references) as ``ntt: warning: ...``."""
+    package = logging.getLogger("ntt_core")
+    if not any(isinstance(handler, _StderrHandler) for handler in package.handlers):
+        package.addHandler(_StderrHandler(logging.WARNING))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,554 @@
+"""COCO-format json in and out: validation, references for the memory bank, few-shot reference
+sampling with the paper's protocol, predictions as COCO results (RLE), pycocotools evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+if TYPE_CHECKING:
+    from .instances import Instances
+    from .memory_bank import ReferenceImage
+
+logger = logging.getLogger(__name__)
+
+#: The COCO-FSOD novel classes: the 20 PASCAL VOC classes under their COCO names.
+FEW_SHOT_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "boat", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "bottle", "chair", "couch", "potted plant", "dining table", "tv",
+)  # fmt: skip
+MIN_REFERENCE_SIDE = 32  # a sampled reference's box must be at least this wide and tall (pixels)
+MIN_BORDER_DISTANCE = 10  # ... and at least this far from every image border (pixels)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR")
+_STAT_INDEX = (0, 1, 2, 3, 4, 5, 8)  # positions of METRIC_NAMES in COCOeval.stats (AR = AR@100)
+IOU_TYPES = ("bbox", "segm")
+
+
+class CocoFormatError(ValueError):
+    """A COCO json (annotations, targets or results) that is malformed; the message names the file
+    and the problem."""
+
+
+# --- reading and validating ---
+
+
+def load_coco(source: str | Path | dict, require_annotations: bool = True) -> dict:
+    """Read a COCO instances json (path) or take one (dict) and validate it.
+
+    Checks the keys, duplicate ids and category names, annotations pointing at unknown images or
+    categories, and bboxes. ``require_annotations=False`` accepts a targets file without them.
+    Returns the dict (``annotations`` set to ``[]`` when absent).
+    """
+    if isinstance(source, dict):
+        return _validate(source, "COCO dict", require_annotations)
+    name = str(source)
+    data = read_json(source)
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{name}: a COCO json must be an object with images, categories and annotations")
+    return _validate(data, name, require_annotations)
+
+
+def read_json(path: str | Path):
+    """Parse a json file; a missing or corrupt file raises :class:`CocoFormatError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CocoFormatError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CocoFormatError(f"{path}: not valid json ({error})") from None
+
+
+def write_json(data, path: str | Path) -> Path:
+    """Write ``data`` as json, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _validate(data: dict, name: str, require_annotations: bool) -> dict:
+    required = ("images", "categories") + (("annotations",) if require_annotations else ())
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise CocoFormatError(f"{name}: missing key(s) {', '.join(missing)}")
+    data.setdefault("annotations", [])
+    for key in ("images", "categories", "annotations"):
+        if not isinstance(data[key], list) or not all(isinstance(item, dict) for item in data[key]):
+            raise CocoFormatError(f"{name}: '{key}' must be a list of objects")
+    _check_entries(data["images"], ("id", "file_name", "width", "height"), "image", name)
+    _check_entries(data["categories"], ("id", "name"), "category", name)
+    _check_entries(data["annotations"], ("id", "image_id", "category_id", "bbox"), "annotation", name)
+    for image in data["images"]:
+        if not all(isinstance(image[k], int) and image[k] > 0 for k in ("width", "height")):
+            raise CocoFormatError(
+                f"{name}: image {image['id']!r} has width/height {image['width']!r}/{image['height']!r}; expected positive integers"
+            )
+    duplicates = sorted(n for n, count in Counter(c["name"] for c in data["categories"]).items() if count > 1)
+    if duplicates:
+        raise CocoFormatError(f"{name}: duplicate category name(s) {', '.join(map(repr, duplicates))}")
+    image_ids = {image["id"] for image in data["images"]}
+    category_ids = {category["id"] for category in data["categories"]}
+    for annotation in data["annotations"]:
+        where = f"{name}: annotation {annotation['id']!r}"
+        if annotation["image_id"] not in image_ids:
+            raise CocoFormatError(f"{where} points at unknown image id {annotation['image_id']!r}")
+        if annotation["category_id"] not in category_ids:
+            raise CocoFormatError(f"{where} points at unknown category id {annotation['category_id']!r}")
+        _check_box(annotation["bbox"], where)
+    return data
+
+
+def _check_entries(entries: list[dict], keys: tuple[str, ...], what: str, name: str) -> None:
+    for index, entry in enumerate(entries):
+        missing = [key for key in keys if key not in entry]
+        if missing:
+            raise CocoFormatError(f"{name}: {what} #{index} (id {entry.get('id')!r}) lacks {', '.join(missing)}")
+    repeated = sorted((i for i, n in Counter(entry["id"] for entry in entries).items() if n > 1), key=str)
+    if repeated:
+        raise CocoFormatError(f"{name}: duplicate {what} id(s) {', '.join(map(repr, repeated))}")
+
+
+def _check_box(box, where: str) -> None:
+    ok = isinstance(box, (list, tuple)) and len(box) == 4
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+    if not ok or box[2] < 0 or box[3] < 0:
+        raise CocoFormatError(
+            f"{where} has bad bbox {box!r}; expected [x, y, width, height], finite, width and height >= 0"
+        )
+
+
+def resolve_classes(coco: dict, classes: str | Sequence[str] | None, name: str = "COCO json") -> list[dict]:
+    """The categories chosen by ``classes``, in the file's category order.
+
+    ``classes``: ``"few-shot"`` (the 20 COCO-FSOD novel classes), ``"all"`` or None, or a list of
+    category names. A name not among the categories raises :class:`CocoFormatError`.
+    """
+    if classes is None or classes == "all":
+        return list(coco["categories"])
+    wanted = (
+        list(FEW_SHOT_CLASSES) if classes == "few-shot" else [classes] if isinstance(classes, str) else list(classes)
+    )
+    known = {category["name"] for category in coco["categories"]}
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise CocoFormatError(
+            f"{name}: unknown class(es) {', '.join(map(repr, unknown))}; categories are {', '.join(sorted(known))}"
+        )
+    return [category for category in coco["categories"] if category["name"] in wanted]
+
+
+# --- references for the memory bank ---
+
+
+def annotation_mask(annotation: dict, height: int, width: int) -> np.ndarray | None:
+    """Decode an annotation's polygons / RLE / compressed RLE to ``[height, width]`` bool, or None
+    when it has no segmentation (a box-only annotation)."""
+    segmentation = annotation.get("segmentation")
+    if segmentation is None or (isinstance(segmentation, list) and len(segmentation) == 0):
+        return None
+    where = f"annotation {annotation.get('id')!r}"
+    try:
+        if isinstance(segmentation, list):
+            if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
+                raise CocoFormatError(f"{where}: polygons must be lists of at least 3 (x, y) pairs")
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation, dict) and {"counts", "size"} <= set(segmentation):
+            if list(segmentation["size"]) != [height, width]:
+                raise CocoFormatError(
+                    f"{where}: RLE size {segmentation['size']} differs from the image size {[height, width]}"
+                )
+            counts = segmentation["counts"]
+            rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(counts, list) else segmentation
+        else:
+            raise CocoFormatError(f"{where}: segmentation is neither polygons nor an RLE dict with counts and size")
+        return mask_utils.decode(rle).astype(bool)
+    except CocoFormatError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise CocoFormatError(f"{where}: undecodable segmentation ({error})") from None
+
+
+def references_from_coco(
+    annotations: str | Path | dict,
+    image_dir: str | Path,
+    classes: str | Sequence[str] | None = None,
+    max_per_class: int | None = None,
+) -> list[ReferenceImage]:
+    """Reference images for :func:`ntt_core.memory_bank.build_memory_bank` from a COCO json.
+
+    Masks come from the annotation's polygons or RLE at the image size; annotations without a
+    segmentation become box references (mask None, box x0, y0, x1, y1); crowd annotations are
+    skipped. ``classes`` picks categories by name (see :func:`resolve_classes`);
+    ``max_per_class`` keeps the first that many instances of each class, in file order.
+    Images (loaded later, by the bank builder) are ``image_dir / file_name``.
+    """
+    from .memory_bank import ReferenceImage, ReferenceInstance
+
+    name = str(annotations) if not isinstance(annotations, dict) else "COCO dict"
+    coco = load_coco(annotations)
+    chosen = {category["id"]: category["name"] for category in resolve_classes(coco, classes, name)}
+    images = {image["id"]: image for image in coco["images"]}
+    per_image: dict = {}
+    taken: dict[str, int] = {}
+    for annotation in coco["annotations"]:
+        class_name = chosen.get(annotation["category_id"])
+        if class_name is None or annotation.get("iscrowd", 0):
+            continue
+        if max_per_class is not None and taken.get(class_name, 0) >= max_per_class:
+            continue
+        taken[class_name] = taken.get(class_name, 0) + 1
+        image = images[annotation["image_id"]]
+        try:
+            mask = annotation_mask(annotation, image["height"], image["width"])
+        except CocoFormatError as error:
+            raise CocoFormatError(f"{name}: {error}") from None
+        x, y, w, h = annotation["bbox"]
+        per_image.setdefault(annotation["image_id"], []).append(
+            ReferenceInstance(
+                class_name=class_name,
+                mask=mask,
+                box=None if mask is not None else (x, y, x + w, y + h),
+                reference_id=str(annotation["id"]),
+            )
+        )
+    return [
+        ReferenceImage(
+            image=str(Path(image_dir) / image["file_name"]), instances=per_image[image["id"]], image_id=str(image["id"])
+        )
+        for image in coco["images"]
+        if image["id"] in per_image
+    ]
+
+
+# --- few-shot sampling (ALGORITHM.md, "Evaluation protocols") ---
+
+
+def is_valid_reference(annotation: dict, image: dict) -> bool:
+    """The paper's rule for a sampled reference: not crowd, box at least 32 x 32 px and at least
+    10 px from every image border."""
+    x, y, w, h = annotation["bbox"]
+    return (
+        not annotation.get("iscrowd", 0)
+        and w >= MIN_REFERENCE_SIDE
+        and h >= MIN_REFERENCE_SIDE
+        and x >= MIN_BORDER_DISTANCE
+        and y >= MIN_BORDER_DISTANCE
+        and image["width"] - (x + w) >= MIN_BORDER_DISTANCE
+        and image["height"] - (y + h) >= MIN_BORDER_DISTANCE
+    )
+
+
+def sample_references(
+    coco_dict: dict,
+    shots: int,
+    seed: int,
+    classes: str | Sequence[str] = "few-shot",
+    seed_scope: str = "run",
+) -> dict:
+    """K-shot references per class, the COCO-FSOD way; returns an ordinary COCO dict.
+
+    For each chosen class: take the class's annotations in file order, shuffle them, then walk
+    the shuffled list keeping the first valid instance (:func:`is_valid_reference`) of each image
+    not yet used by this class, until ``shots`` are kept.
+
+    Where the seed goes (``seed_scope``):
+
+    - ``"run"`` (default, the authors' ``few_shot_sampling.py``, so their published reference sets
+      are reproduced): ``random.seed(seed)`` once, then the classes are shuffled one after another
+      in the order of their first annotation in the file.
+    - ``"class"``: ``random.seed(seed)`` right before each class's shuffle, so a class's sample does
+      not depend on which other classes are sampled.
+
+    Both use a private ``random.Random(seed)``, which shuffles exactly like ``random.seed(seed)``
+    followed by ``random.shuffle`` but leaves the global generator alone.
+
+    A class with fewer than ``shots`` valid instances keeps what it has; a warning is logged and
+    listed in ``info["ntt_sampling"]["warnings"]``. The result keeps the chosen categories, the
+    kept annotations (by class, in sampled order) and their images (in file order).
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be at least 1, got {shots}")
+    if seed_scope not in ("class", "run"):
+        raise ValueError(f"seed_scope must be 'class' or 'run', got {seed_scope!r}")
+    coco = load_coco(coco_dict)
+    categories = resolve_classes(coco, classes)
+    images = {image["id"]: image for image in coco["images"]}
+    per_class: dict = {category["id"]: [] for category in categories}
+    for annotation in coco["annotations"]:
+        if annotation["category_id"] in per_class:
+            per_class[annotation["category_id"]].append(annotation)
+
+    if seed_scope == "run":
+        first_seen = list(dict.fromkeys(a["category_id"] for a in coco["annotations"] if a["category_id"] in per_class))
+        order = first_seen + [c["id"] for c in categories if c["id"] not in first_seen]
+        generator = random.Random(seed)
+    else:
+        order = [category["id"] for category in categories]
+    names = {category["id"]: category["name"] for category in categories}
+
+    sampled, warnings = {}, []
+    for category_id in order:
+        candidates = list(per_class[category_id])
+        if seed_scope == "class":
+            generator = random.Random(seed)
+        generator.shuffle(candidates)
+        kept, used_images = [], set()
+        for annotation in candidates:
+            if annotation["image_id"] in used_images or not is_valid_reference(
+                annotation, images[annotation["image_id"]]
+            ):
+                continue
+            kept.append(annotation)
+            used_images.add(annotation["image_id"])
+            if len(kept) == shots:
+                break
+        if len(kept) < shots:
+            message = (
+                f"class {names[category_id]!r}: only {len(kept)} valid instance(s) in distinct images, {shots} asked"
+            )
+            logger.warning(message)
+            warnings.append(message)
+        sampled[category_id] = kept
+
+    annotations = [a for category in categories for a in sampled[category["id"]]]
+    used = {a["image_id"] for a in annotations}
+    info = dict(coco["info"]) if isinstance(coco.get("info"), dict) else {}
+    info["ntt_sampling"] = {
+        "shots": shots,
+        "seed": seed,
+        "seed_scope": seed_scope,
+        "classes": [category["name"] for category in categories],
+        "warnings": warnings,
+    }
+    return {
+        "info": info,
+        "images": [image for image in coco["images"] if image["id"] in used],
+        "categories": categories,
+        "annotations": annotations,
+    }
+
+
+# --- predictions as COCO results ---
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """``[H, W]`` bool -> compressed RLE ``{"size": [H, W], "counts": str}``."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def instances_to_coco_results(instances: Instances, image_id, category_ids: Mapping[str, int]) -> list[dict]:
+    """COCO result dicts (RLE segmentation, bbox [x, y, w, h], score, category_id) of one image.
+
+    ``category_ids`` maps class name -> category id. Full-size masks are built one at a time.
+    """
+    missing = sorted(set(instances.class_names) - set(category_ids))
+    if missing:
+        raise CocoFormatError(f"no category id for class(es) {', '.join(map(repr, missing))}")
+    boxes = instances.xywh_boxes()
+    return [
+        {
+            "image_id": image_id,
+            "category_id": category_ids[instances.class_names[int(instances.labels[i])]],
+            "bbox": [float(v) for v in boxes[i]],
+            "score": float(instances.scores[i]),
+            "segmentation": encode_mask(instances.full_mask(i)),
+        }
+        for i in range(len(instances))
+    ]
+
+
+class ResultsWriter:
+    """Writes a COCO results json (a list) as results come, so a long run never holds them all.
+
+    Use as a context manager; the file appears under its name only when the block ends without
+    an error (until then it is ``<name>.partial``, removed on error).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._file = self._partial.open("w", encoding="utf-8")
+        self._file.write("[")
+
+    def write(self, results: Sequence[dict]) -> None:
+        for result in results:
+            self._file.write(("," if self.count else "") + json.dumps(result))
+            self.count += 1
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._file.write("]")
+        self._file.close()
+        if kind is None:
+            self._partial.replace(self.path)
+        else:
+            self._partial.unlink()
+
+
+def list_images(directory: str | Path) -> list[str]:
+    """Image files under ``directory`` (recursively) as sorted relative posix paths."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CocoFormatError(f"{directory}: image folder not found")
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def make_targets(images: Sequence[tuple[int, str, tuple[int, int]]], class_names: Sequence[str]) -> dict:
+    """A targets COCO dict without annotations: ``images`` as (id, file_name, (height, width)),
+    category ids 1, 2, ... in ``class_names`` order."""
+    return {
+        "images": [{"id": i, "file_name": f, "height": int(s[0]), "width": int(s[1])} for i, f, s in images],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
+        "annotations": [],
+    }
+
+
+# --- evaluation ---
+
+
+def evaluate(
+    ground_truth: str | Path | dict, results: str | Path | list, categories: Sequence[int] | None = None
+) -> dict:
+    """pycocotools COCOeval, bbox and segm, up to 100 detections per image.
+
+    Returns ``{"bbox": {...}, "segm": {...}, "categories": [...], "notes": [...]}``, each metrics
+    dict holding AP, AP50, AP75, APs, APm, APl and AR (AR@100) as floats in [0, 1]; -1 marks a
+    metric without ground truth (pycocotools' convention). ``categories`` restricts the evaluation
+    to those category ids (nAP). Segm detections are scored without their bbox, so the area ranges
+    use mask areas (as detectron2 and mmdetection do). No results at all gives zeros and a note.
+    """
+    gt_name = str(ground_truth) if not isinstance(ground_truth, dict) else "ground truth"
+    truth = load_coco(ground_truth)
+    res_name = str(results) if not isinstance(results, list) else "results"
+    detections = read_json(results) if not isinstance(results, list) else results
+    known = [category["id"] for category in truth["categories"]]
+    chosen = known if categories is None else list(categories)
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        raise CocoFormatError(f"{gt_name}: category id(s) {unknown} not in the ground truth")
+    _check_results(detections, truth, res_name)
+    report = {"categories": chosen, "notes": []}
+    if not detections:
+        report["notes"].append("no results: every metric is 0")
+        report.update({t: dict.fromkeys(METRIC_NAMES, 0.0) for t in IOU_TYPES})
+        return report
+
+    truth_api = _coco_api(_with_areas(truth))
+    with_masks = ["segmentation" in d for d in detections]
+    for iou_type in IOU_TYPES:
+        if iou_type == "segm":
+            if not any(with_masks):
+                report["notes"].append("segm skipped: the results have no segmentation")
+                continue
+            if not all(with_masks):
+                raise CocoFormatError(f"{res_name}: some results have a segmentation and some do not")
+            if any("segmentation" not in a for a in truth["annotations"] if a["category_id"] in chosen):
+                report["notes"].append("segm skipped: some ground-truth annotations have no segmentation")
+                continue
+        report[iou_type] = _run_cocoeval(truth_api, _results_for(detections, iou_type), iou_type, chosen)
+    return report
+
+
+def _check_results(detections, truth: dict, name: str) -> None:
+    if not isinstance(detections, list) or not all(isinstance(d, dict) for d in detections):
+        raise CocoFormatError(f"{name}: results must be a list of objects")
+    sizes = {image["id"]: [image["height"], image["width"]] for image in truth["images"]}
+    category_ids = {category["id"] for category in truth["categories"]}
+    for index, detection in enumerate(detections):
+        where = f"{name}: result #{index}"
+        missing = [k for k in ("image_id", "category_id", "score") if k not in detection]
+        if missing or not ({"bbox", "segmentation"} & set(detection)):
+            raise CocoFormatError(f"{where} lacks {', '.join(missing) or 'bbox and segmentation'}")
+        if detection["image_id"] not in sizes:
+            raise CocoFormatError(
+                f"{where} is for image id {detection['image_id']!r}, which is not in the ground truth"
+            )
+        if detection["category_id"] not in category_ids:
+            raise CocoFormatError(
+                f"{where} has category id {detection['category_id']!r}, which is not in the ground truth"
+            )
+        if "bbox" in detection:
+            _check_box(detection["bbox"], where)
+        segmentation = detection.get("segmentation")
+        if segmentation is not None and (
+            not isinstance(segmentation, dict) or list(segmentation.get("size", [])) != sizes[detection["image_id"]]
+        ):
+            raise CocoFormatError(
+                f"{where}: segmentation must be an RLE dict of the image's size {sizes[detection['image_id']]}"
+            )
+
+
+def _with_areas(truth: dict) -> dict:
+    """A copy of the ground truth where every annotation has ``area`` and ``iscrowd``."""
+    heights = {image["id"]: (image["height"], image["width"]) for image in truth["images"]}
+    annotations = []
+    for annotation in truth["annotations"]:
+        annotation = dict(annotation)
+        annotation.setdefault("iscrowd", 0)
+        if "area" not in annotation:
+            mask = annotation_mask(annotation, *heights[annotation["image_id"]])
+            annotation["area"] = (
+                float(mask.sum()) if mask is not None else float(annotation["bbox"][2] * annotation["bbox"][3])
+            )
+        annotations.append(annotation)
+    return {**truth, "annotations": annotations}
+
+
+def _results_for(detections: list[dict], iou_type: str) -> list[dict]:
+    """Fresh copies for ``loadRes`` (which writes into them): bbox results keep the box (taken from
+    the mask when absent); segm results drop it so areas come from the masks."""
+    chosen = []
+    for detection in detections:
+        entry = {k: detection[k] for k in ("image_id", "category_id", "score")}
+        if iou_type == "bbox":
+            box = detection.get("bbox")
+            entry["bbox"] = (
+                list(box) if box is not None else [float(v) for v in mask_utils.toBbox(detection["segmentation"])]
+            )
+        else:
+            entry["segmentation"] = dict(detection["segmentation"])
+        chosen.append(entry)
+    return chosen
+
+
+def _coco_api(data: dict) -> COCO:
+    api = COCO()
+    api.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        api.createIndex()
+    return api
+
+
+def _run_cocoeval(truth: COCO, detections: list[dict], iou_type: str, categories: list) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(truth, truth.loadRes(detections), iou_type)
+        evaluator.params.catIds = list(categories)
+        evaluator.params.maxDets = [1, 10, 100]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(evaluator.stats[i]) for name, i in zip(METRIC_NAMES, _STAT_INDEX)}
