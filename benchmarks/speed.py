@@ -1,0 +1,618 @@
+"""Speed and memory of the real predictor, stage by stage, with full-size architectures.
+
+Without weights (the default) the models are built from ``transformers`` configs of the official
+sizes with random weights: the encoders' and the prompt decoder's cost does not depend on weight
+values. How many candidates survive filtering does, so ``--survivors N`` replaces the candidates
+that leave the IoU filter by exactly N blob-shaped masks, which makes the post-processing figures
+mean the same with any weights. ``--sam2`` / ``--dinov2`` load real weights instead.
+
+Stages are timed by wrapping the public functions and model methods the predictor calls (the
+measured code is the predictor itself); on CUDA the device is synchronised around each stage here,
+never in the library. Does not need fiftyone.
+
+    python benchmarks/speed.py --device cpu --json            # small sizes, finishes in minutes
+    python benchmarks/speed.py --device cuda --json           # the paper's settings
+    python benchmarks/speed.py --device cuda --survivors 100 400 1024 --scaling --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ntt_core import predictor as predictor_module
+from ntt_core.coco import instances_to_coco_results
+from ntt_core.images import ImageError
+from ntt_core.memory_bank import MemoryBank, image_tensor
+from ntt_core.meta_checkpoints import DINOV2_HEADS, HIERA_SIZES, CheckpointError
+from ntt_core.models import (
+    DINOV2_MODELS,
+    SAM2_MODELS,
+    Dinov2Encoder,
+    ModelNotFoundError,
+    Sam2Segmenter,
+    choose_device,
+    choose_dtype,
+    load_encoder,
+    load_segmenter,
+)
+from ntt_core.predictor import Predictor
+from ntt_core.proposals import Candidates
+from ntt_core.settings import Settings
+from ntt_core.synthetic import make_scene
+
+#: Stage of each function the predictor module calls; a stage's time excludes the stages nested in it.
+FUNCTION_STAGES = {
+    "load_image": "decode",
+    "image_tensor": "preprocess",
+    "resize_image": "preprocess",
+    "propose": "mask_postprocess",  # best-of-3 and IoU filtering; the decoder calls inside are their own stage
+    "mask_boxes": "mask_postprocess",
+    "pool_features": "matching",
+    "score_classes": "matching",
+    "best_references": "matching",
+    "class_nms": "nms",
+    "window_bounds": "merge",
+    "full_resolution_stats": "merge",
+    "soft_merge_factors": "merge",
+    "crop_masks": "merge",
+}
+#: Stage of each model method, by (predictor attribute, method).
+METHOD_STAGES = {
+    ("segmenter", "embed"): "sam2_encoder",
+    ("encoder", "encode"): "dinov2_encoder",
+    ("segmenter", "segment_points"): "prompt_decoding",
+}
+STAGES = (
+    "decode",
+    "preprocess",
+    "sam2_encoder",
+    "dinov2_encoder",
+    "prompt_decoding",
+    "mask_postprocess",
+    "matching",
+    "nms",
+    "merge",
+    "writing",
+)
+#: DINOv2 ViTs by short name: (width, depth); heads come from ``DINOV2_HEADS``. Input 518 px, patch 14.
+DINOV2_DEPTHS = {
+    "dinov2-small": (384, 12),
+    "dinov2-base": (768, 12),
+    "dinov2-large": (1024, 24),
+    "dinov2-giant": (1536, 40),
+}
+DINOV2_INPUT = 518
+SCALING = ((1, 1), (1, 10), (1, 30), (20, 1), (80, 1), (80, 30))  # (classes, shots)
+#: What each device runs unless told otherwise: CPU gets small sizes so a run takes minutes.
+DEFAULTS = {
+    "cpu": {
+        "arch": "sam2-tiny",
+        "dinov2_arch": "dinov2-small",
+        "points_per_side": 8,
+        "images": 2,
+        "batch_size": 1,
+        "warmup": 1,
+    },
+    "accelerator": {
+        "arch": "sam2-large",
+        "dinov2_arch": "dinov2-large",
+        "points_per_side": 32,
+        "images": 32,
+        "batch_size": 4,
+        "warmup": 1,
+    },
+}
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark that cannot run as asked; the message says why."""
+
+
+# --- models ---
+
+
+def sam2_config(arch: str):
+    """A ``Sam2Config`` of the official SAM2 / SAM2.1 size ``arch`` (e.g. ``sam2-large``); both
+    versions share the image path's architecture."""
+    from transformers import Sam2Config, Sam2HieraDetConfig, Sam2VisionConfig
+
+    size_name = arch.split("-", 1)[1].replace("-", "_")
+    (embed_dim, blocks), size = next((key, value) for key, value in HIERA_SIZES.items() if value["name"] == size_name)
+    dims = [embed_dim * 2**stage for stage in range(len(blocks))]
+    backbone = Sam2HieraDetConfig(
+        hidden_size=embed_dim,
+        num_attention_heads=size["heads"],
+        blocks_per_stage=list(blocks),
+        embed_dim_per_stage=dims,
+        num_attention_heads_per_stage=[size["heads"] * 2**stage for stage in range(len(blocks))],
+        window_size_per_stage=list(size["windows"]),
+        global_attention_blocks=list(size["global"]),
+        # Meta's configs: 14x14 for Base+ (Hiera's default), 7x7 for the others; it is interpolated, cost is the same
+        window_positional_embedding_background_size=[14, 14] if size_name == "base_plus" else [7, 7],
+    )
+    return Sam2Config(vision_config=Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=dims[::-1]))
+
+
+def dinov2_config(arch: str):
+    """A ``Dinov2Config`` of the official DINOv2 size ``arch`` (e.g. ``dinov2-large``), 518-px input."""
+    from transformers import Dinov2Config
+
+    width, depth = DINOV2_DEPTHS[arch]
+    return Dinov2Config(
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_attention_heads=DINOV2_HEADS[width],
+        image_size=DINOV2_INPUT,
+        patch_size=14,
+        use_swiglu_ffn=arch == "dinov2-giant",
+    )
+
+
+def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(segmenter, encoder, description): loaded weights where ``--sam2`` / ``--dinov2`` are given,
+    random full-size architectures otherwise."""
+    from transformers import Dinov2Model, Sam2Model
+
+    torch.manual_seed(args.seed)
+    description = {}
+    if args.sam2:
+        segmenter = load_segmenter(args.sam2, device, dtype)
+        description["sam2"] = {"source": segmenter.model_id, "weights": "pretrained"}
+    else:
+        with torch.device(device):  # random init on the device: fast on a GPU
+            model = Sam2Model(sam2_config(args.arch))
+        segmenter = Sam2Segmenter(model, f"random {args.arch}", device, dtype)
+        description["sam2"] = {"source": args.arch, "weights": "random"}
+    if args.dinov2:
+        encoder = load_encoder(args.dinov2, device, dtype)
+        description["dinov2"] = {"source": encoder.model_id, "weights": "pretrained"}
+    else:
+        with torch.device(device):
+            model = Dinov2Model(dinov2_config(args.dinov2_arch))
+        encoder = Dinov2Encoder(model, f"random {args.dinov2_arch}", device, dtype)
+        description["dinov2"] = {"source": args.dinov2_arch, "weights": "random"}
+    for name, model in (("sam2", segmenter.model), ("dinov2", encoder.model)):
+        description[name]["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+    return segmenter, encoder, description
+
+
+def synthetic_bank(encoder, classes: int, shots: int, seed: int = 0) -> MemoryBank:
+    """A bank of ``classes`` x ``shots`` references whose descriptors are the encoder's own features
+    pooled over random boxes of one synthetic image: the right size and distribution, one encoder pass."""
+    rng = np.random.default_rng(seed)
+    size = encoder.input_size
+    scene = make_scene(rng, size=(size, size))
+    dense = encoder.encode(image_tensor(scene.image).to(encoder.device))[0].float().cpu()  # [C, g, g]
+    grid = dense.shape[-1]
+    descriptors = []
+    for _ in range(classes * shots):
+        y0, x0 = rng.integers(0, grid - 1, size=2)
+        y1, x1 = y0 + rng.integers(1, grid - y0 + 1), x0 + rng.integers(1, grid - x0 + 1)
+        descriptors.append(dense[:, y0:y1, x0:x1].mean(dim=(1, 2)))
+    count = classes * shots
+    return MemoryBank(
+        classes=[f"class {i}" for i in range(classes)],
+        descriptors=torch.stack(descriptors),
+        class_index=torch.arange(classes).repeat_interleave(shots),
+        negative=torch.zeros(count, dtype=torch.bool),
+        reference_ids=[str(i) for i in range(count)],
+        image_ids=["synthetic"] * count,
+        encoder_id=encoder.model_id,
+        encoder_fingerprint=encoder.fingerprint,
+        encoder_input_size=encoder.input_size,
+    )
+
+
+def blob_logits(count: int, size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``[count, size, size]`` mask logits of irregular blobs (wobbly ellipses) of many sizes and
+    places, like the candidates SAM2 proposes; logit > 0 inside."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return (low + (high - low) * torch.rand(count, 1, 1, generator=generator)).to(device)
+
+    axis = torch.arange(size, dtype=torch.float32, device=device) + 0.5
+    cy, cx = uniform(0, size), uniform(0, size)
+    ry = size * torch.exp(uniform(np.log(1 / 64), np.log(1 / 4)))  # radii from 1/64 to 1/4 of the frame
+    rx = size * torch.exp(uniform(np.log(1 / 64), np.log(1 / 4)))
+    angle, phase, lobes = uniform(0, np.pi), uniform(0, 2 * np.pi), torch.floor(uniform(2, 6))
+    dy, dx = axis[None, :, None] - cy, axis[None, None, :] - cx
+    u = (dx * torch.cos(angle) + dy * torch.sin(angle)) / rx
+    v = (dy * torch.cos(angle) - dx * torch.sin(angle)) / ry
+    radius = torch.sqrt(u**2 + v**2) * (1 + 0.2 * torch.sin(lobes * torch.atan2(v, u) + phase))
+    return 8.0 * (1.0 - radius)
+
+
+# --- instrumentation ---
+
+
+class StageTimer:
+    """Exclusive wall time per stage of wrapped callables (a nested stage's time is not its caller's);
+    ``sync`` runs before and after every timed call so asynchronous device work lands in its stage."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, list[int]] = defaultdict(list)
+        self._children: list[float] = []
+
+    def wrap(self, stage: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            self._children.append(0.0)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.sync()
+                elapsed = time.perf_counter() - start
+                self.seconds[stage] += elapsed - self._children.pop()
+                if self._children:
+                    self._children[-1] += elapsed
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.counts.clear()
+
+
+@contextlib.contextmanager
+def instrumented(predictor: Predictor, timer: StageTimer, survivors: torch.Tensor | None):
+    """Time the predictor's stages; with ``survivors`` (``[N, m, m]`` logits) every image's
+    candidates after the IoU filter are replaced by those N masks. Restores everything on exit."""
+    missing = [name for name in FUNCTION_STAGES if not hasattr(predictor_module, name)]
+    if missing:
+        raise BenchmarkError(f"ntt_core.predictor no longer calls {', '.join(missing)}: update FUNCTION_STAGES")
+    originals = {name: getattr(predictor_module, name) for name in FUNCTION_STAGES}
+    patched_methods = []
+    try:
+        for name, stage in FUNCTION_STAGES.items():
+            setattr(predictor_module, name, timer.wrap(stage, originals[name]))
+        for (owner, method), stage in METHOD_STAGES.items():
+            target = getattr(predictor, owner)
+            setattr(target, method, timer.wrap(stage, getattr(target, method)))
+            patched_methods.append((target, method))
+        timed_propose = predictor_module.propose
+
+        def propose(*args, **kwargs):
+            candidates = timed_propose(*args, **kwargs)
+            if survivors is not None:
+                iou = torch.linspace(0.99, 0.45, survivors.shape[0], device=survivors.device)
+                candidates = [Candidates(survivors, iou) for _ in candidates]
+            timer.counts["proposed"] += [len(c.sam_iou) for c in candidates]
+            return candidates
+
+        timed_stats = predictor_module.full_resolution_stats
+
+        def full_resolution_stats(logits, *args, **kwargs):
+            timer.counts["after_nms"].append(logits.shape[0])
+            return timed_stats(logits, *args, **kwargs)
+
+        predictor_module.propose, predictor_module.full_resolution_stats = propose, full_resolution_stats
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(predictor_module, name, function)
+        for target, method in patched_methods:
+            delattr(target, method)  # the class's method shows through again
+
+
+# --- measuring ---
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int], seed: int) -> list[Path]:
+    """``count`` synthetic scenes of ``size`` (H, W) as JPEG files."""
+    from PIL import Image
+
+    paths = []
+    for index in range(count):
+        scene = make_scene(np.random.default_rng([seed, index]), size=size)
+        path = folder / f"{index:05d}.jpg"
+        Image.fromarray(scene.image).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def measure(
+    predictor: Predictor, paths: Sequence[Path], batch_size: int, warmup: int, timer: StageTimer, survivors
+) -> dict:
+    """Images/s end to end (decode to COCO RLE) and seconds per image per stage."""
+    category_ids = {name: i + 1 for i, name in enumerate(predictor.bank.classes)}
+    write = timer.wrap("writing", instances_to_coco_results)
+    batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    outputs = 0
+    with instrumented(predictor, timer, survivors):
+        for batch in batches[:1] * warmup:
+            predictor.predict_paths(batch)
+        timer.reset()
+        timer.sync()
+        start = time.perf_counter()
+        for number, batch in enumerate(batches):
+            for index, result in enumerate(predictor.predict_paths(batch)):
+                if isinstance(result, ImageError):
+                    raise BenchmarkError(str(result))
+                outputs += len(write(result, number * batch_size + index + 1, category_ids))
+        timer.sync()
+        total = time.perf_counter() - start
+    count = len(paths)
+    stages = {stage: timer.seconds.get(stage, 0.0) / count for stage in STAGES}
+    stages["other"] = max(0.0, total / count - sum(stages.values()))
+    return {
+        "images_per_s": count / total,
+        "seconds_per_image": total / count,
+        "stages": stages,
+        "candidates": {
+            "proposed": float(np.mean(timer.counts["proposed"])) if timer.counts["proposed"] else 0.0,
+            "after_nms": float(np.sum(timer.counts["after_nms"]) / count),
+            "output": outputs / count,
+        },
+    }
+
+
+def reset_peak_host() -> bool:
+    """Restart the kernel's peak-RSS counter of this process (Linux); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_host_mb(since_reset: bool) -> float | None:
+    """Peak resident memory of this process in MiB: since the last :func:`reset_peak_host`, or overall."""
+    if since_reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+# --- command line ---
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 elsewhere"
+    )
+    parser.add_argument(
+        "--sam2", help="SAM2 weights: short name, hub id, local directory or Meta .pt file (default: random weights)"
+    )
+    parser.add_argument(
+        "--dinov2",
+        help="DINOv2 weights: short name, hub id, local directory or Meta .pth file (default: random weights)",
+    )
+    parser.add_argument(
+        "--arch", choices=list(SAM2_MODELS), help="random SAM2 architecture (default: sam2-large; sam2-tiny on CPU)"
+    )
+    parser.add_argument(
+        "--dinov2-arch",
+        choices=list(DINOV2_MODELS),
+        help="random DINOv2 architecture (default: dinov2-large; dinov2-small on CPU)",
+    )
+    parser.add_argument("--images", type=_positive, help="timed images (default: 32; 2 on CPU)")
+    parser.add_argument(
+        "--image-size", type=_image_size, default=(480, 640), metavar="WxH", help="size of the generated JPEGs"
+    )
+    parser.add_argument("--batch-size", type=_positive, help="images per predictor call (default: 4; 1 on CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed batches first (default: 1)")
+    parser.add_argument(
+        "--points-per-side", type=_positive, help="prompt grid side (default: 32, the paper's; 8 on CPU)"
+    )
+    parser.add_argument(
+        "--prompt-batch-size", type=_positive, default=Settings().prompt_batch_size, help="prompts decoded at once"
+    )
+    parser.add_argument("--classes", type=_positive, default=20, help="classes in the memory bank")
+    parser.add_argument("--shots", type=_positive, default=10, help="references per class in the memory bank")
+    parser.add_argument(
+        "--survivors",
+        type=_positive,
+        nargs="+",
+        metavar="N",
+        help="force exactly N candidates past the IoU filter (several: one row each)",
+    )
+    parser.add_argument(
+        "--scaling", action="store_true", help=f"also rows of images/s for (classes, shots) in {list(SCALING)}"
+    )
+    parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (H, W)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 640x480") from None
+    if min(width, height) < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: the generated images need at least 16 pixels per side")
+    return height, width
+
+
+def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill the options left unset with the device's defaults (small sizes on CPU)."""
+    if args.arch and args.sam2:
+        raise BenchmarkError("give --arch (random weights) or --sam2 (real weights), not both")
+    if args.dinov2_arch and args.dinov2:
+        raise BenchmarkError("give --dinov2-arch (random weights) or --dinov2 (real weights), not both")
+    defaults = DEFAULTS["cpu" if device.type == "cpu" else "accelerator"]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = choose_device(args.device)
+    except RuntimeError as error:  # an unknown or unavailable device
+        raise BenchmarkError(f"--device {args.device}: {error}") from None
+    dtype = choose_dtype(device, None if args.dtype == "auto" else args.dtype)
+    resolve_defaults(args, device)
+    segmenter, encoder, models = build_models(args, device, dtype)
+    settings = Settings(points_per_side=args.points_per_side, prompt_batch_size=args.prompt_batch_size)
+    sync = device_sync(device)
+    timer = StageTimer(sync)
+    weights = {model["weights"] for model in models.values()}
+    report = {
+        "device": str(device),
+        **environment(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "weights": weights.pop() if len(weights) == 1 else "mixed",
+        "models": models,
+        "image_size": {"height": args.image_size[0], "width": args.image_size[1]},
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "warmup_batches": args.warmup,
+        "prompts": args.points_per_side**2,
+        "prompt_batch_size": args.prompt_batch_size,
+        "classes": args.classes,
+        "shots": args.shots,
+        "survivors": args.survivors[0] if args.survivors else None,
+    }
+    survivor_sets = {n: blob_logits(n, segmenter.mask_size, args.seed, device) for n in args.survivors or []}
+    first = survivor_sets[args.survivors[0]] if args.survivors else None
+    with tempfile.TemporaryDirectory(prefix="ntt-speed-") as folder:
+        paths = write_images(Path(folder), args.images, args.image_size, args.seed)
+        predictor = Predictor(
+            segmenter, encoder, synthetic_bank(encoder, args.classes, args.shots, args.seed), settings
+        )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        resettable = reset_peak_host()
+        report.update(measure(predictor, paths, args.batch_size, args.warmup, timer, first))
+        report["peak_host_mb"] = peak_host_mb(since_reset=False)
+        report["peak_host_run_mb"] = peak_host_mb(since_reset=True) if resettable else None
+        report["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        if len(survivor_sets) > 1:
+            report["survivor_rows"] = [{"survivors": args.survivors[0], **_row(report)}] + [
+                {"survivors": n, **_row(measure(predictor, paths, args.batch_size, 0, timer, logits))}
+                for n, logits in list(survivor_sets.items())[1:]
+            ]
+        if args.scaling:
+            report["scaling"] = []
+            for classes, shots in SCALING:
+                bank = synthetic_bank(encoder, classes, shots, args.seed)
+                row = measure(Predictor(segmenter, encoder, bank, settings), paths, args.batch_size, 0, timer, first)
+                report["scaling"].append({"classes": classes, "shots": shots, **_row(row)})
+            base, most = report["scaling"][0]["seconds_per_image"], report["scaling"][-1]["seconds_per_image"]
+            report["bank_overhead"] = most / base - 1.0  # 80 classes x 30 shots against 1 x 1
+    report["peak_host_mb"] = peak_host_mb(since_reset=False)
+    return report
+
+
+def _row(measured: dict) -> dict:
+    return {key: measured[key] for key in ("images_per_s", "seconds_per_image", "stages", "candidates")}
+
+
+def print_report(report: dict) -> None:
+    models = ", ".join(
+        f"{name} {m['source']} ({m['weights']}, {m['parameters_m']} M)" for name, m in report["models"].items()
+    )
+    print(f"device {report['device']} ({report['device_name']}), {report['dtype']}; {models}")
+    print(
+        f"{report['images']} images {report['image_size']['width']}x{report['image_size']['height']}, batch {report['batch_size']}, "
+        f"{report['prompts']} prompts, {report['classes']} classes x {report['shots']} shots, survivors {report['survivors'] or 'natural'}"
+    )
+    print(f"{'stage':<18}{'s/image':>10}{'share':>8}")
+    total = report["seconds_per_image"]
+    for stage, seconds in report["stages"].items():
+        print(f"{stage:<18}{seconds:>10.4f}{100 * seconds / total:>7.1f}%")
+    candidates = report["candidates"]
+    print(
+        f"{report['images_per_s']:.3f} images/s ({total:.3f} s/image); candidates per image: {candidates['proposed']:.0f} proposed, "
+        f"{candidates['after_nms']:.0f} after NMS, {candidates['output']:.0f} written"
+    )
+    device_peak = f"{report['peak_device_mb']:.0f} MiB" if report["peak_device_mb"] is not None else "-"
+    run_peak = f"{report['peak_host_run_mb']:.0f} MiB" if report["peak_host_run_mb"] is not None else "-"
+    print(
+        f"peak host memory {report['peak_host_mb']:.0f} MiB (while predicting {run_peak}), peak device memory {device_peak}"
+    )
+    for key, label in (("survivor_rows", "survivors"), ("scaling", "classes x shots")):
+        for row in report.get(key, []):
+            what = str(row["survivors"]) if key == "survivor_rows" else f"{row['classes']} x {row['shots']}"
+            print(f"{label} {what}: {row['images_per_s']:.3f} images/s, {row['candidates']['after_nms']:.0f} after NMS")
+    if "bank_overhead" in report:
+        print(f"memory bank 80 x 30 against 1 x 1: {100 * report['bank_overhead']:+.1f}% time per image")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (BenchmarkError, ModelNotFoundError, CheckpointError) as error:
+        print(f"speed.py: error: {error}", file=sys.stderr)
+        return 2
+    print_report(report)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""FiftyOne plugin of "No Time to Train!": reference-based instance segmentation in the App.
+
+Thin operators: each parses its form and calls :mod:`ntt_core.fiftyone_adapter`. Registering
+them imports neither torch nor the library's model code.
+"""
+
+from .evaluation import EvaluateByReference
+from .memory_banks import BuildMemoryBank, DeleteMemoryBank, ExportMemoryBank, ImportMemoryBank
+from .segmentation import BoxesToMasks, SegmentByReference
+
+OPERATORS = (
+    BuildMemoryBank,
+    SegmentByReference,
+    BoxesToMasks,
+    EvaluateByReference,
+    ExportMemoryBank,
+    ImportMemoryBank,
+    DeleteMemoryBank,
+)
+
+
+def register(plugin):
+    for operator in OPERATORS:
+        plugin.register(operator)

@@ -1,0 +1,175 @@
+"""What the operators share: importing the library, form pieces, validation, progress.
+
+Nothing here imports torch: the library's FiftyOne adapter keeps its heavy imports inside the
+functions that run models, so listing the plugin and resolving forms stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+INSTALL_HINT = "install the library with `pip install -e <repository>` (or `pip install -r plugin/requirements.txt`) in the environment that runs FiftyOne"
+DEVICES = ("auto", "cuda", "cpu", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class LibraryMissingError(ImportError):
+    """The ``ntt_core`` library (or one of its dependencies) cannot be imported."""
+
+
+def adapter():
+    """``ntt_core.fiftyone_adapter``, or a :class:`LibraryMissingError` saying how to install it.
+
+    A plugin folder that holds the whole repository (``fiftyone plugins download``) has the
+    library next to ``plugin/``: it is importable from there without installing it.
+    """
+    try:
+        return importlib.import_module("ntt_core.fiftyone_adapter")
+    except ModuleNotFoundError as error:
+        repo = Path(__file__).resolve().parent.parent
+        if error.name == "ntt_core" and (repo / "ntt_core").is_dir() and str(repo) not in sys.path:
+            sys.path.append(str(repo))
+            return adapter()
+        raise LibraryMissingError(f"the ntt_core library is not importable ({error}); {INSTALL_HINT}") from None
+
+
+def form(ctx, title: str, build: Callable) -> types.Property:
+    """The operator's form: ``build(ctx, fa, inputs)`` fills ``inputs`` using the adapter ``fa``;
+    a missing library shows as an error in the form."""
+    inputs = types.Object()
+    try:
+        fa = adapter()
+    except LibraryMissingError as error:
+        invalid(
+            inputs.view(
+                "library_missing", types.Error(label="The ntt_core library is missing", description=str(error))
+            ),
+            str(error),
+        )
+    else:
+        build(ctx, fa, inputs)
+    return types.Property(inputs, view=types.View(label=title))
+
+
+def current(ctx, inputs, name: str):
+    """The value of input ``name``: the request's, else the input's default (as the App sends it)."""
+    value = ctx.params.get(name)
+    if value is None and name in inputs.properties:
+        return inputs.properties[name].default
+    return value
+
+
+def params_with_defaults(operator, ctx) -> dict:
+    """The request's parameters with every missing input set to its form default, so Python
+    callers may leave out what the App would fill in."""
+    inputs = operator.resolve_input(ctx).type
+    values = {name: current(ctx, inputs, name) for name in inputs.properties}
+    return {**ctx.params, **{k: v for k, v in values.items() if v is not None}}
+
+
+def check(prop, test: Callable[[], object]):
+    """Run ``test``; a ``ValueError`` or a missing library marks ``prop`` invalid with its message.
+    Returns what ``test`` returned, or None when it failed."""
+    try:
+        return test()
+    except (ValueError, LibraryMissingError) as error:
+        prop.invalid = True
+        prop.error_message = str(error)
+        return None
+
+
+def invalid(prop, message: str) -> None:
+    prop.invalid = True
+    prop.error_message = message
+
+
+def choice(inputs, name: str, values: list[str], label: str, description: str, default=None, missing: str = ""):
+    """A dropdown of ``values`` (default: the first); the error ``missing`` when there is none."""
+    if not values:
+        prop = inputs.str(name, label=label, description=description)
+        invalid(prop, missing)
+        return prop
+    dropdown = types.Dropdown(label=label, description=description)
+    for value in values:
+        dropdown.add_choice(value, label=value)
+    return inputs.enum(name, dropdown.values(), default=default or values[0], view=dropdown)
+
+
+def field_choice(inputs, name: str, fields: list[str], label: str, description: str, default=None):
+    """A dropdown of Detections fields."""
+    return choice(inputs, name, fields, label, description, default, missing="the dataset has no Detections field")
+
+
+def bank_choice(inputs, fa, ctx, name: str = "bank_key"):
+    """A dropdown of the dataset's memory banks."""
+    banks = fa.list_memory_banks(ctx.dataset)
+    missing = "the dataset has no memory bank: run 'Build memory bank' first"
+    return choice(inputs, name, banks, "Memory bank", "A memory bank stored on this dataset", missing=missing)
+
+
+def model_inputs(inputs, segmenter: bool = True, encoder: bool = True) -> None:
+    """SAM2 / DINOv2 sources, device and compute dtype (empty model = the paper's model)."""
+    if segmenter:
+        inputs.str(
+            "sam2",
+            label="SAM2 model",
+            description="Hugging Face hub id, short name (e.g. sam2.1-large) or local folder; empty: the paper's SAM2 Hiera-L",
+            default="",
+            allow_empty=True,
+        )
+    if encoder:
+        inputs.str(
+            "dinov2",
+            label="DINOv2 model",
+            description="Hugging Face hub id, short name or local folder; empty: the paper's DINOv2 ViT-L/14",
+            default="",
+            allow_empty=True,
+        )
+    inputs.enum("device", list(DEVICES), default="auto", label="Device", view=types.Dropdown(label="Device"))
+    inputs.enum(
+        "dtype",
+        list(DTYPES),
+        default="auto",
+        label="Compute dtype",
+        description="auto: bfloat16 on CUDA, float32 elsewhere",
+    )
+
+
+def model_options(params: dict) -> dict:
+    """Device and dtype keyword arguments of the model loaders ("auto" -> None)."""
+    return {name: None if params[name] == "auto" else params[name] for name in ("device", "dtype")}
+
+
+def progress_reporter(ctx, label: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        ctx.set_progress(progress=done / max(total, 1), label=f"{label}: {done}/{total}")
+
+    return report
+
+
+def finish(ctx, report: dict) -> dict:
+    """Reload the App's dataset after an immediate run; return the report as the result."""
+    if not ctx.delegated:
+        ctx.trigger("reload_dataset")
+    return report
+
+
+def report_output(ctx, label: str):
+    outputs = types.Object()
+    outputs.obj("report", label=label, view=types.JSONView())
+    return types.Property(outputs)
+
+
+def call(operator, sample_collection, params: dict, delegate: bool = False):
+    """Run ``operator`` from Python on ``sample_collection`` (immediately, or queued if ``delegate``);
+    returns the operator's result (the queued operation's document when delegated)."""
+    result = foo.execute_operator(
+        operator.uri, dict(view=sample_collection.view()), params=params, request_delegation=delegate
+    )
+    return result.result

@@ -1,0 +1,91 @@
+"""The evaluation operator: FiftyOne's COCO evaluation plus pycocotools figures."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+
+from .common import adapter, call, check, current, field_choice, finish, form, params_with_defaults, report_output
+
+
+class EvaluateByReference(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="evaluate_by_reference",
+            label="Evaluate reference segmentation (COCO)",
+            description="COCO mAP with masks in the Model Evaluation panel, plus pycocotools bbox/segm AP",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Evaluate reference segmentation", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        ctx.target_view()
+        fields = fa.detections_fields(ctx.dataset)
+        predicted = [name for name in fields if fa.prediction_record(ctx.dataset, name)]
+        ordered = predicted + [name for name in fields if name not in predicted]
+        field_choice(inputs, "pred_field", ordered, "Predictions", "The Detections to evaluate")
+        pred_field = current(ctx, inputs, "pred_field")
+        record = fa.prediction_record(ctx.dataset, pred_field) if pred_field in fields else None
+        gt_choices = [name for name in fields if name != pred_field]
+        default_gt = (record or {}).get("gt_field")
+        description = "Never modified, apart from the evaluation's own attributes"
+        field_choice(
+            inputs,
+            "gt_field",
+            gt_choices,
+            "Ground truth",
+            description,
+            default=default_gt if default_gt in gt_choices else None,
+        )
+        key_prop = inputs.str("eval_key", default="eval_ntt", label="Evaluation key")
+        inputs.bool(
+            "exclude_references",
+            default=True,
+            label="Exclude samples holding references",
+            description="Scoring references against themselves inflates the numbers",
+        )
+        inputs.bool("use_masks", default=True, label="Use instance masks (else boxes)")
+        inputs.bool("overwrite", default=False, label="Replace an evaluation with this key")
+        key, overwrite = current(ctx, inputs, "eval_key"), current(ctx, inputs, "overwrite")
+        check(key_prop, lambda: fa.check_eval_key(ctx.dataset, key, overwrite))
+
+    def execute(self, ctx):
+        p = params_with_defaults(self, ctx)
+        report = adapter().evaluate(
+            ctx.target_view(),
+            p["pred_field"],
+            p["eval_key"],
+            gt_field=p["gt_field"],
+            exclude_references=p["exclude_references"],
+            use_masks=p["use_masks"],
+            overwrite=p["overwrite"],
+        )
+        return finish(ctx, {"report": report})
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Evaluation")
+
+    def __call__(
+        self,
+        sample_collection,
+        pred_field: str,
+        eval_key: str = "eval_ntt",
+        gt_field: str | None = None,
+        exclude_references: bool = True,
+        use_masks: bool = True,
+        overwrite: bool = False,
+        delegate: bool = False,
+    ):
+        params = dict(
+            pred_field=pred_field,
+            eval_key=eval_key,
+            exclude_references=exclude_references,
+            use_masks=use_masks,
+            overwrite=overwrite,
+        )
+        if gt_field:
+            params["gt_field"] = gt_field
+        return call(self, sample_collection, params, delegate)

@@ -1,0 +1,228 @@
+"""Operators that build, export, import and delete memory banks."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from .common import (
+    adapter,
+    bank_choice,
+    call,
+    check,
+    current,
+    field_choice,
+    finish,
+    form,
+    model_inputs,
+    model_options,
+    params_with_defaults,
+    progress_reporter,
+    report_output,
+)
+
+MODES = {
+    "label_tag": "Labels with a tag (instance by instance)",
+    "sample_tag": "Every label of the chosen classes in samples with a tag",
+    "label_ids": "The labels selected in the App",
+}
+
+
+def selected_label_ids(ctx, gt_field: str) -> list[str]:
+    """Ids of the labels of ``gt_field`` passed as ``label_ids``, else those selected in the App."""
+    if ctx.params.get("label_ids"):
+        return list(ctx.params["label_ids"])
+    return [label["label_id"] for label in ctx.selected_labels or [] if label.get("field") == gt_field]
+
+
+class BuildMemoryBank(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="build_memory_bank",
+            label="Build memory bank from reference instances",
+            description="Describe tagged or selected ground-truth instances with DINOv2 and store them as a named memory bank",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Build memory bank", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        target = ctx.target_view()
+        fields = fa.detections_fields(ctx.dataset)
+        field_choice(inputs, "gt_field", fields, "Ground-truth field", "The Detections field holding the references")
+        modes = types.RadioGroup()
+        for value, text in MODES.items():
+            modes.add_choice(value, label=text)
+        inputs.enum("reference_mode", modes.values(), default="label_tag", label="References", view=modes)
+        mode = current(ctx, inputs, "reference_mode")
+        if mode != "label_ids":
+            inputs.str("tag", default=fa.DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
+        inputs.list("classes", types.String(), label="Classes", description="Classes to include (empty: all)")
+        inputs.int("max_per_class", min=1, label="Max references per class", description="First ones in dataset order")
+        key_prop = inputs.str("bank_key", default="references", label="Memory bank name")
+        inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
+        model_inputs(inputs)
+
+        gt_field = current(ctx, inputs, "gt_field")
+        if gt_field in fields:
+            counts = check(
+                inputs.properties.get("tag") or inputs.properties["classes"],
+                lambda: fa.count_references(
+                    target,
+                    gt_field,
+                    mode=mode,
+                    tag=current(ctx, inputs, "tag"),
+                    label_ids=selected_label_ids(ctx, gt_field),
+                    classes=ctx.params.get("classes") or None,
+                ),
+            )
+            if counts:
+                found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+                inputs.view("found", types.Notice(label=f"References found per class: {found}"))
+        key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
+        check(key_prop, lambda: fa.check_bank_key(ctx.dataset, key, overwrite))
+
+    def execute(self, ctx):
+        fa = adapter()
+        p = params_with_defaults(self, ctx)
+        segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
+        report = fa.build_dataset_memory_bank(
+            ctx.target_view(),
+            p["bank_key"],
+            p["gt_field"],
+            segmenter,
+            encoder,
+            mode=p["reference_mode"],
+            tag=p.get("tag", fa.DEFAULT_REFERENCE_TAG),
+            label_ids=selected_label_ids(ctx, p["gt_field"]),
+            classes=p.get("classes") or None,
+            max_per_class=p.get("max_per_class"),
+            overwrite=p["overwrite"],
+            progress=progress_reporter(ctx, "Reference images"),
+        )
+        return finish(ctx, {"report": report})
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Memory bank")
+
+    def __call__(
+        self,
+        sample_collection,
+        gt_field: str,
+        bank_key: str = "references",
+        reference_mode: str = "label_tag",
+        tag: str = "reference",
+        label_ids=None,
+        classes=None,
+        max_per_class: int | None = None,
+        sam2: str = "",
+        dinov2: str = "",
+        device: str = "auto",
+        dtype: str = "auto",
+        overwrite: bool = False,
+        delegate: bool = False,
+    ):
+        """Build a memory bank from ``sample_collection``; returns the report (or the queued operation)."""
+        params = dict(
+            gt_field=gt_field,
+            bank_key=bank_key,
+            reference_mode=reference_mode,
+            tag=tag,
+            label_ids=list(label_ids or []),
+            classes=list(classes or []),
+            max_per_class=max_per_class,
+            sam2=sam2,
+            dinov2=dinov2,
+            device=device,
+            dtype=dtype,
+            overwrite=overwrite,
+        )
+        return call(self, sample_collection, params, delegate)
+
+
+class ExportMemoryBank(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="export_memory_bank",
+            label="Export memory bank",
+            description="Write a stored memory bank to a folder (manifest.json + features.safetensors)",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Export memory bank", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        bank_choice(inputs, fa, ctx)
+        inputs.str("directory", required=True, label="Folder", description="A new or empty folder on the server")
+
+    def execute(self, ctx):
+        p = params_with_defaults(self, ctx)
+        path = adapter().export_memory_bank(ctx.dataset, p["bank_key"], p["directory"])
+        return {"report": {"bank_key": p["bank_key"], "directory": str(path)}}
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Exported")
+
+    def __call__(self, sample_collection, bank_key: str, directory: str):
+        return call(self, sample_collection, dict(bank_key=bank_key, directory=str(directory)))
+
+
+class ImportMemoryBank(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="import_memory_bank",
+            label="Import memory bank",
+            description="Read a memory bank folder (exported from any dataset, or written by the CLI) into this dataset",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Import memory bank", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        inputs.str(
+            "directory", required=True, label="Folder", description="Holds manifest.json and features.safetensors"
+        )
+        key_prop = inputs.str("bank_key", default="imported", label="Memory bank name")
+        inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
+        key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
+        check(key_prop, lambda: fa.check_bank_key(ctx.dataset, key, overwrite))
+
+    def execute(self, ctx):
+        p = params_with_defaults(self, ctx)
+        bank = adapter().import_memory_bank(ctx.dataset, p["bank_key"], p["directory"], overwrite=p["overwrite"])
+        return finish(
+            ctx, {"report": {"bank_key": p["bank_key"], "classes": list(bank.classes), "counts": bank.counts()}}
+        )
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Imported")
+
+    def __call__(self, sample_collection, directory: str, bank_key: str = "imported", overwrite: bool = False):
+        return call(self, sample_collection, dict(directory=str(directory), bank_key=bank_key, overwrite=overwrite))
+
+
+class DeleteMemoryBank(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(name="delete_memory_bank", label="Delete memory bank", dynamic=True)
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Delete memory bank", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        bank_choice(inputs, fa, ctx)
+
+    def execute(self, ctx):
+        key = params_with_defaults(self, ctx)["bank_key"]
+        adapter().delete_memory_bank(ctx.dataset, key)
+        return finish(ctx, {"report": {"deleted": key}})
+
+    def __call__(self, sample_collection, bank_key: str):
+        return call(self, sample_collection, dict(bank_key=bank_key))

@@ -1,0 +1,242 @@
+"""Operators that write masks: segment by reference, and boxes to masks."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from .common import (
+    adapter,
+    bank_choice,
+    call,
+    check,
+    current,
+    field_choice,
+    finish,
+    form,
+    invalid,
+    model_inputs,
+    model_options,
+    params_with_defaults,
+    progress_reporter,
+    report_output,
+)
+
+
+def _target_problem(inputs, fa, target) -> None:
+    """An error in the form when the target cannot be segmented; a notice when it was mapped."""
+    try:
+        images, note = fa.image_collection(target)
+        if len(images) == 0:
+            raise fa.FiftyOneAdapterError("the target view is empty: nothing to process")
+    except ValueError as error:
+        invalid(inputs.view("target_problem", types.Error(label=str(error))), str(error))
+        return
+    if note:
+        inputs.view("target_note", types.Notice(label=note))
+
+
+class SegmentByReference(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="segment_by_reference",
+            label="Segment by reference",
+            description="Find every instance of a memory bank's classes and write them as Detections with instance masks",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Segment by reference", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        shard = ctx.params.get("shard_sample_ids") is not None
+        if not shard:
+            _target_problem(inputs, fa, ctx.target_view())
+        bank_choice(inputs, fa, ctx)
+        field_prop = inputs.str("pred_field", default="ntt_predictions", label="Output field")
+        inputs.bool("overwrite", default=False, label="Overwrite the field if it exists (clears all its values)")
+        inputs.bool(
+            "skip_existing",
+            default=False,
+            label="Skip samples that already have predictions",
+            description="Resumes an interrupted run; needs the same bank, models and settings as the field's run record",
+        )
+        inputs.float(
+            "score_threshold", min=0.0, max=1.0, default=0.0, label="Score threshold", description="0 as in the paper"
+        )
+        inputs.int("max_detections", min=1, default=100, label="Max instances per image")
+        inputs.int(
+            "points_per_side", min=1, default=32, label="Prompt grid points per side", description="32 as in the paper"
+        )
+        inputs.float(
+            "sam_iou_threshold",
+            min=0.0,
+            max=1.0,
+            default=0.4,
+            label="SAM2 IoU threshold",
+            description="0.4 as in the paper",
+        )
+        inputs.int("batch_size", min=1, default=1, label="Images per batch")
+        inputs.int(
+            "num_shards",
+            min=1,
+            default=1,
+            label="Shards",
+            description="Above 1: queue that many delegated operations over fixed parts of the target for `fiftyone delegated launch` workers",
+        )
+        model_inputs(inputs)
+        field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
+        skip = current(ctx, inputs, "skip_existing") or shard
+        check(field_prop, lambda: fa.check_output_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip))
+
+    def resolve_run_name(self, ctx):
+        shard = ctx.params.get("shard")
+        return f"{self.config.label} ({ctx.params.get('pred_field')}, shard {shard})" if shard else self.config.label
+
+    def execute(self, ctx):
+        fa = adapter()
+        p = params_with_defaults(self, ctx)
+        segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
+        settings = fa.Settings(
+            points_per_side=p["points_per_side"],
+            sam_iou_threshold=p["sam_iou_threshold"],
+            max_detections=p["max_detections"],
+            score_threshold=p["score_threshold"],
+        )
+        run = dict(
+            bank_key=p["bank_key"], pred_field=p["pred_field"], segmenter=segmenter, encoder=encoder, settings=settings
+        )
+        progress = progress_reporter(ctx, "Images")
+        if p.get("shard_sample_ids") is not None:
+            target = ctx.dataset.select(p["shard_sample_ids"])
+            report = fa.segment_by_reference(
+                target, **run, batch_size=p["batch_size"], skip_existing=True, progress=progress
+            )
+        elif p["num_shards"] > 1:
+            flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
+            shards = fa.start_sharded_prediction(ctx.target_view(), **run, num_shards=p["num_shards"], **flags)
+            queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
+            report = {"field": p["pred_field"], "shards": queued}
+        else:
+            flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
+            report = fa.segment_by_reference(
+                ctx.target_view(), **run, batch_size=p["batch_size"], **flags, progress=progress
+            )
+        return finish(ctx, {"report": report})
+
+    def _queue_shard(self, ctx, p: dict, sample_ids: list[str], index: int, count: int) -> dict:
+        """Queue one shard: a delegated operation over fixed sample ids, resuming the field."""
+        params = {k: v for k, v in p.items() if k not in ("num_shards", "overwrite", "skip_existing")}
+        params.update(shard_sample_ids=list(sample_ids), shard=f"{index + 1}/{count}", skip_existing=True)
+        result = foo.execute_operator(self.uri, dict(dataset=ctx.dataset), params=params, request_delegation=True)
+        return {"operation_id": str(result.result["id"]), "shard": params["shard"], "samples": len(sample_ids)}
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Segmentation")
+
+    def __call__(
+        self,
+        sample_collection,
+        bank_key: str,
+        pred_field: str = "ntt_predictions",
+        overwrite: bool = False,
+        skip_existing: bool = False,
+        score_threshold: float = 0.0,
+        max_detections: int = 100,
+        points_per_side: int = 32,
+        sam_iou_threshold: float = 0.4,
+        batch_size: int = 1,
+        num_shards: int = 1,
+        sam2: str = "",
+        dinov2: str = "",
+        device: str = "auto",
+        dtype: str = "auto",
+        delegate: bool = False,
+    ):
+        params = dict(
+            bank_key=bank_key,
+            pred_field=pred_field,
+            overwrite=overwrite,
+            skip_existing=skip_existing,
+            score_threshold=float(score_threshold),
+            max_detections=max_detections,
+            points_per_side=points_per_side,
+            sam_iou_threshold=float(sam_iou_threshold),
+            batch_size=batch_size,
+            num_shards=num_shards,
+            sam2=sam2,
+            dinov2=dinov2,
+            device=device,
+            dtype=dtype,
+        )
+        return call(self, sample_collection, params, delegate)
+
+
+class BoxesToMasks(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="boxes_to_masks",
+            label="Boxes to masks (SAM2)",
+            description="Fill the masks of box-only detections with SAM2 box prompts, into a new field",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Boxes to masks", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        _target_problem(inputs, fa, ctx.target_view())
+        fields = fa.detections_fields(ctx.dataset)
+        field_choice(inputs, "in_field", fields, "Detections field", "Its box-only detections get masks")
+        inputs.bool(
+            "in_place", default=False, label="Write in place", description="Only for fields that are not ground truth"
+        )
+        in_field = current(ctx, inputs, "in_field")
+        if current(ctx, inputs, "in_place"):
+            if in_field in fa.protected_fields(ctx.dataset):
+                message = f"'{in_field}' is a ground-truth field: write to a new field"
+                invalid(inputs.view("in_place_problem", types.Error(label=message)), message)
+        else:
+            out_prop = inputs.str("out_field", default=f"{in_field}_masks", label="Output field")
+            inputs.bool("overwrite", default=False, label="Overwrite the output field if it exists")
+            out_field, overwrite = current(ctx, inputs, "out_field"), current(ctx, inputs, "overwrite")
+            check(out_prop, lambda: fa.check_output_field(ctx.dataset, out_field, overwrite=overwrite))
+        model_inputs(inputs, encoder=False)
+
+    def execute(self, ctx):
+        fa = adapter()
+        p = params_with_defaults(self, ctx)
+        segmenter = fa.load_segmenter_only(p["sam2"] or None, **model_options(p))
+        report = fa.boxes_to_masks(
+            ctx.target_view(),
+            p["in_field"],
+            segmenter,
+            out_field=None if p["in_place"] else p["out_field"],
+            overwrite=p.get("overwrite", False),
+            progress=progress_reporter(ctx, "Images"),
+        )
+        return finish(ctx, {"report": report})
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Boxes to masks")
+
+    def __call__(
+        self,
+        sample_collection,
+        in_field: str,
+        out_field: str | None = None,
+        in_place: bool = False,
+        overwrite: bool = False,
+        sam2: str = "",
+        device: str = "auto",
+        dtype: str = "auto",
+        delegate: bool = False,
+    ):
+        params = dict(in_field=in_field, in_place=in_place, overwrite=overwrite, sam2=sam2, device=device, dtype=dtype)
+        if out_field:
+            params["out_field"] = out_field
+        return call(self, sample_collection, params, delegate)

@@ -1,0 +1,264 @@
+"""Smoke tests of benchmarks/speed.py and benchmarks/fsod.py: each main() run in-process with the
+tiniest options, its JSON contract checked; the random full-size architectures checked against
+Meta's official definitions (built on the meta device, no memory, no download)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SPEED_KEYS = {"images_per_s", "stages", "device", "dtype", "weights", "peak_host_mb", "peak_device_mb"}
+STAGES = {
+    "decode",
+    "preprocess",
+    "sam2_encoder",
+    "dinov2_encoder",
+    "prompt_decoding",
+    "mask_postprocess",
+    "matching",
+    "nms",
+    "merge",
+    "writing",
+    "other",
+}
+
+
+def _load(name: str):
+    module_name = f"benchmark_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "benchmarks" / f"{name}.py")
+        module = sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def _last_json(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+# --- speed.py ---
+
+
+@pytest.mark.parametrize(
+    "name", ["sam2/sam2_hiera_t", "sam2.1/sam2.1_hiera_s", "sam2.1/sam2.1_hiera_b+", "sam2/sam2_hiera_l"]
+)
+def test_random_sam2_architectures_are_metas_official_sizes(name, monkeypatch):
+    """Every image-path weight of Meta's model has a place of the same shape in ours and no more;
+    heads, windows and global-attention blocks agree with Meta's trunk."""
+    pytest.importorskip("sam2")
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from transformers import Sam2Model
+
+    from ntt_core.meta_checkpoints import convert_sam2_state_dict
+
+    speed = _load("speed")
+    arch = {"t": "tiny", "s": "small", "b+": "base-plus", "l": "large"}[name.rsplit("_", 1)[1]]
+    config = compose(config_name=f"configs/{name}.yaml")
+    OmegaConf.resolve(config)
+    monkeypatch.setattr(torch, "linspace", functools.partial(torch.linspace, device="cpu"))  # Hiera calls .item()
+    with torch.device("meta"):
+        meta = instantiate(config.model, _recursive_=True)
+        ours = Sam2Model(speed.sam2_config(f"{name.split('/')[0]}-{arch}"))
+    expected = {key: tuple(value.shape) for key, value in convert_sam2_state_dict(meta.state_dict()).items()}
+    assert {key: tuple(value.shape) for key, value in ours.state_dict().items()} == expected
+    trunk, backbone = meta.image_encoder.trunk, ours.config.vision_config.backbone_config
+    assert list(backbone.num_attention_heads_per_stage) == [
+        trunk.blocks[end].attn.num_heads for end in trunk.stage_ends
+    ]
+    assert list(backbone.window_size_per_stage) == list(trunk.window_spec)
+    assert list(backbone.global_attention_blocks) == list(trunk.global_att_blocks)
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large", "giant"])
+def test_random_dinov2_architectures_are_metas_official_sizes(size):
+    """Against timm's DINOv2 definitions (which match Meta's): same widths, heads, depth, 518-px input
+    and the same number of weights (ours also holds the unused 1 x C mask token)."""
+    timm = pytest.importorskip("timm")
+    from transformers import Dinov2Model
+
+    speed = _load("speed")
+    with torch.device("meta"):
+        vit = timm.create_model(f"vit_{size}_patch14_dinov2", pretrained=False, num_classes=0)
+        ours = Dinov2Model(speed.dinov2_config(f"dinov2-{size}"))
+    config = ours.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (
+        vit.embed_dim,
+        vit.blocks[0].attn.num_heads,
+        len(vit.blocks),
+    )
+    assert config.image_size == vit.patch_embed.img_size[0] == 518
+    count = sum(p.numel() for p in ours.parameters()) - config.hidden_size
+    assert count == sum(p.numel() for p in vit.parameters())
+
+
+def _check_speed_report(report: dict, images: int) -> None:
+    assert SPEED_KEYS <= set(report)
+    assert set(report["stages"]) == STAGES
+    assert all(seconds >= 0 for seconds in report["stages"].values())
+    assert report["stages"]["decode"] > 0 and report["stages"]["sam2_encoder"] > 0 and report["stages"]["writing"] > 0
+    assert sum(report["stages"].values()) == pytest.approx(report["seconds_per_image"], rel=1e-6)
+    assert report["images_per_s"] * report["seconds_per_image"] == pytest.approx(1.0)
+    assert report["images"] == images
+    assert report["device"] == "cpu" and report["peak_device_mb"] is None
+    assert report["peak_host_mb"] > 100
+
+
+def test_speed_random_weights(monkeypatch, capsys):
+    """The random-weight path (the full-size configs are checked above; tiny ones keep this fast);
+    --survivors forces the number of candidates past the IoU filter."""
+    from tiny_models import tiny_dinov2_config, tiny_sam2_config
+
+    speed = _load("speed")
+    monkeypatch.setattr(speed, "sam2_config", lambda arch: tiny_sam2_config())
+    monkeypatch.setattr(speed, "dinov2_config", lambda arch: tiny_dinov2_config())
+    argv = ["--device", "cpu", "--arch", "sam2-tiny", "--dinov2-arch", "dinov2-small", "--images", "1", "--warmup", "0"]
+    argv += [
+        "--image-size",
+        "64x48",
+        "--points-per-side",
+        "1",
+        "--classes",
+        "2",
+        "--shots",
+        "1",
+        "--survivors",
+        "5",
+        "--json",
+    ]
+    assert speed.main(argv) == 0
+    report = _last_json(capsys)
+    _check_speed_report(report, images=1)
+    assert report["weights"] == "random"
+    assert {m["weights"] for m in report["models"].values()} == {"random"}
+    assert report["models"]["sam2"]["source"] == "sam2-tiny"
+    assert report["dtype"] == "float32" and report["prompts"] == 1
+    assert report["image_size"] == {"height": 48, "width": 64}
+    candidates = report["candidates"]
+    assert candidates["proposed"] == 5
+    assert candidates["output"] <= candidates["after_nms"] <= 5
+
+
+def test_speed_survivor_rows_and_bank_scaling(tiny_models, capsys):
+    """Loaded (tiny) weights: one row per forced survivor count, one per bank size of the scaling table."""
+    speed = _load("speed")
+    sam2_dir, dinov2_dir = tiny_models
+    argv = [
+        "--device",
+        "cpu",
+        "--sam2",
+        str(sam2_dir),
+        "--dinov2",
+        str(dinov2_dir),
+        "--images",
+        "2",
+        "--batch-size",
+        "2",
+    ]
+    argv += ["--image-size", "40x32", "--points-per-side", "2", "--survivors", "3", "9", "--scaling", "--json"]
+    assert speed.main(argv) == 0
+    report = _last_json(capsys)
+    _check_speed_report(report, images=2)
+    assert report["weights"] == "pretrained" and report["batch_size"] == 2 and report["warmup_batches"] == 1
+    assert [row["survivors"] for row in report["survivor_rows"]] == [3, 9]
+    assert [row["candidates"]["proposed"] for row in report["survivor_rows"]] == [3, 9]
+    assert [(row["classes"], row["shots"]) for row in report["scaling"]] == [tuple(pair) for pair in speed.SCALING]
+    assert all(row["candidates"]["proposed"] == 3 for row in report["scaling"])
+    last = report["scaling"][-1]["seconds_per_image"]
+    assert report["bank_overhead"] == pytest.approx(last / report["scaling"][0]["seconds_per_image"] - 1.0)
+
+
+def test_speed_rejects_random_and_real_weights_together(tiny_models, capsys):
+    speed = _load("speed")
+    assert speed.main(["--device", "cpu", "--arch", "sam2-tiny", "--sam2", str(tiny_models[0])]) == 2
+    assert "give --arch (random weights) or --sam2 (real weights), not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        speed.main(["--image-size", "640-480"])
+    assert "expected WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+# --- fsod.py ---
+
+
+def _model_options(tiny_models) -> list[str]:
+    sam2_dir, dinov2_dir = tiny_models
+    return ["--sam2", str(sam2_dir), "--dinov2", str(dinov2_dir), "--device", "cpu", "--points-per-side", "3"]
+
+
+def test_fsod_on_a_coco_layout_samples_each_seed(tiny_models, tmp_path, capsys):
+    """The COCO-FSOD path: references sampled from train2017 per (shots, seed), val2017 limited."""
+    from ntt_core.synthetic import CLASSES, make_dataset, write_coco_folder
+
+    fsod = _load("fsod")
+    root = tmp_path / "coco"
+    for split, seed, count in (("train2017", 1, 6), ("val2017", 2, 3)):
+        write_coco_folder(
+            make_dataset(count, seed=seed, size=(192, 224), radius=(0.12, 0.2)), tmp_path / split, CLASSES
+        )
+        shutil.move(tmp_path / split / "images", root / split)
+        (root / "annotations").mkdir(exist_ok=True)
+        shutil.move(tmp_path / split / "annotations.json", root / "annotations" / f"instances_{split}.json")
+
+    argv = ["--coco-root", str(root), "--shots", "1", "2", "--seeds", "33", "5", "--classes", "disc,square"]
+    argv += ["--limit", "2", "--out", str(tmp_path / "out"), "--json", *_model_options(tiny_models)]
+    assert fsod.main(argv) == 0
+    report = _last_json(capsys)
+    assert report["protocol"] == "coco-fsod"
+    assert [(run["shots"], run["seed"]) for run in report["runs"]] == [(1, 33), (1, 5), (2, 33), (2, 5)]
+    for run in report["runs"]:
+        assert run["classes"] == ["disc", "square"] and run["images"] == 2
+        references = json.loads((Path(run["output"]) / "references.json").read_text())
+        for category in (1, 2):
+            chosen = [a for a in references["annotations"] if a["category_id"] == category]
+            assert len(chosen) == run["shots"] == len({a["image_id"] for a in chosen})
+        assert run["references"] == 2 * run["shots"]
+        for iou_type in ("bbox", "segm"):
+            assert set(run["pycocotools"][iou_type]) == {"nAP", "nAP50", "nAP75"}
+            assert all(0.0 <= value <= 1.0 for value in run["pycocotools"][iou_type].values())
+        assert run["fiftyone"] is None
+    assert report["summary"]["1"]["seeds"] == [33, 5]
+    assert set(report["summary"]["2"]) >= {"pycocotools_bbox_nAP", "pycocotools_segm_nAP75"}
+
+
+def test_fsod_on_a_custom_folder_with_fiftyone(tiny_models, tmp_path, capsys):
+    """Every reference as given; results written as COCO json; FiftyOne's figures beside pycocotools'."""
+    pytest.importorskip("fiftyone")
+    from ntt_core.synthetic import CLASSES, make_dataset, write_coco_folder
+
+    fsod = _load("fsod")
+    references = write_coco_folder(make_dataset(2, seed=3), tmp_path / "refs", CLASSES)
+    targets = write_coco_folder(make_dataset(2, seed=4), tmp_path / "targets", CLASSES)
+    argv = ["--references", str(references), "--reference-images", str(tmp_path / "refs" / "images")]
+    argv += ["--targets", str(targets), "--images", str(tmp_path / "targets" / "images"), "--fiftyone"]
+    argv += ["--out", str(tmp_path / "out"), "--json", *_model_options(tiny_models)]
+    assert fsod.main(argv) == 0
+    report = _last_json(capsys)
+    assert report["protocol"] == "custom"
+    (run,) = report["runs"]
+    assert run["shots"] is None and run["images"] == 2
+    results = json.loads((Path(run["output"]) / "results.json").read_text())
+    assert len(results) == run["detections"]
+    assert json.loads((Path(run["output"]) / "metrics.json").read_text())["detections"] == run["detections"]
+    for source in ("pycocotools", "fiftyone"):
+        for iou_type in ("bbox", "segm"):
+            assert set(run[source][iou_type]) == {"nAP", "nAP50", "nAP75"}
+            assert all(0.0 <= value <= 1.0 for value in run[source][iou_type].values())
+
+
+def test_fsod_names_the_missing_coco_files(tmp_path, capsys):
+    fsod = _load("fsod")
+    assert fsod.main(["--coco-root", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "instances_train2017.json" in error and "val2017" in error
+    assert fsod.main(["--references", str(tmp_path / "refs.json")]) == 2
+    assert "give --coco-root, or all of --references, --targets and --images" in capsys.readouterr().err

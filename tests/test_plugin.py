@@ -1,0 +1,363 @@
+"""The plugin's operators, run the ways FiftyOne runs them: ``execute_operator`` (immediate),
+queued and then executed in-process by FiftyOne's delegated-operation service, and from Python
+through each operator's ``__call__``; forms resolved headless. Tiny random-weight models from disk.
+"""
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import fiftyone as fo
+import fiftyone.operators as foo
+import pytest
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import ExecutionError, ExecutionRunState, resolve_type
+from fiftyone.operators.registry import OperatorRegistry
+from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
+
+PLUGIN = "@ntt/no-time-to-train"
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(points_per_side=2, sam_iou_threshold=0.0, max_detections=5)  # 4 prompts per image
+
+
+def uri(name: str) -> str:
+    return f"{PLUGIN}/{name}"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models) -> dict:
+    return dict(sam2=str(tiny_models[0]), dinov2=str(tiny_models[1]), device="cpu")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    dataset = scenes_dataset(tmp_path, count=3, size=(64, 80))
+    yield dataset
+    dataset.delete()
+
+
+@pytest.fixture(scope="module")
+def segmented(models, tmp_path_factory):
+    """A dataset with a memory bank and predictions, for tests that only read."""
+    dataset = scenes_dataset(tmp_path_factory.mktemp("segmented"), count=3, size=(64, 80))
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    foo.get_operator(uri("segment_by_reference"))(dataset, "references", "pred", **FAST, **models)
+    yield dataset
+    dataset.delete()
+
+
+def run(name: str, dataset, params: dict, **ctx):
+    return foo.execute_operator(uri(name), dict(dataset=dataset, **ctx), params=params)
+
+
+def run_queued(dataset) -> list:
+    """Execute every queued operation of ``dataset`` in this process; fail on any failure."""
+    results = DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    errors = [r.error for r in results if r.error]
+    assert not errors, errors[0]
+    return results
+
+
+def inputs_of(name: str, collection, params: dict | None = None) -> dict:
+    """The operator's form resolved as the App resolves it: {property name: property}."""
+    request = dict(
+        dataset_name=collection._root_dataset.name,
+        view=collection.view()._serialize(),
+        params=params or {},
+        target="inputs",
+    )
+    prop = asyncio.run(resolve_type(OperatorRegistry(), uri(name), request))
+    return prop.type.properties
+
+
+def test_the_plugin_lists_without_importing_torch():
+    code = (
+        "import sys, fiftyone.operators as foo\n"
+        f"names = sorted(o.name for o in foo.list_operators() if o.uri.startswith('{PLUGIN}/'))\n"
+        "print(names, 'torch' in sys.modules, 'ntt_core.fiftyone_adapter' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == (
+        "['boxes_to_masks', 'build_memory_bank', 'delete_memory_bank', 'evaluate_by_reference', "
+        "'export_memory_bank', 'import_memory_bank', 'segment_by_reference'] False False"
+    )
+    listed = subprocess.run(
+        [Path(sys.executable).parent / "fiftyone", "plugins", "list"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=120,
+    )
+    assert PLUGIN in listed.stdout
+
+
+def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
+    gt_before = field_documents(dataset, "gt")
+    build = foo.get_operator(uri("build_memory_bank"))
+    report = build(dataset, "gt", bank_key="refs", **models)["report"]
+    tagged = [d for s in dataset for d in s.gt.detections if "reference" in d.tags]
+    assert report["counts"] == {d.label: 1 for d in tagged} and report["skipped"] == []
+    assert field_documents(dataset, "gt") == gt_before
+
+    report = run("segment_by_reference", dataset, dict(bank_key="refs", pred_field="pred", **FAST, **models)).result[
+        "report"
+    ]
+    assert report["processed"] == len(dataset) and report["failed"] == []
+    assert all(isinstance(s.pred, fo.Detections) for s in dataset)
+    assert dataset.count("pred.detections") == report["instances"]
+    for det in dataset.values("pred.detections", unwind=True):
+        assert det.mask is not None and det.reference_id in {d.id for d in tagged}
+        assert {"sam_iou", "semantic_score", "merge_factor"} <= set(det.field_names)
+    assert field_documents(dataset, "gt") == gt_before
+
+    evaluate = foo.get_operator(uri("evaluate_by_reference"))
+    report = evaluate(dataset, "pred", eval_key="ev")["report"]
+    assert report["gt_field"] == "gt" and "holding references excluded" in report["notes"][0]
+    assert set(dataset.list_evaluations()) == {"ev"}
+    results = dataset.load_evaluation_results("ev")
+    assert results.custom_metrics["pycocotools_segm_AP"]["value"] == report["pycocotools"]["segm"]["AP"]
+    assert without_eval_attributes(dataset, "gt", "ev") == gt_before
+    dataset.delete_evaluation("ev")
+    assert field_documents(dataset, "gt") == gt_before
+
+    folder = tmp_path / "bank"
+    foo.get_operator(uri("export_memory_bank"))(dataset, "refs", folder)
+    other = fo.Dataset()
+    try:
+        report = foo.get_operator(uri("import_memory_bank"))(other, folder, bank_key="copied")["report"]
+        assert report["counts"] == {d.label: 1 for d in tagged}
+    finally:
+        other.delete()
+    foo.get_operator(uri("delete_memory_bank"))(dataset, "refs")
+    assert dataset.list_runs(method="ntt_memory_bank") == []
+    assert field_documents(dataset, "gt") == gt_before
+
+
+def test_delegated_runs_execute_in_the_delegated_service(dataset, models):
+    gt_before = field_documents(dataset, "gt")
+    queued = foo.execute_operator(
+        uri("build_memory_bank"), dict(dataset=dataset), params=dict(gt_field="gt", **models), request_delegation=True
+    )
+    assert queued.delegated and dataset.list_runs() == []
+    run_queued(dataset)
+    assert dataset.list_runs(method="ntt_memory_bank") == ["references"]
+
+    params = dict(bank_key="references", pred_field="pred", **FAST, **models)
+    queued = foo.execute_operator(
+        uri("segment_by_reference"), dict(dataset=dataset), params=params, request_delegation=True
+    )
+    assert queued.delegated and not dataset.has_field("pred")
+    (result,) = run_queued(dataset)
+    assert result.result["report"]["processed"] == len(dataset)
+    assert len(dataset.exists("pred")) == len(dataset)
+    operation = DelegatedOperationService().get(queued.result["id"])
+    assert operation.run_state == ExecutionRunState.COMPLETED
+    assert field_documents(dataset, "gt") == gt_before
+
+    queued = foo.get_operator(uri("evaluate_by_reference"))(dataset, "pred", eval_key="ev", delegate=True)
+    assert queued["run_state"] == ExecutionRunState.QUEUED and dataset.list_evaluations() == []
+    (result,) = run_queued(dataset)
+    assert result.result["report"]["eval_key"] == "ev" and dataset.list_evaluations() == ["ev"]
+    assert without_eval_attributes(dataset, "gt", "ev") == gt_before
+
+
+def test_sharded_run_queues_fixed_shards_that_label_each_sample_once(dataset, models, tmp_path):
+    more = scenes_dataset(tmp_path, count=5, size=(64, 80), seed=9)
+    dataset.add_samples(more)
+    more.delete()
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    op = foo.get_operator(uri("segment_by_reference"))
+    report = op(dataset, "references", "pred", num_shards=3, **FAST, **models)["report"]
+    shards = report["shards"]
+    assert [s["shard"] for s in shards] == ["1/3", "2/3", "3/3"] and sum(s["samples"] for s in shards) == len(dataset)
+    assert dataset.has_field("pred") and len(dataset.exists("pred")) == 0  # created before any shard runs
+    queued = DelegatedOperationService().get_queued_operations(dataset_name=dataset.name)
+    assert sorted(str(o.id) for o in queued) == sorted(s["operation_id"] for s in shards)
+    ids = [o.context.request_params["params"]["shard_sample_ids"] for o in queued]
+    assert sorted(i for part in ids for i in part) == sorted(dataset.values("id"))  # disjoint, complete
+
+    results = run_queued(dataset)
+    processed = [r.result["report"]["processed"] for r in results]
+    assert sorted(processed) == sorted(s["samples"] for s in shards)  # each sample written by exactly one shard
+    assert len(dataset.exists("pred")) == len(dataset)
+
+
+def test_boxes_to_masks_operator(dataset, models):
+    boxes = [
+        fo.Detections(detections=[fo.Detection(label=d.label, bounding_box=d.bounding_box) for d in s.gt.detections])
+        for s in dataset
+    ]
+    dataset.set_values("boxes", boxes)
+    gt_before = field_documents(dataset, "gt")
+    report = foo.get_operator(uri("boxes_to_masks"))(dataset, "boxes", "boxes_sam2", sam2=models["sam2"], device="cpu")[
+        "report"
+    ]
+    filled = [d for d in dataset.values("boxes_sam2.detections", unwind=True) if d.mask is not None]
+    assert report["filled"] + len(report["failed"]) == dataset.count("boxes.detections")
+    assert len(filled) == report["filled"] > 0
+    assert all(d.mask is None for d in dataset.values("boxes.detections", unwind=True))
+    assert field_documents(dataset, "gt") == gt_before
+
+    queued = foo.execute_operator(
+        uri("boxes_to_masks"),
+        dict(dataset=dataset),
+        params=dict(in_field="boxes", in_place=True, **models),
+        request_delegation=True,
+    )
+    assert queued.delegated
+    run_queued(dataset)
+    assert dataset.count("boxes.detections") == len(
+        [d for d in dataset.values("boxes.detections", unwind=True) if d.mask is not None]
+    ) + len(report["failed"])
+
+
+def test_forms_resolve_with_paper_defaults(dataset, models):
+    props = inputs_of("segment_by_reference", dataset)
+    defaults = {name: prop.default for name, prop in props.items()}
+    assert (
+        defaults["score_threshold"] == 0.0 and defaults["points_per_side"] == 32 and defaults["max_detections"] == 100
+    )
+    assert defaults["sam_iou_threshold"] == 0.4 and defaults["sam2"] == "" and defaults["dinov2"] == ""
+    assert (
+        props["bank_key"].invalid and "no memory bank: run 'Build memory bank' first" in props["bank_key"].error_message
+    )
+
+    props = inputs_of("build_memory_bank", dataset)
+    assert props["gt_field"].default == "gt" and props["tag"].default == "reference"
+    assert "References found per class" in props["found"].view.label
+    assert not any(p.invalid for p in props.values())
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "build_memory_bank",
+            {"gt_field": "gt", "reference_mode": "label_tag", "tag": "reference", "overwrite": False},
+        ),
+        ("segment_by_reference", {"bank_key": "references", "pred_field": "ntt_predictions", "num_shards": 1}),
+        ("boxes_to_masks", {"in_field": "gt", "in_place": False, "out_field": "gt_masks"}),
+        (
+            "evaluate_by_reference",
+            {"pred_field": "pred", "gt_field": "gt", "eval_key": "eval_ntt", "exclude_references": True},
+        ),
+        ("export_memory_bank", {"bank_key": "references"}),
+        ("import_memory_bank", {"bank_key": "imported", "overwrite": False}),
+        ("delete_memory_bank", {"bank_key": "references"}),
+    ],
+)
+def test_every_form_resolves_headless_with_defaults(segmented, name, expected):
+    props = inputs_of(name, segmented)
+    assert {key: props[key].default for key in expected} == expected
+    invalid = {key: prop.error_message for key, prop in props.items() if prop.invalid}
+    if name == "build_memory_bank":  # the default name is taken by the bank built above
+        assert invalid == {
+            "bank_key": "memory bank 'references' already exists: choose another name or allow overwriting it"
+        }
+    else:
+        assert invalid == {}
+
+
+def test_selected_labels_are_references(dataset, models):
+    chosen = [d for d in dataset.first().gt.detections[:2]]
+    selected = [
+        {"label_id": d.id, "sample_id": dataset.first().id, "field": "gt", "frame_number": None} for d in chosen
+    ]
+    result = run(
+        "build_memory_bank",
+        dataset,
+        dict(gt_field="gt", reference_mode="label_ids", **models),
+        selected_labels=selected,
+    )
+    bank = result.result["report"]
+    assert sum(bank["counts"].values()) == 2 and set(bank["counts"]) == {d.label for d in chosen}
+
+
+BAD_PARAMS = [
+    (
+        "build_memory_bank",
+        dict(gt_field="gt", tag="nothing"),
+        "tag",
+        "no reference found: no label of 'gt' is tagged 'nothing'",
+    ),
+    ("build_memory_bank", dict(gt_field="gt", bank_key="my bank"), "bank_key", "memory bank name 'my bank' is invalid"),
+    (
+        "build_memory_bank",
+        dict(gt_field="gt", classes=["unicorn"]),
+        "tag",
+        "no reference found: no label of 'gt' is tagged 'reference' among classes 'unicorn'",
+    ),
+    ("build_memory_bank", dict(gt_field="gt", max_per_class=0), "max_per_class", "Value must be greater than 1"),
+    (
+        "segment_by_reference",
+        dict(bank_key="references", pred_field="gt"),
+        "pred_field",
+        "'gt' is a ground-truth field",
+    ),
+    (
+        "segment_by_reference",
+        dict(bank_key="references", pred_field="filepath"),
+        "pred_field",
+        "output field name 'filepath' is reserved",
+    ),
+    ("segment_by_reference", dict(bank_key="references", pred_field="old"), "pred_field", "field 'old' already exists"),
+    (
+        "segment_by_reference",
+        dict(bank_key="references", score_threshold=1.5),
+        "score_threshold",
+        "Value must be less than 1",
+    ),
+    ("segment_by_reference", dict(bank_key="nope"), "bank_key", "Invalid enum value"),
+    (
+        "evaluate_by_reference",
+        dict(pred_field="old", eval_key="bad-key"),
+        "eval_key",
+        "evaluation key 'bad-key' is invalid",
+    ),
+    (
+        "boxes_to_masks",
+        dict(in_field="gt", in_place=True),
+        "in_place_problem",
+        "'gt' is a ground-truth field: write to a new field",
+    ),
+    (
+        "import_memory_bank",
+        dict(directory="/nowhere", bank_key="references"),
+        "bank_key",
+        "memory bank 'references' already exists",
+    ),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("name", "params", "path", "reason"), BAD_PARAMS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_PARAMS)]
+)
+def test_bad_params_are_form_errors_and_change_nothing(dataset, models, name, params, path, reason):
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    dataset.set_values("old", [fo.Detections() for _ in range(len(dataset))])
+    gt_before, fields, runs = field_documents(dataset, "gt"), set(dataset.get_field_schema()), dataset.list_runs()
+    with pytest.raises(ExecutionError, match=re.escape(f"Validation error. Path: {path}. Reason: {reason}")):
+        run(name, dataset, {**params, **models})
+    assert field_documents(dataset, "gt") == gt_before
+    assert set(dataset.get_field_schema()) == fields and dataset.list_runs() == runs
+
+
+@pytest.mark.bad_input
+def test_empty_target_and_missing_library_are_form_errors(dataset, monkeypatch):
+    props = inputs_of("boxes_to_masks", dataset.match_tags("no-such-tag"))
+    assert props["target_problem"].invalid
+    assert props["target_problem"].error_message == "the target view is empty: nothing to process"
+
+    for name in [m for m in sys.modules if m == "ntt_core" or m.startswith("ntt_core.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    props = inputs_of("segment_by_reference", dataset)
+    assert props["library_missing"].invalid
+    assert "the ntt_core library is not importable" in props["library_missing"].error_message
+    assert "pip install" in props["library_missing"].error_message
