@@ -14,7 +14,7 @@ from pathlib import Path
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-INSTALL_HINT = "install the library with `pip install -e <repository>` (or `pip install -r plugin/requirements.txt`) in the environment that runs FiftyOne"
+INSTALL_HINT = "install the library with `pip install -e <repository>` (or `pip install -r requirements.txt`) in the environment that runs FiftyOne"
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
 

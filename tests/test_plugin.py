@@ -97,6 +97,17 @@ def test_the_plugin_lists_without_importing_torch():
     assert PLUGIN in listed.stdout
 
 
+def test_fiftyone_finds_the_plugin_requirements():
+    import fiftyone.plugins as fop
+
+    from packaging.requirements import Requirement
+
+    requirements = fop.load_plugin_requirements(PLUGIN)
+    assert requirements is not None
+    assert {"torch", "transformers", "fiftyone", "pycocotools"} <= {Requirement(line).name for line in requirements}
+    fop.ensure_plugin_requirements(PLUGIN, error_level=0)  # raises if one is not satisfied here
+
+
 def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
     gt_before = field_documents(dataset, "gt")
     build = foo.get_operator(uri("build_memory_bank"))

@@ -193,7 +193,7 @@ def test_constraints_pin_versions_inside_pyproject_ranges():
 
 
 def test_plugin_requirements_are_the_project_dependencies():
-    path = REPO / "plugin" / "requirements.txt"
+    path = REPO / "requirements.txt"
     lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
     listed = _requirements(line for line in lines if line)
     project = _pyproject()["project"]
