@@ -13,6 +13,7 @@ never in the library. Does not need fiftyone.
     python benchmarks/speed.py --device cpu --json            # small sizes, finishes in minutes
     python benchmarks/speed.py --device cuda --json           # the paper's settings
     python benchmarks/speed.py --device cuda --survivors 100 400 1024 --scaling --json
+    python benchmarks/speed.py --images 1 --warmup 0 --image-size 10000x10000 --survivors 100 --json  # large images
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ DINOV2_DEPTHS = {
 }
 DINOV2_INPUT = 518
 SCALING = ((1, 1), (1, 10), (1, 30), (20, 1), (80, 1), (80, 30))  # (classes, shots)
+DRAW_SIDE = 2048  # generated scenes larger than this are drawn at this size and enlarged
 #: What each device runs unless told otherwise: CPU gets small sizes so a run takes minutes.
 DEFAULTS = {
     "cpu": {
@@ -321,14 +323,18 @@ def instrumented(predictor: Predictor, timer: StageTimer, survivors: torch.Tenso
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int], seed: int) -> list[Path]:
-    """``count`` synthetic scenes of ``size`` (H, W) as JPEG files."""
+    """``count`` synthetic scenes of ``size`` (H, W) as JPEG files; scenes with a side over
+    :data:`DRAW_SIDE` are drawn at that scale and enlarged (drawing them full size takes minutes)."""
     from PIL import Image
 
+    height, width = size
+    shrink = max(1.0, max(size) / DRAW_SIDE)
+    drawn = (max(16, round(height / shrink)), max(16, round(width / shrink)))
     paths = []
     for index in range(count):
-        scene = make_scene(np.random.default_rng([seed, index]), size=size)
+        image = Image.fromarray(make_scene(np.random.default_rng([seed, index]), size=drawn).image)
         path = folder / f"{index:05d}.jpg"
-        Image.fromarray(scene.image).save(path, quality=90)
+        (image if drawn == size else image.resize((width, height), Image.BICUBIC)).save(path, quality=90)
         paths.append(path)
     return paths
 
@@ -548,6 +554,8 @@ def run(args: argparse.Namespace) -> dict:
         report.update(measure(predictor, paths, args.batch_size, args.warmup, timer, first))
         report["peak_host_mb"] = peak_host_mb(since_reset=False)
         report["peak_host_run_mb"] = peak_host_mb(since_reset=True) if resettable else None
+        height, width = args.image_size  # what the candidates of one image would take as full-size bool masks:
+        report["full_size_masks_mb"] = report["candidates"]["after_nms"] * height * width / 2**20
         report["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         if len(survivor_sets) > 1:
             report["survivor_rows"] = [{"survivors": args.survivors[0], **_row(report)}] + [
@@ -592,6 +600,9 @@ def print_report(report: dict) -> None:
     run_peak = f"{report['peak_host_run_mb']:.0f} MiB" if report["peak_host_run_mb"] is not None else "-"
     print(
         f"peak host memory {report['peak_host_mb']:.0f} MiB (while predicting {run_peak}), peak device memory {device_peak}"
+    )
+    print(
+        f"the candidates after NMS as full-size bool masks would take {report['full_size_masks_mb']:.0f} MiB per image"
     )
     for key, label in (("survivor_rows", "survivors"), ("scaling", "classes x shots")):
         for row in report.get(key, []):

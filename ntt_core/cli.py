@@ -4,6 +4,7 @@
     ntt build-memory --references refs.json --images DIR --out BANK_DIR
     ntt predict --memory BANK_DIR --images DIR [--targets T.json] --out results.json
     ntt evaluate --targets T.json --results results.json [--classes few-shot]
+    ntt demo [--offline]      (the whole job on a small dataset, in FiftyOne; see ntt_core.demo)
 
 Bad input ends with exit status 2 and one line, ``ntt: error: <reason>``.
 """
@@ -178,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assess.add_argument("--out", type=Path, help="also write the metrics as json here")
     assess.set_defaults(command=run_evaluate)
+
+    from .demo import add_parser
+
+    add_parser(commands, formatter)
     return parser
 
 
@@ -377,11 +382,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     report = evaluate(truth, args.results, categories)
     names = {category["id"]: category["name"] for category in truth["categories"]}
     print(f"classes ({len(report['categories'])}): {', '.join(names[c] for c in report['categories'])}")
-    print("      " + "".join(f"{name:>7}" for name in METRIC_NAMES))
-    for iou_type in ("bbox", "segm"):
-        if iou_type in report:
-            cells = "".join(f"{100 * v:7.1f}" if v >= 0 else f"{'-':>7}" for v in report[iou_type].values())
-            print(f"{iou_type:<6}{cells}")
+    print_metrics(report)
     for note in report["notes"]:
         print(f"note: {note}")
     if args.out is not None:
@@ -389,6 +390,15 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 # --- helpers ---
+
+
+def print_metrics(report: dict) -> None:
+    """A table of the bbox and segm metrics of ``report`` (those present and not None), in percent."""
+    print("      " + "".join(f"{name:>7}" for name in METRIC_NAMES))
+    for iou_type in ("bbox", "segm"):
+        if report.get(iou_type):
+            cells = "".join(f"{100 * v:7.1f}" if v >= 0 else f"{'-':>7}" for v in report[iou_type].values())
+            print(f"{iou_type:<6}{cells}")
 
 
 class _CountingEncoder:

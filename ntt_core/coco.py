@@ -352,10 +352,37 @@ def encode_mask(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def encode_crop(crop: np.ndarray, box: Sequence[int], image_size: tuple[int, int]) -> dict:
+    """A mask given by its crop ``[y1 - y0, x1 - x0]`` at the end-exclusive ``box`` (x0, y0, x1, y1)
+    of an image of ``image_size`` (H, W) -> the compressed RLE of the full-size mask, which is never built.
+
+    RLE runs alternate background and foreground in column-major order: the runs come from each
+    crop column padded with background above and below; a run that ends at the image's bottom
+    edge joins one that starts at the top of the next column.
+    """
+    height, width = (int(v) for v in image_size)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    crop = np.asarray(crop, dtype=bool)
+    if crop.shape != (y1 - y0, x1 - x0) or not (0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height):
+        raise ValueError(f"mask crop of shape {crop.shape} does not fit box {box} in a {width}x{height} image")
+    padded = np.zeros((crop.shape[0] + 2, crop.shape[1]), dtype=np.int8)
+    padded[1:-1] = crop
+    columns, rows = np.nonzero(np.diff(padded, axis=0).T)  # per column, in order: run start, run end, ...
+    edges = (x0 + columns).astype(np.int64) * height + y0 + rows
+    joined = np.flatnonzero(edges[1:-1:2] == edges[2::2])  # end of run i == start of run i + 1
+    edges = np.delete(edges, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+    counts = np.diff(np.concatenate([[0], edges, [height * width]]))
+    if len(counts) > 1 and counts[-1] == 0:  # a last run that reaches the end has no background after it
+        counts = counts[:-1]
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
 def instances_to_coco_results(instances: Instances, image_id, category_ids: Mapping[str, int]) -> list[dict]:
     """COCO result dicts (RLE segmentation, bbox [x, y, w, h], score, category_id) of one image.
 
-    ``category_ids`` maps class name -> category id. Full-size masks are built one at a time.
+    ``category_ids`` maps class name -> category id. Masks are encoded from their crops: no
+    full-size mask is built.
     """
     missing = sorted(set(instances.class_names) - set(category_ids))
     if missing:
@@ -367,7 +394,7 @@ def instances_to_coco_results(instances: Instances, image_id, category_ids: Mapp
             "category_id": category_ids[instances.class_names[int(instances.labels[i])]],
             "bbox": [float(v) for v in boxes[i]],
             "score": float(instances.scores[i]),
-            "segmentation": encode_mask(instances.full_mask(i)),
+            "segmentation": encode_crop(instances.masks[i], instances.boxes[i], instances.image_size),
         }
         for i in range(len(instances))
     ]

@@ -1,4 +1,5 @@
-"""The FiftyOne side of the method; the only module of ``ntt_core`` that imports ``fiftyone``.
+"""The FiftyOne side of the method (with :mod:`ntt_core.fiftyone_review` for the review loop, and the
+demo, the only modules of ``ntt_core`` that import ``fiftyone``).
 
 References come out of a dataset's ground truth, memory banks live in the dataset as runs,
 predictions go back in as ``fo.Detections`` (one atomic write per sample), and evaluation runs
@@ -169,8 +170,10 @@ def reference_view(
 
     ``mode``: ``label_tag`` (labels tagged ``tag``), ``sample_tag`` (every label of the chosen
     classes in samples tagged ``tag``) or ``label_ids`` (explicit label ids, e.g. the App's
-    selection). ``classes`` keeps those classes only.
+    selection). ``classes`` keeps those classes only. Only image collections (patches: their
+    images) can hold references.
     """
+    samples, _ = image_collection(samples)
     check_detections_field(samples, gt_field, "ground-truth field")
     if mode == "label_tag":
         view = samples.select_labels(tags=tag, fields=gt_field, omit_empty=True)
@@ -219,7 +222,6 @@ def collect_references(
 
     if max_per_class is not None and max_per_class < 1:
         raise FiftyOneAdapterError(f"max_per_class must be at least 1, got {max_per_class}")
-    samples, _ = image_collection(samples)
     view = reference_view(samples, gt_field, mode=mode, tag=tag, label_ids=label_ids, classes=classes)
     selection = ReferenceSelection()
     for sample_id, filepath, labels in zip(*view.values(["id", "filepath", gt_field])):
@@ -301,16 +303,22 @@ def pixel_box(bounding_box, image_size: tuple[int, int]) -> tuple[int, int, int,
     return x0, y0, x1, y1
 
 
-def place_mask(crop: np.ndarray, box: tuple[int, int, int, int], image_size: tuple[int, int]) -> np.ndarray:
-    """An instance mask cropped to ``box`` (any size: resized nearest to the box) -> ``[H, W]`` bool."""
+def fit_mask(crop: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """An instance mask stored for ``box`` (any size: resized nearest to the box) -> ``[y1 - y0, x1 - x0]`` bool."""
     x0, y0, x1, y1 = box
     crop = np.asarray(crop)
     if crop.ndim == 3:
         crop = crop[..., 0]
     if crop.shape != (y1 - y0, x1 - x0):
         crop = np.asarray(Image.fromarray(crop.astype(np.uint8) * 255).resize((x1 - x0, y1 - y0), Image.NEAREST))
+    return crop > 0
+
+
+def place_mask(crop: np.ndarray, box: tuple[int, int, int, int], image_size: tuple[int, int]) -> np.ndarray:
+    """An instance mask cropped to ``box`` (see :func:`fit_mask`) -> ``[H, W]`` bool."""
+    x0, y0, x1, y1 = box
     full = np.zeros(image_size, dtype=bool)
-    full[y0:y1, x0:x1] = crop > 0
+    full[y0:y1, x0:x1] = fit_mask(crop, box)
     return full
 
 
@@ -462,20 +470,26 @@ def build_dataset_memory_bank(
 ) -> dict:
     """Collect references, describe them, store the bank as run ``key``; returns a report
     ``{"key", "classes", "counts", "skipped"}``."""
-    from .memory_bank import build_memory_bank
+    from .memory_bank import ReferenceError, build_memory_bank
 
     dataset = samples._root_dataset
     check_bank_key(dataset, key, overwrite)
     selection = collect_references(samples, gt_field, mode, tag, label_ids, classes, max_per_class)
     total = len(selection.images)
-    bank = build_memory_bank(
-        selection.images,
-        encoder,
-        segmenter,
-        settings=settings,
-        classes=list(classes) if classes else None,
-        progress=None if progress is None else (lambda done: progress(done, total)),
-    )
+    try:
+        bank = build_memory_bank(
+            selection.images,
+            encoder,
+            segmenter,
+            settings=settings,
+            classes=list(classes) if classes else None,
+            progress=None if progress is None else (lambda done: progress(done, total)),
+        )
+    except ReferenceError as error:  # say why the labels left out here could not be used either
+        if not selection.skipped:
+            raise
+        reasons = "; ".join(f"{s['reference_id']} ({s['class_name']}): {s['reason']}" for s in selection.skipped)
+        raise ReferenceError(f"{error}. Unusable in '{gt_field}': {reasons}") from None
     bank.skipped = selection.skipped + bank.skipped
     source = {
         "gt_field": gt_field,
@@ -671,6 +685,7 @@ def start_sharded_prediction(
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    _check_shard_count(num_shards)
     check_output_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     load_memory_bank(dataset, bank_key).check_encoder(encoder)
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
@@ -678,11 +693,15 @@ def start_sharded_prediction(
     return plan_shards(samples, pred_field, num_shards)
 
 
+def _check_shard_count(num_shards: int) -> None:
+    if num_shards < 1:
+        raise FiftyOneAdapterError(f"number of shards must be at least 1, got {num_shards}")
+
+
 def plan_shards(samples, pred_field: str, num_shards: int) -> list[list[str]]:
     """Split the samples of ``samples`` still lacking ``pred_field`` into up to ``num_shards``
     contiguous lists of sample ids (none empty)."""
-    if num_shards < 1:
-        raise FiftyOneAdapterError(f"number of shards must be at least 1, got {num_shards}")
+    _check_shard_count(num_shards)
     samples, _ = image_collection(samples)
     todo = samples.exists(pred_field, False) if samples.has_field(pred_field) else samples
     ids = todo.values("id")
@@ -755,7 +774,7 @@ def boxes_to_masks(
     ``out_field``; ``out_field=None`` or equal to ``in_field`` writes in place, which is refused
     for ground-truth fields. Returns ``{"field", "filled", "kept", "failed", "samples"}``.
     """
-    from .memory_bank import box_to_mask
+    from .memory_bank import box_mask_crops
 
     samples, _ = image_collection(samples)
     dataset = samples._root_dataset
@@ -782,7 +801,7 @@ def boxes_to_masks(
             except ImageError as error:
                 report["failed"].append({"sample_id": sample_id, "reason": str(error)})
                 continue
-            _fill_masks(todo, image, segmenter, box_to_mask, report)
+            _fill_masks(todo, image, segmenter, box_mask_crops, report)
         dataset.set_values(out_field, {sample_id: fo.Detections(detections=copies)}, key_field="id")
         report["samples"] += 1
         if progress is not None:
@@ -790,7 +809,7 @@ def boxes_to_masks(
     return report
 
 
-def _fill_masks(detections: list, image: np.ndarray, segmenter, box_to_mask, report: dict) -> None:
+def _fill_masks(detections: list, image: np.ndarray, segmenter, box_mask_crops, report: dict) -> None:
     size = image.shape[:2]
     boxes = [pixel_box(det.bounding_box, size) for det in detections]
     usable = [(det, box) for det, box in zip(detections, boxes) if box is not None]
@@ -801,9 +820,8 @@ def _fill_masks(detections: list, image: np.ndarray, segmenter, box_to_mask, rep
             )
     if not usable:
         return
-    masks = box_to_mask(segmenter, image, [box for _, box in usable])
-    for (det, (x0, y0, x1, y1)), mask in zip(usable, masks):
-        crop = mask[y0:y1, x0:x1]
+    crops = box_mask_crops(segmenter, image, [box for _, box in usable])
+    for (det, _), crop in zip(usable, crops):
         if crop.any():
             det.mask = crop
             report["filled"] += 1
@@ -863,6 +881,11 @@ def evaluate(
     if len(view) == 0:
         raise FiftyOneAdapterError("no sample left to evaluate (the view is empty once reference samples are excluded)")
     absent = sorted(set(classes) - set(view.distinct(f"{gt_field}.detections.label")))
+    if len(absent) == len(set(classes)):
+        raise FiftyOneAdapterError(
+            f"none of the class(es) {', '.join(map(repr, absent))} has ground truth in '{gt_field}' among the "
+            "evaluated samples: AP is undefined; evaluate against a field and samples that annotate them"
+        )
     if absent:
         notes.append(f"class(es) {', '.join(map(repr, absent))} have no ground truth in the evaluated samples")
     if use_masks and _has_box_only(view, gt_field):
@@ -927,7 +950,7 @@ def _has_box_only(view, gt_field: str) -> bool:
 def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[str]) -> dict:
     """pycocotools bbox and segm metrics of ``pred_field`` against ``gt_field`` on ``view``
     (see :func:`ntt_core.coco.evaluate`); images whose size cannot be read are left out, with a note."""
-    from .coco import encode_mask, evaluate
+    from .coco import encode_crop, evaluate
 
     category = {name: i + 1 for i, name in enumerate(classes)}
     images, annotations, results, unreadable = [], [], [], []
@@ -939,12 +962,17 @@ def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[
             continue
         images.append({"id": image_id, "file_name": path, "height": size[0], "width": size[1]})
         for label in truth.detections if truth else []:
-            entry = _coco_entry(label, size, encode_mask)
+            entry = _coco_entry(label, size, encode_crop)
             if entry is not None and label.label in category:
-                entry.update(id=len(annotations) + 1, image_id=image_id, category_id=category[label.label], iscrowd=0)
+                crowd = (
+                    int(bool(label.get_field("iscrowd"))) if label.has_field("iscrowd") else 0
+                )  # COCO imports keep it
+                entry.update(
+                    id=len(annotations) + 1, image_id=image_id, category_id=category[label.label], iscrowd=crowd
+                )
                 annotations.append(entry)
         for label in predicted.detections if predicted else []:
-            entry = _coco_entry(label, size, encode_mask)
+            entry = _coco_entry(label, size, encode_crop)
             if entry is not None and label.label in category:
                 entry.update(image_id=image_id, category_id=category[label.label], score=float(label.confidence or 0.0))
                 results.append(entry)
@@ -961,7 +989,7 @@ def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[
     return report
 
 
-def _coco_entry(label, size: tuple[int, int], encode_mask) -> dict | None:
+def _coco_entry(label, size: tuple[int, int], encode_crop) -> dict | None:
     box = pixel_box(label.bounding_box, size)
     if box is None:
         return None
@@ -969,7 +997,7 @@ def _coco_entry(label, size: tuple[int, int], encode_mask) -> dict | None:
     entry = {"bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
     crop = label.get_mask()
     if crop is not None:
-        entry["segmentation"] = encode_mask(place_mask(crop, box, size))
+        entry["segmentation"] = encode_crop(fit_mask(crop, box), box, size)
     return entry
 
 

@@ -21,6 +21,10 @@ def load_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             return as_rgb_array(image, name=str(path))
+    except Image.DecompressionBombError as error:
+        raise ImageError(
+            f"{path}: too large to decode safely ({error}); if the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageError(f"{path}: unreadable or corrupt image ({error})") from None
 

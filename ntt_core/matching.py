@@ -46,18 +46,32 @@ def score_classes(
     has_negative: torch.Tensor | None = None,
     temperature: float = 0.8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 class of each candidate by cosine similarity to the class prototypes, clamped at 0.
+    """Top-1 class of each candidate by :func:`class_similarity`: scores ``[N]``, labels ``[N]``."""
+    return class_similarity(descriptors, prototypes, negative_prototypes, has_negative, temperature).max(dim=1)
 
-    descriptors ``[N, C]`` L2-normalised, prototypes ``[K, C]`` L2-normalised -> scores ``[N]``,
-    labels ``[N]``. Where a class has negative references, its similarity is damped:
-    s = s_pos * exp(-max(0, s_neg - s_pos) / temperature).
+
+def class_similarity(
+    descriptors: torch.Tensor,
+    prototypes: torch.Tensor,
+    negative_prototypes: torch.Tensor | None = None,
+    has_negative: torch.Tensor | None = None,
+    temperature: float = 0.8,
+) -> torch.Tensor:
+    """Cosine similarity of each candidate to each class prototype, clamped at 0.
+
+    descriptors ``[N, C]`` L2-normalised, prototypes ``[K, C]`` L2-normalised -> ``[N, K]``.
+    Where a class has negative references, its similarity is damped (see :func:`negative_damping`).
     """
     similarity = (descriptors @ prototypes.T).clamp(min=0.0)  # [N, K]
     if negative_prototypes is not None and has_negative is not None:
-        negative = descriptors @ negative_prototypes.T
-        damping = torch.exp(-(negative - similarity).clamp(min=0.0) / temperature)
-        similarity = torch.where(has_negative[None, :], similarity * damping, similarity)
-    return similarity.max(dim=1)
+        damped = negative_damping(similarity, descriptors @ negative_prototypes.T, temperature)
+        similarity = torch.where(has_negative[None, :], damped, similarity)
+    return similarity
+
+
+def negative_damping(similarity: torch.Tensor, negative_similarity: torch.Tensor, temperature: float) -> torch.Tensor:
+    """s = s_pos * exp(-max(0, s_neg - s_pos) / temperature), elementwise."""
+    return similarity * torch.exp(-(negative_similarity - similarity).clamp(min=0.0) / temperature)
 
 
 def best_references(

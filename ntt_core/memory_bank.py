@@ -17,6 +17,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .images import as_rgb_array, load_image
+from .merging import crop_masks
 from .models import FeatureEncoder, PromptSegmenter
 from .settings import Settings
 
@@ -277,21 +278,28 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
 
 
-def build_memory_bank(
+@dataclass
+class DescribedReferences:
+    """Descriptors of usable reference instances, in input order, and the instances skipped."""
+
+    descriptors: torch.Tensor  # [N, C] float32, mask-weighted mean patch features (not normalised)
+    instances: list[ReferenceInstance]  # [N]
+    image_ids: list[str]  # [N]
+    skipped: list[dict]  # {"reference_id", "class_name", "reason"}
+
+
+def describe_references(
     references: Iterable[ReferenceImage],
     encoder: FeatureEncoder,
     segmenter: PromptSegmenter | None = None,
     settings: Settings | None = None,
-    classes: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
-) -> MemoryBank:
-    """Describe every reference instance with the encoder and collect them into a bank.
+) -> DescribedReferences:
+    """Describe every usable reference instance with the encoder (stage 1 of the method).
 
     Box-only references get their mask from the segmenter's box prompt. Instances that cannot
-    be used (empty mask, no mask and no box, box outside the image) are skipped and listed in
-    ``bank.skipped``; a class left without any positive reference is an error. ``classes`` fixes
-    the class order (default: order of first appearance). ``progress`` is called with the number
-    of reference images done.
+    be used (empty mask, no mask and no box, box outside the image, empty at the patch grid) are
+    skipped with the reason. ``progress`` is called with the number of reference images done.
     """
     settings = settings or Settings()
     size = encoder.input_size
@@ -305,9 +313,7 @@ def build_memory_bank(
         for instance in reference.instances:
             mask, reason = _reference_mask(instance, image, segmenter)
             if mask is None:
-                skipped.append(
-                    {"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": reason}
-                )
+                skipped.append(_skipped(instance, reason))
                 continue
             box = mask_box(mask > 0) if instance.box is None else instance.box
             x0, y0, x1, y1 = reference_crop_box(box, (height, width), settings.context_ratio)
@@ -316,7 +322,7 @@ def build_memory_bank(
             crops.append(resize_image(pixels[:, :, y0:y1, x0:x1], (size, size), "bicubic")[0])
             crop_mask = torch.from_numpy(mask[y0:y1, x0:x1].astype(np.float32))[None, None]
             masks.append(F.interpolate(crop_mask, size=(size, size), mode="bilinear", align_corners=False)[0, 0])
-            meta.append((instance, reference.image_id))
+            meta.append((instance, str(reference.image_id)))
         if progress is not None:
             progress(done)
 
@@ -325,37 +331,61 @@ def build_memory_bank(
         d, t = describe_crops(encoder, torch.stack(crops[start : start + 16]), torch.stack(masks[start : start + 16]))
         descriptors.append(d)
         totals.append(t)
-    descriptors = torch.cat(descriptors) if descriptors else torch.zeros(0, 0)
     totals = torch.cat(totals) if totals else torch.zeros(0)
-
     kept = []
     for row, (instance, _) in enumerate(meta):
         if totals[row] <= 0:
-            skipped.append(
-                {
-                    "reference_id": instance.reference_id,
-                    "class_name": instance.class_name,
-                    "reason": "mask is empty at the encoder's patch grid",
-                }
-            )
+            skipped.append(_skipped(instance, "mask is empty at the encoder's patch grid"))
         else:
             kept.append(row)
-    positive_classes = list(dict.fromkeys(meta[row][0].class_name for row in kept if not meta[row][0].negative))
+    descriptors = torch.cat(descriptors)[kept].float() if kept else torch.zeros(0, 0)
+    return DescribedReferences(
+        descriptors=descriptors,
+        instances=[meta[row][0] for row in kept],
+        image_ids=[meta[row][1] for row in kept],
+        skipped=skipped,
+    )
+
+
+def _skipped(instance: ReferenceInstance, reason: str) -> dict:
+    return {"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": reason}
+
+
+def build_memory_bank(
+    references: Iterable[ReferenceImage],
+    encoder: FeatureEncoder,
+    segmenter: PromptSegmenter | None = None,
+    settings: Settings | None = None,
+    classes: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> MemoryBank:
+    """Describe every reference instance with the encoder and collect them into a bank.
+
+    Box-only references get their mask from the segmenter's box prompt. Instances that cannot
+    be used (see :func:`describe_references`) are skipped and listed in ``bank.skipped``; a
+    class left without any positive reference is an error. ``classes`` fixes the class order
+    (default: order of first appearance). ``progress`` is called with the number of reference
+    images done.
+    """
+    settings = settings or Settings()
+    described = describe_references(references, encoder, segmenter, settings, progress)
+    instances, skipped = described.instances, described.skipped
+    positive_classes = list(dict.fromkeys(instance.class_name for instance in instances if not instance.negative))
     class_names = list(classes) if classes is not None else positive_classes
     missing = [name for name in class_names if name not in positive_classes]
     if missing or not class_names:
         reasons = "; ".join(f"{s['reference_id'] or '?'} ({s['class_name']}): {s['reason']}" for s in skipped)
         what = f"no usable reference for class(es) {', '.join(missing)}" if missing else "no usable reference at all"
         raise ReferenceError(what + (f". Skipped: {reasons}" if reasons else ""))
-    kept = [row for row in kept if meta[row][0].class_name in class_names]
+    kept = [row for row, instance in enumerate(instances) if instance.class_name in class_names]
     lookup = {name: i for i, name in enumerate(class_names)}
     return MemoryBank(
         classes=class_names,
-        descriptors=descriptors[kept].float() if kept else torch.zeros(0, 0),
-        class_index=torch.tensor([lookup[meta[row][0].class_name] for row in kept], dtype=torch.int64),
-        negative=torch.tensor([meta[row][0].negative for row in kept], dtype=torch.bool),
-        reference_ids=[meta[row][0].reference_id for row in kept],
-        image_ids=[str(meta[row][1]) for row in kept],
+        descriptors=described.descriptors[kept] if kept else torch.zeros(0, 0),
+        class_index=torch.tensor([lookup[instances[row].class_name] for row in kept], dtype=torch.int64),
+        negative=torch.tensor([instances[row].negative for row in kept], dtype=torch.bool),
+        reference_ids=[instances[row].reference_id for row in kept],
+        image_ids=[described.image_ids[row] for row in kept],
         encoder_id=encoder.model_id,
         encoder_fingerprint=encoder.fingerprint,
         encoder_input_size=encoder.input_size,
@@ -387,8 +417,8 @@ def _reference_mask(
     return box_to_mask(segmenter, image, [instance.box])[0].astype(np.float32), ""
 
 
-def box_to_mask(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
-    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> ``[N, H, W]`` bool masks at image size."""
+def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> low-resolution mask logits ``[N, m, m]`` float32."""
     height, width = image.shape[:2]
     frame = segmenter.input_size
     pixels = resize_image(image_tensor(image), (frame, frame), "bilinear")
@@ -396,5 +426,21 @@ def box_to_mask(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[S
     scale = torch.tensor([frame / width, frame / height, frame / width, frame / height])
     prompts = torch.as_tensor(np.asarray(boxes, dtype=np.float32)) * scale
     logits, _ = segmenter.segment_boxes(features, prompts[None])  # [1, N, m, m]
-    full = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    return logits[0].float()
+
+
+def box_to_mask(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> ``[N, H, W]`` bool masks at image size."""
+    logits = _box_logits(segmenter, image, boxes)
+    full = F.interpolate(logits[:, None], size=image.shape[:2], mode="bilinear", align_corners=False)[:, 0]
     return (full > 0).cpu().numpy()
+
+
+def box_mask_crops(
+    segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[tuple[int, int, int, int]]
+) -> list[np.ndarray]:
+    """SAM2 box prompts at integer end-exclusive boxes -> each mask cut to its own box, ``[y1 - y0, x1 - x0]``
+    bool: the pixels :func:`box_to_mask` gives inside the box, without any full-size mask."""
+    logits = _box_logits(segmenter, image, boxes)
+    windows = torch.as_tensor(np.asarray(boxes, dtype=np.int64).reshape(-1, 4), device=logits.device)
+    return crop_masks(logits, windows, image.shape[:2])

@@ -9,12 +9,15 @@ never needs hundreds of full-size masks in memory.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 #: Elements of float32 scratch per chunk of upsampled masks (256 MB).
 CHUNK_ELEMENTS = 1 << 26
+#: Largest side of the square tiles :func:`full_resolution_stats` works in (smaller with many masks).
+TILE_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,15 @@ def window_bounds(low_boxes: torch.Tensor, mask_size: int, image_size: tuple[int
 def full_resolution_stats(
     logits: torch.Tensor, labels: torch.Tensor, windows: torch.Tensor, image_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Areas, tight boxes and same-class intersections of the upsampled masks (logit > 0), computed in
-    row bands without holding the full-size masks.
+    """Areas, tight boxes and same-class intersections of the upsampled masks (logit > 0), computed
+    tile by tile without holding the full-size masks.
 
     logits ``[N, m, m]``, labels ``[N]``, windows ``[N, 4]`` from :func:`window_bounds` ->
     areas ``[N]`` float64, boxes ``[N, 4]`` int64 (x0, y0, x1, y1 end-exclusive; zeros if empty),
     intersections ``[N, N]`` float64 (zero across classes).
+
+    Each square tile upsamples only the masks whose windows reach into it, and only over the part
+    of the tile those windows cover, so the work follows the masks' windows, not the image's size.
     """
     height, width = image_size
     count, device = logits.shape[0], logits.device
@@ -91,29 +97,35 @@ def full_resolution_stats(
     y_max = torch.full((count,), -1, dtype=torch.int64, device=device)
     x_min = torch.full((count,), width, dtype=torch.int64, device=device)
     x_max = torch.full((count,), -1, dtype=torch.int64, device=device)
-    band = max(1, min(height, CHUNK_ELEMENTS // max(1, count * width), (1 << 24) // width))
-    for top in range(0, height, band):
-        bottom = min(height, top + band)
-        active = torch.nonzero((windows[:, 1] < bottom) & (windows[:, 3] > top)).flatten()
-        if active.numel() == 0:
-            continue
-        masks = upsample_window(logits[active], rows, cols, top, bottom, 0, width) > 0  # [A, b, W]
-        flat = masks.flatten(1).float()  # exact: per-band counts stay below 2**24
-        areas[active] += flat.sum(1).double()
-        active_labels = labels[active]
-        for label in torch.unique(active_labels).tolist():  # same-class pairs only
-            members = torch.nonzero(active_labels == label).flatten()
-            if members.numel() > 1:
-                rows_of_class = flat[members]
-                index = active[members]
-                intersections[index[:, None], index[None, :]] += (rows_of_class @ rows_of_class.T).double()
-        in_rows, in_cols = masks.any(dim=2), masks.any(dim=1)  # [A, b], [A, W]
-        row_index = torch.arange(top, bottom, device=device)
-        col_index = torch.arange(width, device=device)
-        y_min[active] = torch.minimum(y_min[active], torch.where(in_rows, row_index, height).min(1).values)
-        y_max[active] = torch.maximum(y_max[active], torch.where(in_rows, row_index, -1).max(1).values)
-        x_min[active] = torch.minimum(x_min[active], torch.where(in_cols, col_index, width).min(1).values)
-        x_max[active] = torch.maximum(x_max[active], torch.where(in_cols, col_index, -1).max(1).values)
+    side = max(1, min(TILE_SIDE, math.isqrt(CHUNK_ELEMENTS // max(1, count))))  # exact float counts: side**2 < 2**24
+    for top in range(0, height, side):
+        in_rows = (windows[:, 1] < top + side) & (windows[:, 3] > top)
+        for left in range(0, width, side):
+            active = torch.nonzero(in_rows & (windows[:, 0] < left + side) & (windows[:, 2] > left)).flatten()
+            if active.numel() == 0:
+                continue
+            reach = windows[active]
+            y0, y1 = max(top, int(reach[:, 1].min())), min(top + side, height, int(reach[:, 3].max()))
+            x0, x1 = max(left, int(reach[:, 0].min())), min(left + side, width, int(reach[:, 2].max()))
+            if y1 <= y0 or x1 <= x0:
+                continue
+            masks = upsample_window(logits[active], rows, cols, y0, y1, x0, x1) > 0  # [A, y1 - y0, x1 - x0]
+            flat = masks.flatten(1).float()
+            areas[active] += flat.sum(1).double()
+            active_labels = labels[active]
+            for label in torch.unique(active_labels).tolist():  # same-class pairs only
+                members = torch.nonzero(active_labels == label).flatten()
+                if members.numel() > 1:
+                    of_class = flat[members]
+                    index = active[members]
+                    intersections[index[:, None], index[None, :]] += (of_class @ of_class.T).double()
+            in_tile_rows, in_tile_cols = masks.any(dim=2), masks.any(dim=1)  # [A, y1 - y0], [A, x1 - x0]
+            row_index = torch.arange(y0, y1, device=device)
+            col_index = torch.arange(x0, x1, device=device)
+            y_min[active] = torch.minimum(y_min[active], torch.where(in_tile_rows, row_index, height).min(1).values)
+            y_max[active] = torch.maximum(y_max[active], torch.where(in_tile_rows, row_index, -1).max(1).values)
+            x_min[active] = torch.minimum(x_min[active], torch.where(in_tile_cols, col_index, width).min(1).values)
+            x_max[active] = torch.maximum(x_max[active], torch.where(in_tile_cols, col_index, -1).max(1).values)
     boxes = torch.stack([x_min, y_min, x_max + 1, y_max + 1], dim=1) * (areas > 0)[:, None]
     return areas, boxes, intersections
 

@@ -28,23 +28,22 @@ class Settings:
     add_no_memory_embedding: bool = False
 
     def __post_init__(self) -> None:
-        checks = {
-            "points_per_side": self.points_per_side >= 1,
-            "prompt_batch_size": self.prompt_batch_size >= 1,
-            "sam_iou_threshold": 0.0 <= self.sam_iou_threshold <= 1.0,
-            "nms_iou_threshold": 0.0 < self.nms_iou_threshold <= 1.0,
-            "pre_merge_keep": self.pre_merge_keep >= 1,
-            "max_detections": self.max_detections >= 1,
-            "soft_merge_exponent": self.soft_merge_exponent >= 0.0,
-            "context_ratio": self.context_ratio >= 0.0,
-            "negative_temperature": self.negative_temperature > 0.0,
-            "score_threshold": 0.0 <= self.score_threshold <= 1.0,
-            "encoder_size": self.encoder_size is None or self.encoder_size >= 1,
+        checks = {  # name -> (valid, the rule)
+            "points_per_side": (self.points_per_side >= 1, ">= 1"),
+            "prompt_batch_size": (self.prompt_batch_size >= 1, ">= 1"),
+            "sam_iou_threshold": (0.0 <= self.sam_iou_threshold <= 1.0, "in [0, 1]"),
+            "nms_iou_threshold": (0.0 < self.nms_iou_threshold <= 1.0, "in (0, 1]"),
+            "pre_merge_keep": (self.pre_merge_keep >= 1, ">= 1"),
+            "max_detections": (self.max_detections >= 1, ">= 1"),
+            "soft_merge_exponent": (0.0 <= self.soft_merge_exponent < float("inf"), ">= 0 and finite"),
+            "context_ratio": (0.0 <= self.context_ratio < float("inf"), ">= 0 and finite"),
+            "negative_temperature": (0.0 < self.negative_temperature < float("inf"), "> 0 and finite"),
+            "score_threshold": (0.0 <= self.score_threshold <= 1.0, "in [0, 1]"),
+            "encoder_size": (self.encoder_size is None or self.encoder_size >= 1, ">= 1 or None"),
         }
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, (ok, rule) in checks.items() if not ok]
         if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-            raise ValueError(f"Invalid settings: {values}")
+            raise ValueError(f"Invalid settings: {', '.join(bad)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

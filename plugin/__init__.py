@@ -6,6 +6,8 @@ them imports neither torch nor the library's model code.
 
 from .evaluation import EvaluateByReference
 from .memory_banks import BuildMemoryBank, DeleteMemoryBank, ExportMemoryBank, ImportMemoryBank
+from .panel import MemoryBanksPanel
+from .review import AddNegativeReferences, AddToMemoryBank, RemoveFromMemoryBank, ShowMatchedReference
 from .segmentation import BoxesToMasks, SegmentByReference
 
 OPERATORS = (
@@ -16,6 +18,11 @@ OPERATORS = (
     ExportMemoryBank,
     ImportMemoryBank,
     DeleteMemoryBank,
+    ShowMatchedReference,
+    AddToMemoryBank,
+    AddNegativeReferences,
+    RemoveFromMemoryBank,
+    MemoryBanksPanel,
 )
 
 

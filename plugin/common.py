@@ -7,6 +7,7 @@ functions that run models, so listing the plugin and resolving forms stay light.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,12 @@ def adapter():
             sys.path.append(str(repo))
             return adapter()
         raise LibraryMissingError(f"the ntt_core library is not importable ({error}); {INSTALL_HINT}") from None
+
+
+def fiftyone_review():
+    """``ntt_core.fiftyone_review`` (the review loop), or a :class:`LibraryMissingError`."""
+    adapter()
+    return importlib.import_module("ntt_core.fiftyone_review")
 
 
 def form(ctx, title: str, build: Callable) -> types.Property:
@@ -106,21 +113,26 @@ def field_choice(inputs, name: str, fields: list[str], label: str, description: 
     return choice(inputs, name, fields, label, description, default, missing="the dataset has no Detections field")
 
 
-def bank_choice(inputs, fa, ctx, name: str = "bank_key"):
-    """A dropdown of the dataset's memory banks."""
+def bank_choice(inputs, fa, ctx, name: str = "bank_key", default: str | None = None):
+    """A dropdown of the dataset's memory banks (default: ``default`` if given, else the first)."""
     banks = fa.list_memory_banks(ctx.dataset)
     missing = "the dataset has no memory bank: run 'Build memory bank' first"
-    return choice(inputs, name, banks, "Memory bank", "A memory bank stored on this dataset", missing=missing)
+    description = "A memory bank stored on this dataset"
+    return choice(inputs, name, banks, "Memory bank", description, default=default, missing=missing)
 
 
 def model_inputs(inputs, segmenter: bool = True, encoder: bool = True) -> None:
-    """SAM2 / DINOv2 sources, device and compute dtype (empty model = the paper's model)."""
+    """SAM2 / DINOv2 sources, device and compute dtype (empty model = the paper's model).
+
+    The model fields start as ``$NTT_SAM2`` / ``$NTT_DINOV2`` of the App server's environment
+    when set (e.g. local folders on an offline server), else empty.
+    """
     if segmenter:
         inputs.str(
             "sam2",
             label="SAM2 model",
             description="Hugging Face hub id, short name (e.g. sam2.1-large) or local folder; empty: the paper's SAM2 Hiera-L",
-            default="",
+            default=os.environ.get("NTT_SAM2", ""),
             allow_empty=True,
         )
     if encoder:
@@ -128,7 +140,7 @@ def model_inputs(inputs, segmenter: bool = True, encoder: bool = True) -> None:
             "dinov2",
             label="DINOv2 model",
             description="Hugging Face hub id, short name or local folder; empty: the paper's DINOv2 ViT-L/14",
-            default="",
+            default=os.environ.get("NTT_DINOV2", ""),
             allow_empty=True,
         )
     inputs.enum("device", list(DEVICES), default="auto", label="Device", view=types.Dropdown(label="Device"))

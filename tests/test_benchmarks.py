@@ -11,11 +11,21 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SPEED_KEYS = {"images_per_s", "stages", "device", "dtype", "weights", "peak_host_mb", "peak_device_mb"}
+SPEED_KEYS = {
+    "images_per_s",
+    "stages",
+    "device",
+    "dtype",
+    "weights",
+    "peak_host_mb",
+    "peak_device_mb",
+    "full_size_masks_mb",
+}
 STAGES = {
     "decode",
     "preprocess",
@@ -147,6 +157,20 @@ def test_speed_random_weights(monkeypatch, capsys):
     candidates = report["candidates"]
     assert candidates["proposed"] == 5
     assert candidates["output"] <= candidates["after_nms"] <= 5
+    assert report["full_size_masks_mb"] == pytest.approx(candidates["after_nms"] * 48 * 64 / 2**20)
+
+
+def test_speed_draws_large_scenes_small_and_enlarges_them(tmp_path, monkeypatch):
+    from PIL import Image
+
+    speed = _load("speed")
+    monkeypatch.setattr(speed, "DRAW_SIDE", 40)
+    (small,) = speed.write_images(tmp_path, 1, (30, 40), seed=0)
+    (tmp_path / "large").mkdir()
+    (large,) = speed.write_images(tmp_path / "large", 1, (90, 200), seed=0)
+    assert Image.open(small).size == (40, 30) and Image.open(large).size == (200, 90)
+    pixels = np.asarray(Image.open(large).convert("L"), dtype=np.float64)
+    assert np.abs(np.diff(pixels, axis=1)).mean() < 6  # enlarged 5x: smooth from pixel to pixel
 
 
 def test_speed_survivor_rows_and_bank_scaling(tiny_models, capsys):

@@ -118,6 +118,13 @@ def test_no_reference_found_is_a_clear_error(dataset):
     [
         (fo.Classification(label="disc"), "ground-truth field 'other' holds Classification, not Detections"),
         (fo.Polylines(polylines=[]), "ground-truth field 'other' holds Polylines, not Detections"),
+        (
+            fo.Classifications(classifications=[fo.Classification(label="disc")]),
+            "ground-truth field 'other' holds Classifications, not Detections",
+        ),
+        (fo.Keypoints(keypoints=[]), "ground-truth field 'other' holds Keypoints, not Detections"),
+        (fo.Segmentation(mask=np.zeros((4, 4), dtype=np.uint8)), "ground-truth field 'other' holds Segmentation"),
+        (fo.Detection(label="disc", bounding_box=[0.1, 0.1, 0.2, 0.2]), "ground-truth field 'other' holds Detection,"),
     ],
 )
 def test_wrong_label_type_is_refused(dataset, label, message):
@@ -532,3 +539,21 @@ def test_class_names_that_need_escaping_and_tiny_images(dataset, models, tmp_pat
     assert evaluation["mAP"] > 0.5
     (absent,) = [note for note in evaluation["notes"] if note.endswith("have no ground truth in the evaluated samples")]
     assert "'ghost'" in absent
+
+
+def test_pycocotools_figures_honour_crowd_ground_truth(tmp_path):
+    """A crowd region (COCO's ``iscrowd``, kept by FiftyOne's COCO importer) is not a miss."""
+    path = tmp_path / "image.png"
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(path)
+    square = np.ones((10, 10), dtype=bool)
+    crowd = fo.Detection(label="cat", bounding_box=[0.5, 0.5, 1 / 6, 0.25], mask=square, iscrowd=1)
+    cat = fo.Detection(label="cat", bounding_box=[0.1, 0.1, 1 / 6, 0.25], mask=square, iscrowd=0)
+    predicted = cat.copy()
+    predicted.confidence = 0.9
+    dataset = fo.Dataset()
+    sample = fo.Sample(filepath=str(path), gt=fo.Detections(detections=[cat, crowd]))
+    sample["pred"] = fo.Detections(detections=[predicted])
+    dataset.add_sample(sample)
+    figures = fa.pycocotools_figures(dataset, "pred", "gt", ["cat"])
+    assert figures["segm"]["AP"] == pytest.approx(1.0) and figures["bbox"]["AP"] == pytest.approx(1.0)
+    dataset.delete()

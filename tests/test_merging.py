@@ -37,11 +37,12 @@ def test_windows_contain_every_full_resolution_mask(image_size):
         assert not (mask & ~inside).any()
 
 
-@pytest.mark.parametrize("chunk", [1 << 26, 64])
-def test_full_resolution_stats_equal_naive(monkeypatch, chunk):
+@pytest.mark.parametrize(("chunk", "tile"), [(1 << 26, 1024), (64, 1024), (1 << 26, 16), (1 << 26, 7)])
+def test_full_resolution_stats_equal_naive(monkeypatch, chunk, tile):
     import ntt_core.merging as merging
 
-    monkeypatch.setattr(merging, "CHUNK_ELEMENTS", chunk)  # tiny bands exercise the band loop
+    monkeypatch.setattr(merging, "CHUNK_ELEMENTS", chunk)  # tiny chunks or tiles exercise the tile loop
+    monkeypatch.setattr(merging, "TILE_SIDE", tile)
     image_size = (45, 61)
     logits = random_logits(10, 16, 2)
     keep = (logits > 0).flatten(1).any(1)

@@ -82,3 +82,23 @@ def test_missing_model_names_the_model_and_the_option(tmp_path, monkeypatch):
         load_segmenter("sam2-large", device="cpu")
     with pytest.raises(ModelNotFoundError, match=r"DINOv2 model .*nowhere.*--dinov2"):
         load_encoder(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_bfloat16_path_runs_and_stays_close_to_float32(tiny_models):
+    """The GPU default (bf16 autocast) exercised on CPU: outputs are float32 and near the fp32 ones."""
+    sam2_dir, dinov2_dir = tiny_models
+    fp32 = load_segmenter(str(sam2_dir), device="cpu"), load_encoder(str(dinov2_dir), device="cpu")
+    bf16 = (
+        load_segmenter(str(sam2_dir), device="cpu", dtype="bfloat16"),
+        load_encoder(str(dinov2_dir), device="cpu", dtype="bfloat16"),
+    )
+    torch.manual_seed(0)
+    images, points = torch.rand(1, 3, 128, 128), torch.rand(1, 6, 2) * 128
+    (logits, iou), (logits_bf16, iou_bf16) = (s.segment_points(s.embed(images), points) for s, _ in (fp32, bf16))
+    features, features_bf16 = (
+        e.encode(torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))) for _, e in (fp32, bf16)
+    )
+    assert logits_bf16.dtype == iou_bf16.dtype == features_bf16.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([logits.flatten(), logits_bf16.flatten()]))[0, 1] > 0.99
+    assert torch.corrcoef(torch.stack([features.flatten(), features_bf16.flatten()]))[0, 1] > 0.99
+    assert (iou - iou_bf16).abs().max() < 0.05

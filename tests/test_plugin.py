@@ -77,15 +77,17 @@ def test_the_plugin_lists_without_importing_torch():
     code = (
         "import sys, fiftyone.operators as foo\n"
         f"names = sorted(o.name for o in foo.list_operators() if o.uri.startswith('{PLUGIN}/'))\n"
-        "print(names, 'torch' in sys.modules, 'ntt_core.fiftyone_adapter' in sys.modules)\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'transformers', 'timm', 'sam2') if m in sys.modules]\n"
+        "print(names, heavy, 'ntt_core.fiftyone_adapter' in sys.modules)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120, cwd=REPO
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == (
-        "['boxes_to_masks', 'build_memory_bank', 'delete_memory_bank', 'evaluate_by_reference', "
-        "'export_memory_bank', 'import_memory_bank', 'segment_by_reference'] False False"
+        "['add_negative_references', 'add_to_memory_bank', 'boxes_to_masks', 'build_memory_bank', "
+        "'delete_memory_bank', 'evaluate_by_reference', 'export_memory_bank', 'import_memory_bank', 'memory_banks', "
+        "'remove_from_memory_bank', 'segment_by_reference', 'show_matched_reference'] [] False"
     )
     listed = subprocess.run(
         [Path(sys.executable).parent / "fiftyone", "plugins", "list"],
@@ -99,7 +101,6 @@ def test_the_plugin_lists_without_importing_torch():
 
 def test_fiftyone_finds_the_plugin_requirements():
     import fiftyone.plugins as fop
-
     from packaging.requirements import Requirement
 
     requirements = fop.load_plugin_requirements(PLUGIN)
@@ -372,3 +373,44 @@ def test_empty_target_and_missing_library_are_form_errors(dataset, monkeypatch):
     assert props["library_missing"].invalid
     assert "the ntt_core library is not importable" in props["library_missing"].error_message
     assert "pip install" in props["library_missing"].error_message
+
+
+def test_ground_truth_changes_only_by_evaluation_attributes_after_every_operator(dataset, models, tmp_path):
+    """Every operator, including sharded runs, re-evaluation under the same key and overwriting an
+    evaluated prediction field: ground truth only ever gains ``<eval_key>`` attributes, and deleting
+    the evaluations restores it byte for byte."""
+    sample = dataset.last()
+    sample.gt.detections[-1].mask = None  # a box-only label, for boxes to masks to fill
+    sample.save()
+    before = field_documents(dataset, "gt")
+    op = {name: foo.get_operator(uri(name)) for name in ("build_memory_bank", "segment_by_reference")}
+    evaluate = foo.get_operator(uri("evaluate_by_reference"))
+    steps = [
+        ("build", lambda: op["build_memory_bank"](dataset, "gt", **models)),
+        (
+            "boxes to masks",
+            lambda: foo.get_operator(uri("boxes_to_masks"))(
+                dataset, "gt", "gt_sam2", sam2=models["sam2"], device="cpu"
+            ),
+        ),
+        ("segment", lambda: op["segment_by_reference"](dataset, "references", "pred", **FAST, **models)),
+        ("shards", lambda: op["segment_by_reference"](dataset, "references", "pred2", num_shards=2, **FAST, **models)),
+        ("run shards", lambda: run_queued(dataset)),
+        ("evaluate", lambda: evaluate(dataset, "pred", eval_key="ev")),
+        ("re-evaluate", lambda: evaluate(dataset, "pred2", eval_key="ev", overwrite=True)),
+        ("second key", lambda: evaluate(dataset, "pred", eval_key="ev_b")),
+        (
+            "overwrite",
+            lambda: op["segment_by_reference"](dataset, "references", "pred", overwrite=True, **FAST, **models),
+        ),
+        ("export", lambda: foo.get_operator(uri("export_memory_bank"))(dataset, "references", tmp_path / "bank")),
+        ("import", lambda: foo.get_operator(uri("import_memory_bank"))(dataset, tmp_path / "bank", bank_key="copy")),
+        ("delete bank", lambda: foo.get_operator(uri("delete_memory_bank"))(dataset, "copy")),
+    ]
+    for name, step in steps:
+        step()
+        assert without_eval_attributes(dataset, "gt", "ev") == before, name  # strips "ev" and "ev_b" attributes
+    assert dataset.list_evaluations() == ["ev"]  # overwriting 'pred' dropped 'ev_b', which described it
+    assert dataset.count("gt.detections.ev") > 0  # the evaluation did annotate the ground truth
+    dataset.delete_evaluation("ev")
+    assert field_documents(dataset, "gt") == before

@@ -92,3 +92,16 @@ def test_grayscale_rgba_and_16_bit_images_are_accepted(predictor):
     results = predictor.predict([gray, rgba, deep])
     assert np.array_equal(results[0].boxes, results[1].boxes) and np.array_equal(results[0].boxes, results[2].boxes)
     assert torch.is_tensor(predictor.prototypes)
+
+
+def test_prompt_batch_size_changes_memory_not_results(predictor):
+    """Prompts are decoded independently: one prompt at a time gives the same instances as all at once."""
+    expected = predictor.predict(images())
+    assert sum(len(result) for result in expected) > 0
+    for prompt_batch_size in (1, 9):
+        settings = SETTINGS.replace(prompt_batch_size=prompt_batch_size)
+        other = Predictor(predictor.segmenter, predictor.encoder, predictor.bank, settings).predict(images())
+        for a, b in zip(expected, other):
+            assert np.array_equal(a.boxes, b.boxes) and a.reference_ids == b.reference_ids
+            assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
+            assert np.allclose(a.scores, b.scores, atol=1e-5)

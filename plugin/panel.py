@@ -1,0 +1,248 @@
+"""The Memory banks panel: every bank of the dataset with its models, classes, shots, reference
+thumbnails and leave-one-out threshold suggestions, and buttons for the workflow's actions.
+
+The buttons open the operators' forms pre-filled (``ctx.prompt``), so every action stays an
+operator that runs, and fails, the way it does from the operator browser. Rendering imports
+the library (and torch) only when the panel opens, never when the plugin is listed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import fiftyone as fo
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from .common import LibraryMissingError, adapter, fiftyone_review
+from .review import selected_prediction, show_reference
+
+PLUGIN = "@ntt/no-time-to-train"
+PREVIEW_FIELD = "ntt_preview"
+EMPTY_STATE = (
+    "No memory bank yet: open a sample, click a few ground-truth instances of each class you want, "
+    "give them the label tag `reference` (tag icon, Labels), then click **Build memory bank**."
+)
+THRESHOLD_NOTE = (
+    "Suggested thresholds come from the references themselves (leave-one-out: each reference scored "
+    "against the bank without it; 10th percentile of each class, rounded down). They are not applied: "
+    "use one as *Score threshold* in Segment by reference, or filter `confidence` in the sidebar."
+)
+REVIEW_HELP = (
+    "Review: select a prediction and click **Show matched reference**; select accepted predictions and click "
+    "**Add selected predictions to references**; tag false positives `not_this_class` and click "
+    "**Add 'not_this_class' labels as negatives**; tag references `remove_reference` and click "
+    "**Remove tagged references**."
+)
+THUMBNAILS_PER_CLASS = 8
+
+
+def operator_uri(name: str) -> str:
+    return f"{PLUGIN}/{name}"
+
+
+@functools.lru_cache(maxsize=8)
+def cached_overview(dataset_name: str, key: str, sha256: str) -> dict:
+    """The bank's overview with thumbnails, cached per stored bank version (``sha256``)."""
+    return fiftyone_review().bank_overview(fo.load_dataset(dataset_name), key, per_class=THUMBNAILS_PER_CLASS)
+
+
+class MemoryBanksPanel(foo.Panel):
+    @property
+    def config(self):
+        return foo.PanelConfig(
+            name="memory_banks",
+            label="Memory banks",
+            icon="collections_bookmark",
+            surfaces="grid modal",
+            help_markdown="Reference-based segmentation (No Time to Train!): memory banks, references, review.",
+        )
+
+    # --- events: each one is followed by render() ---
+
+    def on_load(self, ctx):
+        ctx.panel.state.message = None
+
+    def on_change_dataset(self, ctx):
+        ctx.panel.state.message = None
+
+    def on_change_selected(self, ctx):
+        pass  # re-render: the preview button depends on the selection
+
+    def on_change_selected_labels(self, ctx):
+        pass  # re-render: the review buttons depend on the selected labels
+
+    def refresh(self, ctx):
+        cached_overview.cache_clear()
+        ctx.panel.state.message = None
+
+    def build(self, ctx):
+        ctx.prompt(operator_uri("build_memory_bank"), on_success=self.refresh)
+
+    def segment(self, ctx):
+        ctx.prompt(operator_uri("segment_by_reference"), params=self._models(ctx), on_success=self.refresh)
+
+    def preview(self, ctx):
+        params = {
+            **self._models(ctx),
+            "pred_field": PREVIEW_FIELD,
+            "overwrite": True,
+            "view_target": "SELECTED_SAMPLES",
+        }
+        ctx.prompt(operator_uri("segment_by_reference"), params=params, on_success=self.refresh)
+
+    def add_selected(self, ctx):
+        ctx.prompt(operator_uri("add_to_memory_bank"), params=self._bank(ctx), on_success=self.refresh)
+
+    def add_negatives(self, ctx):
+        ctx.prompt(operator_uri("add_negative_references"), params=self._bank(ctx), on_success=self.refresh)
+
+    def remove_tagged(self, ctx):
+        ctx.prompt(operator_uri("remove_from_memory_bank"), params=self._bank(ctx), on_success=self.refresh)
+
+    def delete(self, ctx):
+        ctx.prompt(operator_uri("delete_memory_bank"), params=self._bank(ctx), on_success=self.refresh)
+
+    def show_matched_reference(self, ctx):
+        try:
+            found = selected_prediction(ctx, adapter())
+            if found is None:
+                raise ValueError("select a prediction of a 'Segment by reference' field first (in the sample modal)")
+            self._show(ctx, fiftyone_review().matched_reference(ctx.dataset, *found))
+        except (ValueError, LibraryMissingError) as error:
+            ctx.panel.state.message = f"Show matched reference: {error}"
+
+    def open_reference(self, ctx):
+        match = {name: ctx.params.get(name) for name in ("sample_id", "reference_id", "field")}
+        self._show(ctx, match)
+
+    def _show(self, ctx, match: dict) -> None:
+        show_reference(ctx, match)
+        ctx.panel.state.message = None
+
+    def _bank(self, ctx) -> dict:
+        return {"bank_key": ctx.params.get("bank_key")}
+
+    def _models(self, ctx) -> dict:
+        """The bank key and the models the bank was built with (the encoder must match; a bank
+        without a SAM2 id leaves the form's default)."""
+        info = adapter().memory_bank_info(ctx.dataset, ctx.params.get("bank_key"))
+        segmenter = {"sam2": info["segmenter_id"]} if info.get("segmenter_id") else {}
+        return {"bank_key": info["key"], **segmenter, "dinov2": info["encoder_id"]}
+
+    # --- layout ---
+
+    def render(self, ctx):
+        panel = types.Object()
+        actions = panel.h_stack("actions", gap=1)
+        actions.btn("build", label="Build memory bank", on_click=self.build, variant="contained")
+        actions.btn(
+            "show_matched_reference",
+            label="Show matched reference",
+            on_click=self.show_matched_reference,
+            disabled=not ctx.selected_labels,
+        )
+        actions.btn("refresh", label="Refresh", on_click=self.refresh)
+        message = ctx.panel.get_state("message")
+        if message:
+            panel.view("message", types.Warning(label=message))
+        try:
+            fa = adapter()
+        except LibraryMissingError as error:
+            panel.view("library_missing", types.Error(label="The ntt_core library is missing", description=str(error)))
+            return types.Property(panel, view=types.GridView(orientation="vertical"))
+        banks = fa.list_memory_banks(ctx.dataset)
+        if not banks:
+            panel.md(EMPTY_STATE, name="empty")
+        for index, key in enumerate(banks):
+            self._render_bank(ctx, panel, fa, f"bank_{index}", key)
+        if banks:
+            panel.md(THRESHOLD_NOTE, name="threshold_note")
+            panel.md(REVIEW_HELP, name="review_help")
+        return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+    def _render_bank(self, ctx, panel, fa, name: str, key: str) -> None:
+        try:
+            sha256 = fa.memory_bank_info(ctx.dataset, key)["sha256"]
+            overview = cached_overview(ctx.dataset.name, key, sha256)
+        except (ValueError, LibraryMissingError) as error:  # a damaged bank: say so, offer deletion
+            panel.view(
+                f"{name}_error", types.Error(label=f"Memory bank '{key}' cannot be read", description=str(error))
+            )
+            overview = None
+        else:
+            panel.md(summary_markdown(overview), name=f"{name}_summary")
+            for index, entry in enumerate(overview["classes"]):
+                self._render_thumbnails(panel, f"{name}_class_{index}", entry)
+        buttons = panel.h_stack(f"{name}_actions", gap=1)
+        on = {"bank_key": key}
+        if overview is not None:
+            buttons.btn("segment", label="Segment current view", on_click=self.segment, params=on, variant="contained")
+            buttons.btn(
+                "preview",
+                label="Preview on selected samples",
+                on_click=self.preview,
+                params=on,
+                disabled=not ctx.selected,
+            )
+            buttons.btn(
+                "add_selected",
+                label="Add selected predictions to references",
+                on_click=self.add_selected,
+                params=on,
+                disabled=not ctx.selected_labels,
+            )
+            buttons.btn(
+                "add_negatives",
+                label="Add 'not_this_class' labels as negatives",
+                on_click=self.add_negatives,
+                params=on,
+            )
+            buttons.btn("remove_tagged", label="Remove tagged references", on_click=self.remove_tagged, params=on)
+        buttons.btn("delete", label="Delete memory bank", on_click=self.delete, params=on)
+
+    def _render_thumbnails(self, panel, name: str, entry: dict) -> None:
+        row = panel.h_stack(name, gap=1, align_y="center")
+        row.md(f"**{entry['name']}**", name="class_name")
+        for index, thumb in enumerate(entry["thumbnails"]):
+            kind = "negative reference" if thumb["negative"] else "reference"
+            row.define_property(
+                f"thumbnail_{index}",
+                types.String(),
+                default=thumb["src"],
+                view=types.ImageView(
+                    height="64px",
+                    alt=f"{entry['name']} {kind} {thumb['reference_id']}",
+                    operator=self.open_reference,
+                    params={k: thumb[k] for k in ("sample_id", "reference_id", "field")},
+                ),
+            )
+        if entry["more"]:
+            row.md(f"+{entry['more']} more", name="more")
+
+
+def summary_markdown(overview: dict) -> str:
+    """A bank's header, models, source and per-class table (shots, negatives, suggested threshold)."""
+    source = f"`{overview['gt_field']}`" if overview["gt_field"] else "an imported folder"
+    if overview.get("tag"):
+        source += f" (label tag `{overview['tag']}`)"
+    segmenter = f"SAM2 `{overview['segmenter_id']}`" if overview["segmenter_id"] else "no SAM2 (masks given)"
+    lines = [
+        f"### Memory bank `{overview['key']}`",
+        "",
+        f"DINOv2 `{overview['encoder_id']}` at {overview['encoder_input_size']} px, {segmenter}; "
+        f"{overview['num_references']} entries from {source}; stored {overview['timestamp'][:19]}.",
+        "",
+        "| Class | Shots | Negatives | Suggested threshold | Leave-one-out scores |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in overview["classes"]:
+        scores = entry["scores"]
+        spread = f"{min(scores):.3f} – {max(scores):.3f}" if scores else "–"
+        threshold = "–" if entry["threshold"] is None else f"{entry['threshold']:.2f}"
+        if entry["note"]:
+            threshold += f" ({entry['note']})"
+        lines.append(f"| {entry['name']} | {entry['shots']} | {entry['negatives']} | {threshold} | {spread} |")
+    if overview["not_found"]:
+        lines += ["", f"{overview['not_found']} entries have no label in this dataset any more (no thumbnail)."]
+    return "\n".join(lines)

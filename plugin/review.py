@@ -1,0 +1,264 @@
+"""Review-loop operators: show the reference behind a prediction, add selected predictions (or
+labels tagged ``not_this_class``, as negatives) to a memory bank, remove tagged references.
+Each parses its form and calls :mod:`ntt_core.fiftyone_review`."""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from .common import (
+    DEVICES,
+    DTYPES,
+    adapter,
+    bank_choice,
+    call,
+    current,
+    fiftyone_review,
+    finish,
+    form,
+    invalid,
+    model_options,
+    params_with_defaults,
+    progress_reporter,
+    report_output,
+)
+
+
+def selected_labels(ctx) -> dict[str, list[str]]:
+    """``{field: label ids}``: ``label_ids`` of ``label_field`` when given, else the App's selection."""
+    if ctx.params.get("label_ids"):
+        return {ctx.params["label_field"]: list(ctx.params["label_ids"])}
+    found: dict[str, list[str]] = {}
+    for label in ctx.selected_labels or []:
+        found.setdefault(label["field"], []).append(label["label_id"])
+    return found
+
+
+def selected_prediction(ctx, fa) -> tuple[str, str] | None:
+    """(field, label id) of the first selected label of a field written by Segment by reference."""
+    for field, ids in selected_labels(ctx).items():
+        if fa.prediction_record(ctx.dataset, field):
+            return field, ids[0]
+    return None
+
+
+def show_reference(ctx, match: dict) -> None:
+    """Show the reference of ``match`` (see ``fiftyone_review.matched_reference``) in the App:
+    its sample alone in the grid, opened in the modal, its label selected."""
+    ctx.ops.set_view(ctx.dataset.select(match["sample_id"]))
+    ctx.ops.open_sample(match["sample_id"])
+    if match["field"]:
+        label = {"label_id": match["reference_id"], "sample_id": match["sample_id"], "field": match["field"]}
+        ctx.ops.set_selected_labels([{**label, "frame_number": None}])
+
+
+def bank_of_selection(ctx, fa, inputs) -> types.Property:
+    """A dropdown of the memory banks, defaulting to the bank that produced the selected predictions."""
+    records = (fa.prediction_record(ctx.dataset, field) or {} for field in selected_labels(ctx))
+    banks = fa.list_memory_banks(ctx.dataset)
+    default = next((r["bank_key"] for r in records if r.get("bank_key") in banks), None)
+    return bank_choice(inputs, fa, ctx, default=default)
+
+
+class ShowMatchedReference(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="show_matched_reference",
+            label="Show matched reference",
+            description="Open the reference instance whose descriptor best matched the selected prediction",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Show matched reference", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        found = selected_prediction(ctx, fa)
+        if found is None:
+            message = "select a prediction of a 'Segment by reference' field first (in the sample modal)"
+            invalid(inputs.view("no_prediction", types.Error(label=message)), message)
+        else:
+            inputs.view("prediction", types.Notice(label=f"Prediction {found[1]} of '{found[0]}'"))
+
+    def execute(self, ctx):
+        field, label_id = selected_prediction(ctx, adapter())
+        match = fiftyone_review().matched_reference(ctx.dataset, field, label_id)
+        show_reference(ctx, match)
+        return {"report": match}
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Matched reference")
+
+    def __call__(self, sample_collection, pred_field: str, label_id: str):
+        return call(self, sample_collection, dict(label_field=pred_field, label_ids=[label_id]))
+
+
+class _AddReferences(foo.Operator):
+    """Describe labels with a bank's encoder and add them to the bank (see subclasses for which)."""
+
+    negative = False
+    title = ""
+
+    def resolve_input(self, ctx):
+        return form(ctx, self.title, self._form)
+
+    def _labels(self, ctx, inputs) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+    def _form(self, ctx, fa, inputs):
+        bank_of_selection(ctx, fa, inputs)
+        labels = self._labels(ctx, inputs)
+        counts: dict[str, int] = {}
+        for field, ids in labels.items():
+            try:
+                fa.check_detections_field(ctx.dataset, field, "label field")
+            except ValueError as error:
+                invalid(inputs.view("label_field_problem", types.Error(label=str(error))), str(error))
+                break
+            found = ctx.dataset.select_labels(ids=ids, fields=field).count_values(f"{field}.detections.label")
+            for name, count in found.items():
+                counts[name] = counts.get(name, 0) + count
+        if counts:
+            role = "negative references of" if self.negative else "shots of"
+            found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+            inputs.view("found", types.Notice(label=f"{sum(counts.values())} label(s) become {role}: {found}"))
+        key = current(ctx, inputs, "bank_key")
+        info = fa.memory_bank_info(ctx.dataset, key) if key in fa.list_memory_banks(ctx.dataset) else {}
+        inputs.str(
+            "dinov2",
+            default=info.get("encoder_id", ""),
+            label="DINOv2 model",
+            description="The bank's encoder (the same weights are required); a local folder if offline",
+        )
+        inputs.str(
+            "sam2",
+            default="",
+            allow_empty=True,
+            label="SAM2 model",
+            description="Only for labels without a mask (box prompts); empty: such labels are skipped",
+        )
+        inputs.enum("device", list(DEVICES), default="auto", label="Device", view=types.Dropdown(label="Device"))
+        inputs.enum("dtype", list(DTYPES), default="auto", label="Compute dtype")
+
+    def execute(self, ctx):
+        rv = fiftyone_review()
+        p = params_with_defaults(self, ctx)
+        options = model_options(p)
+        encoder, segmenter = rv.load_bank_models(ctx.dataset, p["bank_key"], p["dinov2"], p["sam2"], **options)
+        report = rv.add_to_memory_bank(
+            ctx.dataset,
+            p["bank_key"],
+            self._labels(ctx, None),
+            encoder,
+            segmenter,
+            negative=self.negative,
+            progress=progress_reporter(ctx, "Images"),
+        )
+        return finish(ctx, {"report": report})
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Memory bank updated")
+
+
+class AddToMemoryBank(_AddReferences):
+    title = "Add selected predictions to references"
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="add_to_memory_bank",
+            label="Add selected predictions to references",
+            description="Accepted predictions (or any selected labels) become new shots of their class in a memory bank",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def _labels(self, ctx, inputs):
+        labels = selected_labels(ctx)
+        if not labels and inputs is not None:
+            message = "no label selected: select accepted predictions in the App first (sample modal or patches view)"
+            invalid(inputs.view("no_selection", types.Error(label=message)), message)
+        return labels
+
+    def __call__(self, sample_collection, bank_key: str, label_field: str, label_ids, **options):
+        """Add labels ``label_ids`` of ``label_field`` to ``bank_key`` as shots; ``options``: dinov2
+        (default: the bank's encoder), sam2, device, dtype."""
+        params = dict(bank_key=bank_key, label_field=label_field, label_ids=list(label_ids), **options)
+        return call(self, sample_collection, params)
+
+
+class AddNegativeReferences(_AddReferences):
+    negative = True
+    title = "Add negative references"
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="add_negative_references",
+            label="Add 'not_this_class' labels as negative references",
+            description="Labels tagged not_this_class (e.g. false positives) damp look-alikes of their class",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def _labels(self, ctx, inputs):
+        rv = fiftyone_review()
+        if inputs is not None:
+            inputs.str(
+                "tag",
+                default=rv.NEGATIVE_TAG,
+                label="Tag",
+                description="Labels with this tag are instances that are NOT of the class in their label",
+            )
+            tag = current(ctx, inputs, "tag")
+        else:
+            tag = ctx.params.get("tag") or rv.NEGATIVE_TAG
+        labels = rv.tagged_labels(ctx.dataset, tag)
+        if not labels and inputs is not None:
+            message = f"no label is tagged '{tag}': tag false-positive predictions with it in the App first"
+            invalid(inputs.properties["tag"], message)
+        return labels
+
+    def __call__(self, sample_collection, bank_key: str, tag: str = "not_this_class", **options):
+        """Add the labels tagged ``tag`` to ``bank_key`` as negative references; ``options`` as for adding shots."""
+        return call(self, sample_collection, dict(bank_key=bank_key, tag=tag, **options))
+
+
+class RemoveFromMemoryBank(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="remove_from_memory_bank",
+            label="Remove tagged references",
+            description="Remove the memory bank entries whose labels carry a tag (remove_reference)",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx):
+        return form(ctx, "Remove tagged references", self._form)
+
+    def _form(self, ctx, fa, inputs):
+        bank_of_selection(ctx, fa, inputs)
+        rv = fiftyone_review()
+        tag_prop = inputs.str("tag", default=rv.REMOVE_TAG, label="Tag", description="Labels to remove carry this tag")
+        tag = current(ctx, inputs, "tag")
+        tagged = rv.tagged_labels(ctx.dataset, tag)
+        if not tagged:
+            invalid(tag_prop, f"no label is tagged '{tag}': tag the references to remove in the App first")
+        else:
+            found = ", ".join(f"{field}: {len(ids)}" for field, ids in sorted(tagged.items()))
+            inputs.view("found", types.Notice(label=f"Labels tagged '{tag}': {found}"))
+
+    def execute(self, ctx):
+        rv = fiftyone_review()
+        p = params_with_defaults(self, ctx)
+        ids = [i for ids in rv.tagged_labels(ctx.dataset, p["tag"]).values() for i in ids]
+        return finish(ctx, {"report": rv.remove_from_memory_bank(ctx.dataset, p["bank_key"], ids)})
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Memory bank updated")
+
+    def __call__(self, sample_collection, bank_key: str, tag: str = "remove_reference"):
+        return call(self, sample_collection, dict(bank_key=bank_key, tag=tag))
