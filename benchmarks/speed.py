@@ -395,12 +395,18 @@ def reset_peak_host() -> bool:
 def peak_host_mb(since_reset: bool) -> float | None:
     """Peak resident memory of this process in MiB: since the last :func:`reset_peak_host`, or overall."""
     if since_reset:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return None
+        return _status_mb("VmHWM")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _status_mb(key: str) -> float | None:
+    """A memory figure of this process from ``/proc/self/status`` in MiB (None where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 def environment(device: torch.device) -> dict:
@@ -551,6 +557,7 @@ def run(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         resettable = reset_peak_host()
+        report["host_before_run_mb"] = _status_mb("VmRSS")
         report.update(measure(predictor, paths, args.batch_size, args.warmup, timer, first))
         report["peak_host_mb"] = peak_host_mb(since_reset=False)
         report["peak_host_run_mb"] = peak_host_mb(since_reset=True) if resettable else None
@@ -598,6 +605,8 @@ def print_report(report: dict) -> None:
     )
     device_peak = f"{report['peak_device_mb']:.0f} MiB" if report["peak_device_mb"] is not None else "-"
     run_peak = f"{report['peak_host_run_mb']:.0f} MiB" if report["peak_host_run_mb"] is not None else "-"
+    if report["peak_host_run_mb"] is not None and report["host_before_run_mb"] is not None:
+        run_peak += f", {report['peak_host_run_mb'] - report['host_before_run_mb']:+.0f} MiB over the models and bank"
     print(
         f"peak host memory {report['peak_host_mb']:.0f} MiB (while predicting {run_peak}), peak device memory {device_peak}"
     )

@@ -86,7 +86,7 @@ def test_a_reference_tag_that_matches_nothing_names_the_tag_field_and_classes(da
 # --- media ---
 
 
-def test_missing_media_is_reported_per_sample_and_resumable(dataset, models, tmp_path):
+def test_missing_media_is_reported_per_sample_and_resumable(dataset, models):
     fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
     boxes = [[fo.Detection(label=d.label, bounding_box=d.bounding_box) for d in s.gt.detections] for s in dataset]
     dataset.set_values("boxes", [fo.Detections(detections=b) for b in boxes])

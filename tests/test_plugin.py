@@ -385,6 +385,13 @@ def test_ground_truth_changes_only_by_evaluation_attributes_after_every_operator
     before = field_documents(dataset, "gt")
     op = {name: foo.get_operator(uri(name)) for name in ("build_memory_bank", "segment_by_reference")}
     evaluate = foo.get_operator(uri("evaluate_by_reference"))
+
+    def prediction_ids():
+        return [i for ids in dataset.values("pred.detections.id") for i in ids or []]
+
+    def review(name, *args, **kwargs):
+        return foo.get_operator(uri(name))(dataset, "references", *args, **kwargs)
+
     steps = [
         ("build", lambda: op["build_memory_bank"](dataset, "gt", **models)),
         (
@@ -406,6 +413,11 @@ def test_ground_truth_changes_only_by_evaluation_attributes_after_every_operator
         ("export", lambda: foo.get_operator(uri("export_memory_bank"))(dataset, "references", tmp_path / "bank")),
         ("import", lambda: foo.get_operator(uri("import_memory_bank"))(dataset, tmp_path / "bank", bank_key="copy")),
         ("delete bank", lambda: foo.get_operator(uri("delete_memory_bank"))(dataset, "copy")),
+        ("accept predictions", lambda: review("add_to_memory_bank", "pred", label_ids=prediction_ids()[:1])),
+        ("tag negatives", lambda: dataset.select_labels(ids=prediction_ids()[1:2]).tag_labels("not_this_class")),
+        ("add negatives", lambda: review("add_negative_references")),
+        ("tag removal", lambda: dataset.select_labels(ids=prediction_ids()[:1]).tag_labels("remove_reference")),
+        ("remove references", lambda: review("remove_from_memory_bank")),
     ]
     for name, step in steps:
         step()

@@ -1,7 +1,7 @@
 """Page helpers of the browser tests: the App server process and the steps the scenarios share.
 
-Selectors are the App's ``data-cy`` test ids where it has them (Playwright's test-id attribute is set
-to ``data-cy``), else roles and visible texts.
+Selectors are the App's ``data-cy`` test ids where it has them (Playwright's test-id attribute is
+set to ``data-cy``), else roles and visible texts, as FiftyOne's own Playwright page objects do.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ except ImportError:  # the `browser` fixture then skips the tests (fails them in
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
 PLUGIN = "@ntt/no-time-to-train"
-# Debian's chromium, headless, with nothing reaching out (flags as in the team's environment notes)
+# Debian's chromium, headless (Playwright adds --headless), with nothing reaching out
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -38,7 +38,19 @@ CHROMIUM_ARGS = [
 ]
 VIEWPORT = {"width": 1280, "height": 800}
 SERVER_START_S = 90
-TIMEOUT_MS = 30_000  # one UI step; the first run in a server also imports torch and loads the models
+STEP_MS = 30_000  # one UI step
+RUN_MS = 90_000  # one immediate run; a server's first run also imports torch and loads the models
+
+# The App asks Google Fonts for its web fonts; there is no internet here, so they are answered with
+# empty style sheets (the App falls back to local fonts). Nothing else is stubbed: any other request
+# that fails shows as a console error, which fails the test.
+FONTS = re.compile(r"^https://fonts\.(googleapis|gstatic)\.com/")
+# Console errors that are the App's own, known and harmless, each matched exactly:
+KNOWN_CONSOLE_ERRORS = (
+    # FiftyOne 1.22's looker logs this, and carries on, when it repaints labels whose mask buffers it
+    # already handed to its worker (seen after selecting labels in the sample modal); nothing is lost.
+    re.compile(r"^Error posting message to worker DataCloneError: Failed to execute 'postMessage' on 'Worker'"),
+)
 
 
 def chromium_path() -> str | None:
@@ -53,20 +65,20 @@ def _free_port() -> int:
 
 
 class AppServer:
-    """``python -m fiftyone.server.main`` on a free loopback port, with this session's environment."""
+    """``python -m fiftyone.server.main`` on a free loopback port, with the environment given."""
 
     def __init__(self, env: dict, log_path: Path):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        command = [sys.executable, "-m", "fiftyone.server.main", "--port", str(self.port), "--address", "127.0.0.1"]
         with open(log_path, "wb") as log:
-            command = [sys.executable, "-m", "fiftyone.server.main", "--port", str(self.port), "--address", "127.0.0.1"]
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + SERVER_START_S
         while not self._serves():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the App server did not start; its log:\n{self.log_tail()}")
+                raise RuntimeError(f"the App server did not start; the end of its log:\n{self.log_tail()}")
             time.sleep(0.25)
 
     def _serves(self) -> bool:
@@ -79,7 +91,7 @@ class AppServer:
     def torch_loaded(self) -> bool:
         """Whether the server process has mapped libtorch (i.e. imported torch)."""
         maps = Path(f"/proc/{self.process.pid}/maps").read_text()
-        return re.search(r"/libtorch[_a-z]*\.so", maps) is not None
+        return re.search(r"/libtorch\w*\.so", maps) is not None
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -94,12 +106,6 @@ class AppServer:
                 self.process.wait()
 
 
-# The App asks Google Fonts for its web fonts; this machine has no internet, so they are answered
-# with empty style sheets (the App falls back to local fonts). Nothing else is stubbed: any other
-# request that fails shows up as a console error and fails the test.
-FONTS = re.compile(r"^https://fonts\.(googleapis|gstatic)\.com/")
-
-
 class App:
     """One browser page on the App, with the steps the scenarios share."""
 
@@ -107,17 +113,42 @@ class App:
         self.page, self.server, self.name = page, server, name
         self.errors: list[str] = []
         page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
-        page.on("console", lambda message: message.type == "error" and self.errors.append(f"console: {message.text}"))
+        page.on("console", self._on_console)
 
-    def open(self, dataset, view: str | None = None) -> None:
-        """The dataset's grid (a saved view's, if ``view``), once its samples are drawn."""
+    def _on_console(self, message) -> None:
+        if message.type == "error" and not any(known.match(message.text) for known in KNOWN_CONSOLE_ERRORS):
+            self.errors.append(f"console: {message.text}")
+
+    # --- the grid ---
+
+    @property
+    def grid(self):
+        return self.page.get_by_test_id("fo-grid")
+
+    def open(self, dataset, view: str | None = None, samples: bool = True) -> None:
+        """The dataset (a saved view of it, if ``view``), once its first sample is drawn (if ``samples``)."""
         url = f"{self.server.url}/datasets/{dataset.name}" + (f"?view={view}" if view else "")
         self.page.goto(url, wait_until="load")  # never "networkidle": the App keeps a connection open
-        self.page.get_by_test_id("fo-grid").get_by_test_id("looker").first.wait_for()
+        self._wait_for_grid(samples)
 
     def reload(self) -> None:
         self.page.reload(wait_until="load")
-        self.page.get_by_test_id("fo-grid").get_by_test_id("looker").first.wait_for()
+        self._wait_for_grid(True)
+
+    def _wait_for_grid(self, samples: bool) -> None:
+        self.page.get_by_test_id("sidebar").wait_for()
+        if samples:
+            self.grid.locator("[data-cy=looker] canvas").first.wait_for()
+
+    def sample_count(self) -> int:
+        """The number of samples the grid says it shows."""
+        text = self.page.get_by_test_id("entry-counts").inner_text()
+        return int(re.search(r"([\d,]+) samples?", text).group(1).replace(",", ""))
+
+    def sidebar_checkbox(self, field: str):
+        return self.page.get_by_test_id("sidebar").get_by_test_id(f"checkbox-{field}")
+
+    # --- operators ---
 
     def operator_browser(self):
         """The operator browser, opened with the backquote key."""
@@ -128,20 +159,20 @@ class App:
         return browser
 
     def operator_form(self, label: str):
-        """The form of the operator whose label is ``label``, from the operator browser."""
+        """The form of the operator whose label is ``label``, chosen in the operator browser."""
         self.operator_browser()
         self.page.keyboard.type(label)
         self.page.keyboard.press("Enter")
         prompt = self.page.get_by_test_id("operators-prompt-modal")
         prompt.get_by_role("button", name="Execute").wait_for()
+        self.settle(prompt)
         return prompt
 
     @staticmethod
     def field(prompt, label: str):
         """The input of the form field titled ``label``."""
-        return prompt.locator(
-            f"xpath=//p[normalize-space()='{label}']/ancestor::div[contains(@class,'MuiGrid-item')][1]//input"
-        )
+        title = f"//p[normalize-space()='{label}']"
+        return prompt.locator(f"xpath={title}/ancestor::div[contains(@class,'MuiGrid-item')][1]//input")
 
     def set_field(self, prompt, label: str, value) -> None:
         """Type ``value`` into the field ``label`` and wait until the form has been resolved again."""
@@ -150,22 +181,60 @@ class App:
         self.settle(prompt)
 
     def settle(self, prompt) -> None:
-        """Wait for the form's pending validation (a spinner in the footer) to end."""
-        self.page.wait_for_timeout(300)
-        prompt.locator(".MuiDialogActions-root .MuiCircularProgress-root").wait_for(state="detached")
+        """Wait until the form is not being resolved (no spinner in its footer)."""
+        self.page.wait_for_timeout(300)  # a change is sent to the server after a short debounce
+        expect(prompt.locator(".MuiDialogActions-root .MuiCircularProgress-root")).to_have_count(0)
 
-    def execute(self, prompt, timeout: float = 90_000):
-        """Click Execute; return the prompt once it shows the run's output (or its error)."""
+    def execute(self, prompt):
+        """Click Execute; return once the prompt shows the run's output (or its error)."""
         prompt.get_by_role("button", name="Execute").click()
-        prompt.get_by_role("button", name="Close").wait_for(timeout=timeout)
+        prompt.get_by_role("button", name="Close").wait_for(timeout=RUN_MS)
         return prompt
 
-    def sidebar_checkbox(self, field: str):
-        return self.page.get_by_test_id("sidebar").get_by_test_id(f"checkbox-{field}")
+    def schedule(self, prompt) -> None:
+        """Queue the run as a delegated operation with the split button's "Schedule" choice."""
+        prompt.locator(".MuiDialogActions-root [aria-haspopup=menu]").click()
+        self.page.get_by_role("menuitem").filter(has_text="Schedule").click()
+        prompt.get_by_role("button", name="Schedule", exact=True).click()
+
+    # --- the sample modal ---
+
+    def open_sample(self, index: int):
+        """The sample modal of the ``index``-th sample of the grid, once its canvas is drawn."""
+        self.grid.get_by_test_id("looker").nth(index).click(position={"x": 10, "y": 50})
+        modal = self.page.get_by_test_id("modal")
+        modal.locator("[canvas-loaded='true']").wait_for()
+        return modal
+
+    def click_label(self, modal, detection, image_size: tuple[int, int]) -> None:
+        """Click the centre of ``detection``'s box on the modal's canvas (the image is fit inside it)."""
+        width, height = image_size
+        canvas = modal.get_by_test_id("looker").last.bounding_box()
+        scale = min(canvas["width"] / width, canvas["height"] / height)
+        left = canvas["x"] + (canvas["width"] - width * scale) / 2
+        top = canvas["y"] + (canvas["height"] - height * scale) / 2
+        x, y, w, h = detection.bounding_box
+        self.page.mouse.click(left + (x + w / 2) * width * scale, top + (y + h / 2) * height * scale)
+
+    # --- panels ---
+
+    def open_panel(self, name: str) -> None:
+        """Open the panel ``name`` next to the grid with the "New panel" button."""
+        self.page.get_by_title("New panel").first.click()
+        self.page.get_by_test_id(f"new-panel-option-{name}").click()
 
     def screenshot(self, name: str, locator=None) -> Path:
         path = ARTIFACTS / f"{self.name}-{name}.png"
         (locator or self.page).screenshot(path=path)
+        return path
+
+    def screenshot_samples(self, name: str) -> Path:
+        """A screenshot of the grid's thumbnails only (not the empty grid below them)."""
+        boxes = [looker.bounding_box() for looker in self.grid.get_by_test_id("looker").all()]
+        left, top = min(b["x"] for b in boxes), min(b["y"] for b in boxes)
+        right, bottom = max(b["x"] + b["width"] for b in boxes), max(b["y"] + b["height"] for b in boxes)
+        path = ARTIFACTS / f"{self.name}-{name}.png"
+        self.page.screenshot(path=path, clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
         return path
 
 

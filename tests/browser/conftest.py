@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from app_pages import ARTIFACTS, CHROMIUM_ARGS, FONTS, TIMEOUT_MS, VIEWPORT, App, AppServer, chromium_path
+from app_pages import ARTIFACTS, CHROMIUM_ARGS, FONTS, STEP_MS, VIEWPORT, App, AppServer, chromium_path, expect
 
 
 def _in_ci() -> bool:
@@ -35,6 +35,7 @@ def browser():
     except ImportError:
         _unavailable("the playwright package is missing (bash scripts/setup.sh --dev installs it)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    expect.set_options(timeout=STEP_MS)
     with sync_playwright() as playwright:
         playwright.selectors.set_test_id_attribute("data-cy")  # the App's test ids
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
@@ -87,7 +88,7 @@ def fresh_app(browser, fresh_app_server, request):
 
 def _app(browser, server, request):
     context = browser.new_context(viewport=VIEWPORT)
-    context.set_default_timeout(TIMEOUT_MS)
+    context.set_default_timeout(STEP_MS)
     context.route(FONTS, lambda route: route.fulfill(status=200, content_type="text/css", body=""))
     # the "Explore Enterprise" pop-up shows once per browser profile until dismissed; start as dismissed
     context.add_init_script("window.localStorage.setItem('fiftyone-enterprise-tooltip-seen', 'true')")

@@ -1,37 +1,59 @@
-"""The plugin's operators run from the FiftyOne App in a real browser, each result checked through the SDK."""
+"""The plugin's operators run from the FiftyOne App in a real browser, each outcome checked through the SDK.
+
+The App server's model fields default to tiny random-weight models: the masks they draw are
+meaningless, but every step of a run happens as it does with the paper's models.
+"""
 
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import fiftyone.operators as foo
 import pytest
-from app_pages import PLUGIN, expect
+from app_pages import PLUGIN, expect, pixels
 from fiftyone import ViewField as F
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_scenes import field_documents, scenes_dataset
 
 from ntt_core import fiftyone_adapter as fa
 
 pytestmark = pytest.mark.browser
+SIZE = (96, 128)  # scene height, width
+FAST = "Prompt grid points per side", 4  # 16 prompts per image instead of the paper's 1024
 
 
 @pytest.fixture
 def dataset(tmp_path, request):
-    """Six generated scenes; one ground-truth instance per class tagged ``reference``."""
-    dataset = scenes_dataset(tmp_path, count=6, size=(96, 128))
+    """Six generated scenes; the first ground-truth instance of each class is tagged ``reference``."""
+    dataset = scenes_dataset(tmp_path, count=6, size=SIZE)
     dataset.name = f"browser-{request.node.name.replace('_', '-')}"
     yield dataset
     dataset.delete()
 
 
+@pytest.fixture
+def banked(dataset, tiny_models):
+    """``dataset`` with the memory bank ``references``, built through the SDK."""
+    sam2, dinov2 = tiny_models
+    foo.get_operator(f"{PLUGIN}/build_memory_bank")(dataset, "gt", sam2=str(sam2), dinov2=str(dinov2), device="cpu")
+    return dataset
+
+
 def our_operators() -> list:
-    """The plugin's operators (panels are not in the operator browser)."""
+    """The plugin's operators (its panels are not in the operator browser)."""
     return [op for op in foo.list_operators() if op.uri.startswith(f"{PLUGIN}/") and not isinstance(op, foo.Panel)]
 
 
 def tagged_counts(dataset) -> dict[str, int]:
     references = dataset.filter_labels("gt", F("tags").contains(fa.DEFAULT_REFERENCE_TAG))
     return references.count_values("gt.detections.label")
+
+
+def output_value(name: str, value: str) -> re.Pattern:
+    """A string entry of the run's output as the form's JSON view shows it."""
+    return re.compile(rf'{name}:\s*string\s*"{re.escape(value)}"')
 
 
 def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(fresh_app, dataset):
@@ -47,17 +69,129 @@ def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(f
     prompt = app.operator_form("Build memory bank from reference instances")
     counts = tagged_counts(dataset)
     found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
-    prompt.get_by_text(f"References found per class: {found}", exact=True).wait_for()
-    assert app.field(prompt, "Ground-truth field").input_value() == "gt"
+    expect(prompt.get_by_text(f"References found per class: {found}", exact=True)).to_be_visible()
+    expect(app.field(prompt, "Ground-truth field")).to_have_value("gt")
     assert not server.torch_loaded(), "resolving a form imported torch in the App server"
-    app.screenshot("build-form")
+    app.screenshot("form")
     gt_before = field_documents(dataset, "gt")
 
     app.execute(prompt)
-    expect(prompt).to_contain_text(re.compile(r'key:\s*string\s*"references"'))
-    app.screenshot("build-done")
+    expect(prompt).to_contain_text(output_value("key", "references"))
+    app.screenshot("done")
     dataset.reload()
     assert dataset.list_runs() == ["references"]
     assert fa.load_memory_bank(dataset, "references").counts() == counts
     assert field_documents(dataset, "gt") == gt_before
-    assert server.torch_loaded(), "the first run should have imported torch (else this probe sees nothing)"
+    assert server.torch_loaded(), "the first run did not import torch: this probe would see nothing"
+
+
+def test_segment_by_reference_on_a_saved_view_adds_a_field_that_draws_masks(app, banked):
+    dataset = banked
+    in_view = dataset.values("id")[:3]
+    dataset.select(in_view).tag_samples("todo")
+    dataset.save_view("todo", dataset.match_tags("todo"))
+    app.open(dataset, view="todo")
+    assert app.sample_count() == 3
+
+    prompt = app.operator_form("Segment by reference")
+    expect(app.field(prompt, "Output field")).to_have_value("ntt_predictions")
+    app.set_field(prompt, *FAST)
+    app.execute(prompt)
+    expect(prompt).to_contain_text(output_value("field", "ntt_predictions"))
+    prompt.get_by_role("button", name="Close").click()
+
+    checkbox = app.sidebar_checkbox("ntt_predictions")
+    expect(checkbox.locator("input")).to_be_checked()  # a new label field is shown at once
+    app.page.mouse.move(0, 0)  # no hover highlight on the grid
+    shown = app.screenshot("shown", app.grid)
+    checkbox.click()
+    expect(checkbox.locator("input")).not_to_be_checked()
+    app.page.wait_for_timeout(500)  # the grid redraws its thumbnails
+    hidden = app.screenshot("hidden", app.grid)
+    changed = (abs(pixels(shown) - pixels(hidden)).max(axis=2) > 24).mean()
+    assert changed > 0.01, f"hiding the predictions changed only {changed:.2%} of the grid's pixels"
+
+    dataset.reload()
+    assert sorted(dataset.exists("ntt_predictions").values("id")) == sorted(in_view)
+    assert dataset.count("ntt_predictions.detections") > 0
+
+
+def test_form_errors_show_inline_and_disable_execute(app, banked):
+    dataset = banked
+    dataset.clone_sample_field("gt", "ntt_predictions")  # an existing output field
+    before = field_documents(dataset, "ntt_predictions")
+    dataset.save_view("nothing", dataset.match(F("filepath") == ""))  # saved before the App loads the dataset
+    app.open(dataset)
+    prompt = app.operator_form("Segment by reference")
+    execute = prompt.get_by_role("button", name="Execute")
+    expect(prompt.get_by_text("field 'ntt_predictions' already exists: choose another name")).to_be_visible()
+    expect(execute).to_be_disabled()
+    app.screenshot("existing-field")
+    app.set_field(prompt, "Output field", "new_predictions")
+    expect(execute).to_be_enabled()  # the same form, valid
+    prompt.get_by_role("button", name="Cancel").click()
+
+    app.open(dataset, view="nothing", samples=False)
+    assert app.sample_count() == 0
+    prompt = app.operator_form("Segment by reference")
+    expect(prompt.get_by_text("the target view is empty: nothing to process")).to_be_visible()
+    expect(prompt.get_by_role("button", name="Execute")).to_be_disabled()
+    app.screenshot("empty-view")
+    assert field_documents(dataset, "ntt_predictions") == before
+    assert not dataset.has_field("new_predictions")
+
+
+def test_a_scheduled_run_is_queued_then_run_by_the_queue(app, banked):
+    dataset = banked
+    app.open(dataset)
+    prompt = app.operator_form("Segment by reference")
+    app.set_field(prompt, "Output field", "queued")
+    app.set_field(prompt, *FAST)
+    app.schedule(prompt)
+    expect(app.page.get_by_text("Operation successfully scheduled")).to_be_visible()
+    app.screenshot("scheduled")
+    (queued,) = DelegatedOperationService().list_operations(dataset_name=dataset.name)
+    assert queued.run_state == ExecutionRunState.QUEUED and not dataset.has_field("queued")
+
+    # what a `fiftyone delegated launch` worker does on each poll, in a thread of the test process (the
+    # service runs its own event loop, and Playwright's is running in this one)
+    with ThreadPoolExecutor(1) as worker:
+        (result,) = worker.submit(
+            DelegatedOperationService().execute_queued_operations, dataset_name=dataset.name
+        ).result()
+    assert result.error is None, result.error
+    assert DelegatedOperationService().get(queued.id).run_state == ExecutionRunState.COMPLETED
+
+    expect(app.sidebar_checkbox("queued")).to_have_count(0)
+    app.reload()
+    expect(app.sidebar_checkbox("queued")).to_be_visible()
+    app.screenshot("after-reload")
+    dataset.reload()
+    assert len(dataset.exists("queued")) == len(dataset)
+
+
+def test_two_ground_truth_labels_are_tagged_as_references_in_the_sample_modal(app, tmp_path):
+    dataset = scenes_dataset(tmp_path, count=2, size=SIZE, references=0)
+    dataset.name = "browser-modal-tagging"
+    try:
+        app.open(dataset)
+        modal = app.open_sample(0)
+        chosen = dataset.first().gt.detections[:2]
+        for detection in chosen:
+            app.click_label(modal, detection, SIZE[::-1])
+        expect(modal.get_by_test_id("action-manage-selected")).to_have_text("2")
+        modal.get_by_test_id("action-tag-sample-labels").click()
+        app.page.get_by_test_id("tagger-switch-label").click()
+        tag_input = app.page.get_by_test_id("label-tag-input")
+        tag_input.fill(fa.DEFAULT_REFERENCE_TAG)
+        tag_input.press("Enter")
+        app.page.get_by_test_id("button-Apply").click()
+        expect(app.page.get_by_test_id("button-Apply")).to_have_count(0)
+        app.screenshot("tagged")
+
+        dataset.reload()
+        tagged = dataset.filter_labels("gt", F("tags").contains(fa.DEFAULT_REFERENCE_TAG))
+        assert sorted(tagged.values("gt.detections.id", unwind=True)) == sorted(d.id for d in chosen)
+        assert dataset.count_label_tags() == {fa.DEFAULT_REFERENCE_TAG: 2}
+    finally:
+        dataset.delete()

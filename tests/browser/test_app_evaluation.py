@@ -1,0 +1,106 @@
+"""Predicted masks, evaluation and memory banks in the App: the grid, the Evaluate operator from its
+form, FiftyOne's Model Evaluation panel on its result, and the plugin's Memory banks panel, each
+checked against the SDK.
+
+The memory bank and the predictions come from the library's stand-in models (``ntt_core.standins``:
+colour regions and colour-histogram features, meaningful on generated scenes only), run through the
+SDK: random weights would give a mAP of about 0, which would not show whether the panel's figure is
+the SDK's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from app_pages import expect
+from fiftyone import ViewField as F
+from fiftyone_scenes import scenes_dataset
+
+from ntt_core import fiftyone_adapter as fa
+from ntt_core.settings import Settings
+from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory):
+    """Eight generated scenes (two references per class) with the stand-in memory bank ``references``
+    and stand-in predictions in ``ntt_predictions``, one of which is relabelled to a wrong class in
+    each of two samples without references (the stand-ins make no false positives here)."""
+    dataset = scenes_dataset(tmp_path_factory.mktemp("predicted"), count=8, size=(192, 256), references=2)
+    dataset.name = "browser-evaluation"
+    segmenter = ConnectedRegionSegmenter(input_size=256, mask_size=64)
+    encoder = ColourStatsEncoder(input_size=112, grid_size=14)
+    fa.build_dataset_memory_bank(dataset, "references", "gt", segmenter, encoder)
+    settings = Settings(points_per_side=12)
+    fa.segment_by_reference(dataset, "references", "ntt_predictions", segmenter, encoder, settings=settings)
+    with_references = dataset.filter_labels("gt", F("tags").contains(fa.DEFAULT_REFERENCE_TAG)).values("id")
+    classes = sorted(dataset.distinct("gt.detections.label"))
+    for sample in dataset.exclude(with_references).limit(2):
+        wrong = sample.ntt_predictions.detections[0]
+        wrong.label = classes[(classes.index(wrong.label) + 1) % len(classes)]
+        sample.save()
+    yield dataset
+    dataset.delete()
+
+
+def false_positive_samples(dataset, eval_key: str) -> int:
+    """Samples of the evaluation's view with a false-positive prediction (what the panel's FP view shows)."""
+    view = dataset.load_evaluation_view(eval_key)
+    return len(view.filter_labels("ntt_predictions", F(eval_key) == "fp"))
+
+
+def test_memory_banks_panel_shows_the_bank_with_its_references(app, predicted):
+    dataset = predicted
+    counts = fa.load_memory_bank(dataset, "references").counts()
+    app.open(dataset)
+    app.sidebar_checkbox("gt").click()  # predicted masks only
+    app.page.mouse.move(0, 0)
+    app.screenshot_samples("predicted-masks")
+    app.sidebar_checkbox("gt").click()
+
+    app.open_panel("memory_banks")
+    panel = app.page.get_by_test_id("panel-content-memory_banks")
+    expect(panel.get_by_role("heading", name="Memory bank references")).to_be_visible()
+    for name, shots in counts.items():
+        row = panel.get_by_role("row").filter(has=app.page.get_by_role("cell", name=name, exact=True))
+        expect(row.get_by_role("cell").nth(1)).to_have_text(str(shots))
+        thumbnails = panel.get_by_role("img", name=re.compile(rf"^{name} reference "))
+        expect(thumbnails).to_have_count(shots)
+    app.page.wait_for_timeout(500)  # the thumbnails finish decoding
+    app.screenshot("panel", panel)
+
+    panel.get_by_role("button", name="Build memory bank").click()
+    prompt = app.page.get_by_test_id("operators-prompt-modal")
+    expect(prompt.get_by_text("Build memory bank", exact=True)).to_be_visible()
+    prompt.get_by_role("button", name="Cancel").click()
+
+
+def test_evaluate_opens_in_the_model_evaluation_panel_with_the_sdk_map(app, predicted):
+    dataset = predicted
+    app.open(dataset)
+    prompt = app.operator_form("Evaluate reference segmentation (COCO)")
+    expect(app.field(prompt, "Predictions")).to_have_value("ntt_predictions")
+    expect(app.field(prompt, "Ground truth")).to_have_value("gt")
+    app.execute(prompt)
+    expect(prompt).to_contain_text("mAP")
+    prompt.get_by_role("button", name="Close").click()
+    dataset.reload()
+    sdk_map = dataset.load_evaluation_results("eval_ntt").mAP()
+    assert 0 < sdk_map < 1
+
+    app.open_panel("model_evaluation_panel_builtin")
+    page = app.page
+    page.get_by_text("eval_ntt", exact=True).click()
+    row = page.get_by_role("row").filter(has=page.get_by_role("cell", name="mAP", exact=True))
+    expect(row.get_by_role("cell").nth(1)).to_have_text(f"{round(sdk_map, 3):g}")
+    app.screenshot("panel")
+
+    false_positives = false_positive_samples(dataset, "eval_ntt")
+    assert false_positives >= 2
+    row = page.get_by_role("row").filter(has=page.get_by_role("cell", name="False Positives", exact=True))
+    row.get_by_role("button").click()
+    expect(page.get_by_test_id("entry-counts")).to_contain_text(f"{false_positives} sample")
+    app.screenshot("false-positives")
