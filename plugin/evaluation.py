@@ -6,6 +6,8 @@ import fiftyone.operators as foo
 
 from .common import adapter, call, check, current, field_choice, finish, form, params_with_defaults, report_output
 
+MODEL_EVALUATION_PANEL = "model_evaluation_panel_builtin"  # FiftyOne's Model Evaluation panel
+
 
 class EvaluateByReference(foo.Operator):
     @property
@@ -63,6 +65,8 @@ class EvaluateByReference(foo.Operator):
             use_masks=p["use_masks"],
             overwrite=p["overwrite"],
         )
+        if not ctx.delegated:
+            ctx.ops.open_panel(MODEL_EVALUATION_PANEL, layout="horizontal")  # shows the new run
         return finish(ctx, {"report": report})
 
     def resolve_output(self, ctx):

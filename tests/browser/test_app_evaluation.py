@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import fiftyone as fo
 import pytest
 from app_pages import expect
 from fiftyone import ViewField as F
@@ -27,23 +28,37 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):
     """Eight generated scenes (two references per class) with the stand-in memory bank ``references``
-    and stand-in predictions in ``ntt_predictions``, one of which is relabelled to a wrong class in
-    each of two samples without references (the stand-ins make no false positives here)."""
+    and stand-in predictions in ``ntt_predictions``."""
     dataset = scenes_dataset(tmp_path_factory.mktemp("predicted"), count=8, size=(192, 256), references=2)
     dataset.name = "browser-evaluation"
+    dataset.app_config.color_scheme = fo.ColorScheme(color_by="value")  # one colour per class
+    dataset.save()
     segmenter = ConnectedRegionSegmenter(input_size=256, mask_size=64)
     encoder = ColourStatsEncoder(input_size=112, grid_size=14)
     fa.build_dataset_memory_bank(dataset, "references", "gt", segmenter, encoder)
     settings = Settings(points_per_side=12)
     fa.segment_by_reference(dataset, "references", "ntt_predictions", segmenter, encoder, settings=settings)
+    yield dataset
+    dataset.delete()
+
+
+@pytest.fixture
+def dataset(predicted, request):
+    """A copy of ``predicted`` for one test: the App keeps its panel layout per dataset."""
+    copy = predicted.clone(f"browser-{request.node.name.replace('_', '-')}")
+    yield copy
+    copy.delete()
+
+
+def add_false_positives(dataset, count: int) -> None:
+    """Relabel one prediction to a wrong class in each of ``count`` samples without references
+    (which the evaluation keeps): the stand-ins make no false positives on these scenes."""
     with_references = dataset.filter_labels("gt", F("tags").contains(fa.DEFAULT_REFERENCE_TAG)).values("id")
     classes = sorted(dataset.distinct("gt.detections.label"))
-    for sample in dataset.exclude(with_references).limit(2):
+    for sample in dataset.exclude(with_references).limit(count):
         wrong = sample.ntt_predictions.detections[0]
         wrong.label = classes[(classes.index(wrong.label) + 1) % len(classes)]
         sample.save()
-    yield dataset
-    dataset.delete()
 
 
 def false_positive_samples(dataset, eval_key: str) -> int:
@@ -52,8 +67,7 @@ def false_positive_samples(dataset, eval_key: str) -> int:
     return len(view.filter_labels("ntt_predictions", F(eval_key) == "fp"))
 
 
-def test_memory_banks_panel_shows_the_bank_with_its_references(app, predicted):
-    dataset = predicted
+def test_memory_banks_panel_shows_the_bank_with_its_references(app, dataset):
     counts = fa.load_memory_bank(dataset, "references").counts()
     app.open(dataset)
     app.sidebar_checkbox("gt").click()  # predicted masks only
@@ -61,6 +75,7 @@ def test_memory_banks_panel_shows_the_bank_with_its_references(app, predicted):
     app.screenshot_samples("predicted-masks")
     app.sidebar_checkbox("gt").click()
 
+    app.page.set_viewport_size({"width": 1600, "height": 900})  # room for the panel's table
     app.open_panel("memory_banks")
     panel = app.page.get_by_test_id("panel-content-memory_banks")
     expect(panel.get_by_role("heading", name="Memory bank references")).to_be_visible()
@@ -78,8 +93,8 @@ def test_memory_banks_panel_shows_the_bank_with_its_references(app, predicted):
     prompt.get_by_role("button", name="Cancel").click()
 
 
-def test_evaluate_opens_in_the_model_evaluation_panel_with_the_sdk_map(app, predicted):
-    dataset = predicted
+def test_evaluate_opens_in_the_model_evaluation_panel_with_the_sdk_map(app, dataset):
+    add_false_positives(dataset, 2)
     app.open(dataset)
     prompt = app.operator_form("Evaluate reference segmentation (COCO)")
     expect(app.field(prompt, "Predictions")).to_have_value("ntt_predictions")
@@ -91,8 +106,7 @@ def test_evaluate_opens_in_the_model_evaluation_panel_with_the_sdk_map(app, pred
     sdk_map = dataset.load_evaluation_results("eval_ntt").mAP()
     assert 0 < sdk_map < 1
 
-    app.open_panel("model_evaluation_panel_builtin")
-    page = app.page
+    page = app.page  # the operator opened FiftyOne's Model Evaluation panel itself
     page.get_by_text("eval_ntt", exact=True).click()
     row = page.get_by_role("row").filter(has=page.get_by_role("cell", name="mAP", exact=True))
     expect(row.get_by_role("cell").nth(1)).to_have_text(f"{round(sdk_map, 3):g}")

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fiftyone.operators as foo
 import pytest
-from app_pages import PLUGIN, expect, pixels
+import yaml
+from app_pages import PLUGIN, REPO, expect, pixels
 from fiftyone import ViewField as F
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
@@ -56,12 +57,14 @@ def output_value(name: str, value: str) -> re.Pattern:
     return re.compile(rf'{name}:\s*string\s*"{re.escape(value)}"')
 
 
-def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(fresh_app, dataset):
+def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(fresh_app, dataset, tiny_models):
     app, server = fresh_app, fresh_app.server
     app.open(dataset)
     listing = app.operator_browser().inner_text()
     operators = our_operators()
-    assert len(operators) >= 7
+    assert sorted(op.name for op in operators) == sorted(
+        yaml.safe_load((REPO / "fiftyone.yml").read_text())["operators"]
+    )
     for operator in operators:
         assert operator.config.label in listing and operator.name in listing, operator.uri
     assert not server.torch_loaded(), "listing the operators imported torch in the App server"
@@ -71,6 +74,8 @@ def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(f
     found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
     expect(prompt.get_by_text(f"References found per class: {found}", exact=True)).to_be_visible()
     expect(app.field(prompt, "Ground-truth field")).to_have_value("gt")
+    for label, model_dir in zip(("SAM2 model", "DINOv2 model"), tiny_models):  # $NTT_SAM2, $NTT_DINOV2
+        expect(app.field(prompt, label)).to_have_value(str(model_dir))
     assert not server.torch_loaded(), "resolving a form imported torch in the App server"
     app.screenshot("form")
     gt_before = field_documents(dataset, "gt")
