@@ -1,4 +1,4 @@
-"""What the operators share: importing the library, form pieces, validation, progress.
+"""What the operators share: importing the library, form pieces, validation, runs with progress.
 
 Nothing here imports torch: the library's FiftyOne adapter keeps its heavy imports inside the
 functions that run models, so listing the plugin and resolving forms stay light.
@@ -7,8 +7,12 @@ functions that run models, so listing the plugin and resolving forms stay light.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import queue
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +22,8 @@ import fiftyone.operators.types as types
 INSTALL_HINT = "install the library with `pip install -e <repository>` (or `pip install -r requirements.txt`) in the environment that runs FiftyOne"
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
+
+logger = logging.getLogger(__name__)
 
 
 class LibraryMissingError(ImportError):
@@ -158,18 +164,90 @@ def model_options(params: dict) -> dict:
     return {name: None if params[name] == "auto" else params[name] for name in ("device", "dtype")}
 
 
-def progress_reporter(ctx, label: str) -> Callable[[int, int], None]:
-    def report(done: int, total: int) -> None:
-        ctx.set_progress(progress=done / max(total, 1), label=f"{label}: {done}/{total}")
-
-    return report
-
-
 def finish(ctx, report: dict) -> dict:
     """Reload the App's dataset after an immediate run; return the report as the result."""
     if not ctx.delegated:
         ctx.trigger("reload_dataset")
     return report
+
+
+def from_app(ctx) -> bool:
+    """Whether this is an immediate run that the App requested (and so streams).
+
+    The App posts every execution with the operator's URI in the request body, which becomes the
+    request parameters (FiftyOne's server requires it there); ``execute_operator`` (Python callers,
+    :func:`call`) takes the URI as an argument and leaves it out of them. Delegated runs say so.
+    """
+    return not ctx.delegated and "operator_uri" in ctx.request_params
+
+
+def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[[int, int], None]], dict]):
+    """Run ``work(progress)``, which returns the report and calls ``progress(done, total)`` as it goes.
+
+    From Python and in delegated runs: returns ``{"report": report}`` (progress goes to
+    ``ctx.set_progress``). From the App, which shows progress only from operators that run as
+    generators (``execute_as_generator=True``): returns a generator of App messages instead (see
+    :func:`_stream`); such an operator must run all of its work through this.
+    """
+    if from_app(ctx):
+        return _stream(operator, ctx, label, work)
+    report = work(lambda done, total: ctx.set_progress(**_progress(label, done, total)))
+    return finish(ctx, {"report": report})
+
+
+PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second
+_END = object()
+
+
+def _progress(label: str, done: int, total: int) -> dict:
+    return {"progress": done / max(total, 1), "label": f"{label}: {done}/{total}"}
+
+
+def _stream(operator, ctx, label: str, work):
+    """Run ``work`` in a thread; yield the App a ``set_progress`` for its latest progress at most
+    every ``PROGRESS_INTERVAL_S``, then its report as the operator's output (or its error, which
+    also goes to the server's log), then a dataset reload (finished samples are saved either way).
+
+    A failure is shown rather than raised: an exception raised while FiftyOne streams the messages
+    breaks the response, and the App then shows nothing. A run whose App page goes away finishes.
+    """
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["report"] = work(lambda done, total: events.put((done, total)))
+        except BaseException as error:  # shown in the App below
+            outcome["error"] = error
+        finally:
+            events.put(_END)
+
+    threading.Thread(target=run, name=f"{operator.config.name}-run", daemon=True).start()
+    yield ctx.ops.set_progress(label="Loading the models")
+    latest, shown_at = None, float("-inf")
+    while True:
+        due = shown_at + PROGRESS_INTERVAL_S
+        try:
+            event = events.get(timeout=None if latest is None else max(0.0, due - time.monotonic()))
+        except queue.Empty:  # the pending progress is due
+            event = None
+        if event is _END:
+            break
+        latest = event or latest
+        if time.monotonic() >= due:
+            yield ctx.ops.set_progress(**_progress(label, *latest))
+            latest, shown_at = None, time.monotonic()
+    if latest is not None:
+        yield ctx.ops.set_progress(**_progress(label, *latest))
+    if "error" in outcome:
+        error = outcome["error"]
+        logger.error("%s failed: %s", operator.uri, error, exc_info=error)
+        outputs = types.Object()
+        outputs.view("error", types.Error(label=f"{operator.config.label} failed", description=str(error)))
+        yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
+    else:
+        yield ctx.ops.show_output(operator.resolve_output(ctx).to_json(), {"report": outcome["report"]})
+    yield ctx.ops.reload_dataset()
 
 
 def report_output(ctx, label: str):

@@ -17,8 +17,8 @@ from .common import (
     model_inputs,
     model_options,
     params_with_defaults,
-    progress_reporter,
     report_output,
+    run_with_progress,
 )
 
 MODES = {
@@ -44,6 +44,7 @@ class BuildMemoryBank(foo.Operator):
             description="Describe tagged or selected ground-truth instances with DINOv2 and store them as a named memory bank",
             dynamic=True,
             allow_delegated_execution=True,
+            execute_as_generator=True,  # immediate runs from the App stream their progress
         )
 
     def resolve_input(self, ctx):
@@ -86,10 +87,13 @@ class BuildMemoryBank(foo.Operator):
         check(key_prop, lambda: fa.check_bank_key(ctx.dataset, key, overwrite))
 
     def execute(self, ctx):
-        fa = adapter()
         p = params_with_defaults(self, ctx)
+        return run_with_progress(self, ctx, "Reference images", lambda progress: self._run(ctx, p, progress))
+
+    def _run(self, ctx, p: dict, progress) -> dict:
+        fa = adapter()
         segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
-        report = fa.build_dataset_memory_bank(
+        return fa.build_dataset_memory_bank(
             ctx.target_view(),
             p["bank_key"],
             p["gt_field"],
@@ -101,9 +105,8 @@ class BuildMemoryBank(foo.Operator):
             classes=p.get("classes") or None,
             max_per_class=p.get("max_per_class"),
             overwrite=p["overwrite"],
-            progress=progress_reporter(ctx, "Reference images"),
+            progress=progress,
         )
-        return finish(ctx, {"report": report})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Memory bank")

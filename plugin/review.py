@@ -20,8 +20,8 @@ from .common import (
     invalid,
     model_options,
     params_with_defaults,
-    progress_reporter,
     report_output,
+    run_with_progress,
 )
 
 
@@ -143,20 +143,22 @@ class _AddReferences(foo.Operator):
         inputs.enum("dtype", list(DTYPES), default="auto", label="Compute dtype")
 
     def execute(self, ctx):
-        rv = fiftyone_review()
         p = params_with_defaults(self, ctx)
+        return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
+
+    def _run(self, ctx, p: dict, progress) -> dict:
+        rv = fiftyone_review()
         options = model_options(p)
         encoder, segmenter = rv.load_bank_models(ctx.dataset, p["bank_key"], p["dinov2"], p["sam2"], **options)
-        report = rv.add_to_memory_bank(
+        return rv.add_to_memory_bank(
             ctx.dataset,
             p["bank_key"],
             self._labels(ctx, None),
             encoder,
             segmenter,
             negative=self.negative,
-            progress=progress_reporter(ctx, "Images"),
+            progress=progress,
         )
-        return finish(ctx, {"report": report})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Memory bank updated")
@@ -173,6 +175,7 @@ class AddToMemoryBank(_AddReferences):
             description="Accepted predictions (or any selected labels) become new shots of their class in a memory bank",
             dynamic=True,
             allow_delegated_execution=True,
+            execute_as_generator=True,  # immediate runs from the App stream their progress
         )
 
     def _labels(self, ctx, inputs):
@@ -201,6 +204,7 @@ class AddNegativeReferences(_AddReferences):
             description="Labels tagged not_this_class (e.g. false positives) damp look-alikes of their class",
             dynamic=True,
             allow_delegated_execution=True,
+            execute_as_generator=True,  # immediate runs from the App stream their progress
         )
 
     def _labels(self, ctx, inputs):

@@ -12,14 +12,13 @@ from .common import (
     check,
     current,
     field_choice,
-    finish,
     form,
     invalid,
     model_inputs,
     model_options,
     params_with_defaults,
-    progress_reporter,
     report_output,
+    run_with_progress,
 )
 
 
@@ -45,6 +44,7 @@ class SegmentByReference(foo.Operator):
             description="Find every instance of a memory bank's classes and write them as Detections with instance masks",
             dynamic=True,
             allow_delegated_execution=True,
+            execute_as_generator=True,  # immediate runs from the App stream their progress
         )
 
     def resolve_input(self, ctx):
@@ -96,8 +96,11 @@ class SegmentByReference(foo.Operator):
         return f"{self.config.label} ({ctx.params.get('pred_field')}, shard {shard})" if shard else self.config.label
 
     def execute(self, ctx):
-        fa = adapter()
         p = params_with_defaults(self, ctx)
+        return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
+
+    def _run(self, ctx, p: dict, progress) -> dict:
+        fa = adapter()
         segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
         settings = fa.Settings(
             points_per_side=p["points_per_side"],
@@ -108,23 +111,17 @@ class SegmentByReference(foo.Operator):
         run = dict(
             bank_key=p["bank_key"], pred_field=p["pred_field"], segmenter=segmenter, encoder=encoder, settings=settings
         )
-        progress = progress_reporter(ctx, "Images")
         if p.get("shard_sample_ids") is not None:
             target = ctx.dataset.select(p["shard_sample_ids"])
-            report = fa.segment_by_reference(
+            return fa.segment_by_reference(
                 target, **run, batch_size=p["batch_size"], skip_existing=True, progress=progress
             )
-        elif p["num_shards"] > 1:
-            flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
+        flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
+        if p["num_shards"] > 1:
             shards = fa.start_sharded_prediction(ctx.target_view(), **run, num_shards=p["num_shards"], **flags)
             queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
-            report = {"field": p["pred_field"], "shards": queued}
-        else:
-            flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
-            report = fa.segment_by_reference(
-                ctx.target_view(), **run, batch_size=p["batch_size"], **flags, progress=progress
-            )
-        return finish(ctx, {"report": report})
+            return {"field": p["pred_field"], "shards": queued}
+        return fa.segment_by_reference(ctx.target_view(), **run, batch_size=p["batch_size"], **flags, progress=progress)
 
     def _queue_shard(self, ctx, p: dict, sample_ids: list[str], index: int, count: int) -> dict:
         """Queue one shard: a delegated operation over fixed sample ids, resuming the field."""
@@ -183,6 +180,7 @@ class BoxesToMasks(foo.Operator):
             description="Fill the masks of box-only detections with SAM2 box prompts, into a new field",
             dynamic=True,
             allow_delegated_execution=True,
+            execute_as_generator=True,  # immediate runs from the App stream their progress
         )
 
     def resolve_input(self, ctx):
@@ -208,18 +206,20 @@ class BoxesToMasks(foo.Operator):
         model_inputs(inputs, encoder=False)
 
     def execute(self, ctx):
-        fa = adapter()
         p = params_with_defaults(self, ctx)
+        return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
+
+    def _run(self, ctx, p: dict, progress) -> dict:
+        fa = adapter()
         segmenter = fa.load_segmenter_only(p["sam2"] or None, **model_options(p))
-        report = fa.boxes_to_masks(
+        return fa.boxes_to_masks(
             ctx.target_view(),
             p["in_field"],
             segmenter,
             out_field=None if p["in_place"] else p["out_field"],
             overwrite=p.get("overwrite", False),
-            progress=progress_reporter(ctx, "Images"),
+            progress=progress,
         )
-        return finish(ctx, {"report": report})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Boxes to masks")

@@ -415,6 +415,12 @@ def test_missing_model(folder, tmp_path, capsys):
 
 
 @pytest.mark.bad_input
+def build_one_shot_bank(folder: Path, tiny_models, out: Path) -> None:
+    """``ntt build-memory`` with one reference per class of the test folder, into ``out``."""
+    argv = ["build-memory", "--references", str(folder / "annotations.json"), "--images", str(folder / "images")]
+    assert main([*argv, "--out", str(out), "--shots", "1", *models(tiny_models), "--device", "cpu"]) == 0
+
+
 def test_predict_bad_inputs(folder, tiny_models, tmp_path, capsys):
     code, _, err = run(
         capsys,
@@ -430,25 +436,7 @@ def test_predict_bad_inputs(folder, tiny_models, tmp_path, capsys):
     )
     assert code == 2 and "not a memory bank" in error_line(err)
 
-    assert (
-        main(
-            [
-                "build-memory",
-                "--references",
-                str(folder / "annotations.json"),
-                "--images",
-                str(folder / "images"),
-                "--out",
-                str(tmp_path / "bank"),
-                "--shots",
-                "1",
-                *models(tiny_models),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    build_one_shot_bank(folder, tiny_models, tmp_path / "bank")
     other = json.loads((folder / "annotations.json").read_text())
     other["categories"][1]["name"] = "green"
     (tmp_path / "other.json").write_text(json.dumps(other))
@@ -489,25 +477,7 @@ def test_unreadable_target_image_is_skipped_not_fatal(folder, tiny_models, tmp_p
     images.mkdir()
     (images / "a.png").write_bytes((folder / "images" / "img1.png").read_bytes())
     (images / "b.png").write_bytes(b"not a png")
-    assert (
-        main(
-            [
-                "build-memory",
-                "--references",
-                str(folder / "annotations.json"),
-                "--images",
-                str(folder / "images"),
-                "--out",
-                str(tmp_path / "bank"),
-                "--shots",
-                "1",
-                *models(tiny_models),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    build_one_shot_bank(folder, tiny_models, tmp_path / "bank")
     code, out, err = run(
         capsys,
         "predict",

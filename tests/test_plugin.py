@@ -4,19 +4,31 @@ through each operator's ``__call__``; forms resolved headless. Tiny random-weigh
 """
 
 import asyncio
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fiftyone as fo
 import fiftyone.operators as foo
 import pytest
 from fiftyone.operators.delegated import DelegatedOperationService
-from fiftyone.operators.executor import ExecutionError, ExecutionRunState, resolve_type
+from fiftyone.operators.executor import (
+    ExecutionContext,
+    ExecutionError,
+    ExecutionRunState,
+    Executor,
+    execute_or_delegate_operator,
+    resolve_type,
+)
 from fiftyone.operators.registry import OperatorRegistry
+from fiftyone.operators.server import create_response_generator
 from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
+
+from plugin.common import PROGRESS_INTERVAL_S, run_with_progress
 
 PLUGIN = "@ntt/no-time-to-train"
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +63,23 @@ def segmented(models, tmp_path_factory):
 
 def run(name: str, dataset, params: dict, **ctx):
     return foo.execute_operator(uri(name), dict(dataset=dataset, **ctx), params=params)
+
+
+def run_from_app(name: str, dataset, params: dict) -> list[tuple[str, dict]]:
+    """Run ``name`` as the App does: the request body it posts to FiftyOne's generator endpoint, through
+    the functions that endpoint calls; returns the streamed messages as (triggered operator, params)."""
+    request = dict(operator_uri=uri(name), dataset_name=dataset.name, view=dataset.view()._serialize(), params=params)
+    result = asyncio.run(execute_or_delegate_operator(uri(name), request))
+    result.raise_exceptions()
+    assert result.is_generator
+    lines = [json.loads(line)["body"] for line in create_response_generator(result.result)]
+    return [(line["operator_uri"], line["params"]) for line in lines]
+
+
+def shown_error(messages) -> dict:
+    """The Error view of the output that a failed App run shows."""
+    (outputs,) = [params["outputs"] for name, params in messages if name == "show_output"]
+    return outputs["type"]["properties"]["error"]["view"]
 
 
 def run_queued(dataset) -> list:
@@ -198,6 +227,58 @@ def test_sharded_run_queues_fixed_shards_that_label_each_sample_once(dataset, mo
     processed = [r.result["report"]["processed"] for r in results]
     assert sorted(processed) == sorted(s["samples"] for s in shards)  # each sample written by exactly one shard
     assert len(dataset.exists("pred")) == len(dataset)
+
+
+def test_an_app_run_streams_its_progress_then_its_report_and_a_reload(dataset, models):
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    params = dict(bank_key="references", pred_field="pred", **FAST, **models)
+    messages = run_from_app("segment_by_reference", dataset, params)
+    names = [name for name, _ in messages]
+    assert names[0] == "set_progress" and names[-2:] == ["show_output", "reload_dataset"]
+    assert set(names[1:-2]) == {"set_progress"}
+    steps = [params for _, params in messages[1:-2]]
+    values = [step["progress"] for step in steps]
+    assert values and values == sorted(set(values)) and values[-1] == 1.0
+    assert [step["label"] for step in steps] == [f"Images: {round(v * 3)}/3" for v in values]
+    output = messages[-2][1]
+    assert list(output["outputs"]["type"]["properties"]) == ["report"]  # as resolve_output shows it
+    report = output["results"]["report"]
+    assert report["processed"] == len(dataset) and dataset.count("pred.detections") == report["instances"]
+
+
+def test_app_progress_is_throttled_and_a_failure_mid_run_is_shown_with_its_message(dataset):
+    operator = foo.get_operator(uri("segment_by_reference"))
+    ctx = ExecutionContext(dict(operator_uri=operator.uri, dataset_name=dataset.name, params={}), Executor())
+    steps = 40
+
+    def work(progress):
+        for done in range(1, steps + 1):
+            time.sleep(0.02)
+            progress(done, 100)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    started = time.monotonic()
+    messages = [(m.body.operator_uri, m.body.params) for m in run_with_progress(operator, ctx, "Images", work)]
+    elapsed = time.monotonic() - started
+    progress = [params for name, params in messages[1:] if name == "set_progress"]
+    assert [p["progress"] for p in progress] == sorted({p["progress"] for p in progress})
+    assert 2 <= len(progress) <= elapsed / PROGRESS_INTERVAL_S + 2 and len(progress) < steps
+    assert progress[-1] == {"label": f"Images: {steps}/100", "progress": steps / 100}
+    assert [name for name, _ in messages[-2:]] == ["show_output", "reload_dataset"]
+    error = shown_error(messages)
+    assert (error["label"], error["description"]) == ("Segment by reference failed", "CUDA out of memory (simulated)")
+
+
+def test_a_failed_app_run_shows_its_error_and_python_callers_get_it_raised(segmented, models, tmp_path):
+    params = dict(bank_key="references", pred_field="never", **FAST, **{**models, "sam2": str(tmp_path / "no-sam2")})
+    messages = run_from_app("segment_by_reference", segmented, params)
+    assert [name for name, _ in messages] == ["set_progress", "show_output", "reload_dataset"]
+    error = shown_error(messages)
+    assert error["label"] == "Segment by reference failed"
+    assert re.match(r"SAM2 model '.*no-sam2' could not be loaded", error["description"])
+    with pytest.raises(ExecutionError, match=r"SAM2 model '.*no-sam2' could not be loaded"):
+        run("segment_by_reference", segmented, params)
+    assert not segmented.has_field("never")
 
 
 def test_boxes_to_masks_operator(dataset, models):

@@ -51,6 +51,21 @@ KNOWN_CONSOLE_ERRORS = (
     # already handed to its worker (seen after selecting labels in the sample modal); nothing is lost.
     re.compile(r"^Error posting message to worker DataCloneError: Failed to execute 'postMessage' on 'Worker'"),
 )
+# Records, in the page, each state of the modal in which the App shows what a streaming operator sends
+# (its progress bar, then its output): [{"text", "value"}] with the bar's aria-valuenow, if it has one.
+RECORD_SHOWN = """() => {
+    window.nttShown = [];
+    window.nttRecorder?.disconnect();
+    window.nttRecorder = new MutationObserver(() => {
+        const modal = document.querySelector("[data-cy=operators-prompt-view-modal]");
+        if (!modal) return;
+        const bar = modal.querySelector("[role=progressbar]");
+        const state = {text: modal.innerText, value: bar ? bar.getAttribute("aria-valuenow") : null};
+        const last = window.nttShown[window.nttShown.length - 1];
+        if (!last || last.text !== state.text || last.value !== state.value) window.nttShown.push(state);
+    });
+    window.nttRecorder.observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
 
 
 def chromium_path() -> str | None:
@@ -191,6 +206,20 @@ class App:
         prompt.get_by_role("button", name="Execute").click()
         prompt.get_by_role("button", name="Close").wait_for(timeout=RUN_MS)
         return prompt
+
+    def run(self, prompt):
+        """Click Execute on the form of an operator that streams its progress (``execute_as_generator``);
+        return the modal that showed its progress, once it shows the run's output (or error) instead.
+        :meth:`shown` then gives every state that modal went through."""
+        self.page.evaluate(RECORD_SHOWN)
+        prompt.get_by_role("button", name="Execute").click()
+        shown = self.page.get_by_test_id("operators-prompt-view-modal")
+        expect(prompt).to_be_hidden(timeout=RUN_MS)  # the form goes once the run has streamed everything
+        expect(shown.get_by_role("progressbar")).to_have_count(0)  # the output has replaced the progress
+        return shown
+
+    def shown(self) -> list[dict]:
+        return self.page.evaluate("window.nttShown")
 
     def schedule(self, prompt) -> None:
         """Queue the run as a delegated operation with the split button's "Schedule" choice."""

@@ -80,8 +80,8 @@ def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(f
     app.screenshot("form")
     gt_before = field_documents(dataset, "gt")
 
-    app.execute(prompt)
-    expect(prompt).to_contain_text(output_value("key", "references"))
+    shown = app.run(prompt)
+    expect(shown).to_contain_text(output_value("key", "references"))
     app.screenshot("done")
     dataset.reload()
     assert dataset.list_runs() == ["references"]
@@ -90,7 +90,7 @@ def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(f
     assert server.torch_loaded(), "the first run did not import torch: this probe would see nothing"
 
 
-def test_segment_by_reference_on_a_saved_view_adds_a_field_that_draws_masks(app, banked):
+def test_segment_by_reference_on_a_saved_view_shows_its_progress_and_adds_a_field_that_draws_masks(app, banked):
     dataset = banked
     in_view = dataset.values("id")[:3]
     dataset.select(in_view).tag_samples("todo")
@@ -100,10 +100,17 @@ def test_segment_by_reference_on_a_saved_view_adds_a_field_that_draws_masks(app,
 
     prompt = app.operator_form("Segment by reference")
     expect(app.field(prompt, "Output field")).to_have_value("ntt_predictions")
-    app.set_field(prompt, *FAST)
-    app.execute(prompt)
-    expect(prompt).to_contain_text(output_value("field", "ntt_predictions"))
-    prompt.get_by_role("button", name="Close").click()
+    shown = app.run(prompt)  # with the paper's 32 x 32 prompts per image: long enough to watch
+    expect(shown).to_contain_text(output_value("field", "ntt_predictions"))
+    app.screenshot("done")
+    states = app.shown()
+    assert states[0]["text"].startswith("Loading the models"), states
+    bars = [(int(s["value"]), re.search(r"Images: (\d+)/3", s["text"])) for s in states if s["value"] is not None]
+    assert all(label for _, label in bars), states
+    assert [value for value, _ in bars] == [round(100 * int(label[1]) / 3) for _, label in bars], states
+    assert [value for value, _ in bars] == sorted({value for value, _ in bars}), states
+    assert any(0 < value < 100 for value, _ in bars), f"no progress was shown during the run: {states}"
+    shown.get_by_role("button", name="Done").click()
 
     checkbox = app.sidebar_checkbox("ntt_predictions")
     expect(checkbox.locator("input")).to_be_checked()  # a new label field is shown at once
@@ -146,6 +153,20 @@ def test_form_errors_show_inline_and_disable_execute(app, banked):
     assert not dataset.has_field("new_predictions")
 
 
+def test_a_failed_run_shows_its_error(app, banked, tmp_path):
+    dataset = banked
+    app.open(dataset)
+    prompt = app.operator_form("Segment by reference")
+    app.set_field(prompt, "SAM2 model", tmp_path / "no-sam2")  # a folder that is not there
+    app.set_field(prompt, *FAST)
+    shown = app.run(prompt)
+    expect(shown.get_by_text("Segment by reference failed", exact=True)).to_be_visible()
+    expect(shown).to_contain_text(re.compile(r"SAM2 model '.*no-sam2' could not be loaded"))
+    app.screenshot("failed")
+    dataset.reload()
+    assert not dataset.has_field("ntt_predictions")
+
+
 def test_a_scheduled_run_is_queued_then_run_by_the_queue(app, banked):
     dataset = banked
     app.open(dataset)
@@ -165,6 +186,7 @@ def test_a_scheduled_run_is_queued_then_run_by_the_queue(app, banked):
             DelegatedOperationService().execute_queued_operations, dataset_name=dataset.name
         ).result()
     assert result.error is None, result.error
+    assert result.result["report"]["processed"] == len(dataset)  # the report, as the operation's result
     assert DelegatedOperationService().get(queued.id).run_state == ExecutionRunState.COMPLETED
 
     expect(app.sidebar_checkbox("queued")).to_have_count(0)
