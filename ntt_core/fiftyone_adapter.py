@@ -647,7 +647,8 @@ def segment_by_reference(
             results = predictor.predict_paths(batch_paths)
         except Exception as error:
             raise FiftyOneAdapterError(
-                f"segmentation stopped after {start} of {len(ids)} samples: {error}. The finished samples are saved "
+                f"segmentation stopped after {start} of {len(ids)} samples: {str(error) or type(error).__name__}. "
+                f"The finished samples are saved "
                 f"in '{pred_field}'; run again with skip_existing to finish the rest"
             ) from error
         values = {}

@@ -62,9 +62,7 @@ def server_env(tiny_models) -> dict:
 @pytest.fixture(scope="session")
 def app_server(browser, tiny_models):
     """The App server shared by the tests; its model fields default to the tiny models."""
-    server = AppServer(server_env(tiny_models), ARTIFACTS / "app-server.log")
-    yield server
-    server.stop()
+    yield from _new_server(tiny_models, "app-server.log")
 
 
 @pytest.fixture
@@ -73,7 +71,17 @@ def fresh_app_server(app_server, tiny_models):
     if not app_server.torch_loaded():
         yield app_server
         return
-    server = AppServer(server_env(tiny_models), ARTIFACTS / "app-server-fresh.log")
+    yield from _new_server(tiny_models, "app-server-fresh.log")
+
+
+@pytest.fixture
+def own_app_server(browser, tiny_models, request):
+    """A new App server for this test alone, stopped at its end: for tests that change the server process."""
+    yield from _new_server(tiny_models, f"app-server-{request.node.name}.log")
+
+
+def _new_server(tiny_models, log_name: str):
+    server = AppServer(server_env(tiny_models), ARTIFACTS / log_name)
     yield server
     server.stop()
 
@@ -88,6 +96,12 @@ def app(browser, app_server, request):
 def fresh_app(browser, fresh_app_server, request):
     """Like ``app``, on a server that has not run a model yet."""
     yield from _app(browser, fresh_app_server, request)
+
+
+@pytest.fixture
+def own_app(browser, own_app_server, request):
+    """Like ``app``, on a server of this test's own."""
+    yield from _app(browser, own_app_server, request)
 
 
 def _app(browser, server, request):

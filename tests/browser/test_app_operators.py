@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import fiftyone.operators as foo
 import pytest
 import yaml
-from app_pages import PLUGIN, REPO, expect, pixels
+from app_pages import PLUGIN, REPO, expect, output_value, pixels
 from fiftyone import ViewField as F
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
@@ -50,11 +50,6 @@ def our_operators() -> list:
 def tagged_counts(dataset) -> dict[str, int]:
     references = dataset.filter_labels("gt", F("tags").contains(fa.DEFAULT_REFERENCE_TAG))
     return references.count_values("gt.detections.label")
-
-
-def output_value(name: str, value: str) -> re.Pattern:
-    """A string entry of the run's output as the form's JSON view shows it."""
-    return re.compile(rf'{name}:\s*string\s*"{re.escape(value)}"')
 
 
 def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(fresh_app, dataset, tiny_models):
