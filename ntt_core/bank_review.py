@@ -8,6 +8,7 @@ dataset side lives in :mod:`ntt_core.fiftyone_review`.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .matching import class_similarity, negative_damping
-from .memory_bank import DescribedReferences, MemoryBank, MemoryBankError, reference_crop_box
+from .memory_bank import DescribedReferences, MemoryBank, MemoryBankError, reference_crop_box, skipped_instance
 from .settings import Settings
 
 #: Percentile of a class's leave-one-out scores that :func:`suggest_thresholds` proposes.
@@ -139,7 +140,7 @@ def add_references(bank: MemoryBank, described: DescribedReferences) -> tuple[Me
         elif instance.negative and instance.class_name not in bank.classes:
             reason = f"class '{instance.class_name}' has no positive reference in this memory bank"
         if reason:
-            skipped.append({"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": reason})
+            skipped.append(skipped_instance(instance, reason))
             continue
         if instance.class_name not in classes:
             classes.append(instance.class_name)
@@ -147,7 +148,7 @@ def add_references(bank: MemoryBank, described: DescribedReferences) -> tuple[Me
         rows.append(row)
     added = [described.instances[row] for row in rows]
     lookup = {name: i for i, name in enumerate(classes)}
-    grown = _replace(
+    grown = dataclasses.replace(  # same encoder, segmenter, settings and skipped list
         bank,
         classes=classes,
         descriptors=torch.cat([bank.descriptors, described.descriptors[rows].reshape(len(rows), bank.feature_dim)]),
@@ -177,7 +178,7 @@ def remove_references(bank: MemoryBank, reference_ids: Iterable[str]) -> tuple[M
     remap[positive_left > 0] = torch.arange(len(classes))
     rows = torch.nonzero(keep).flatten().tolist()
     removed = [rid for rid, kept in zip(bank.reference_ids, keep.tolist()) if not kept]
-    smaller = _replace(
+    smaller = dataclasses.replace(
         bank,
         classes=classes,
         descriptors=bank.descriptors[keep],
@@ -187,19 +188,6 @@ def remove_references(bank: MemoryBank, reference_ids: Iterable[str]) -> tuple[M
         image_ids=[bank.image_ids[row] for row in rows],
     )
     return smaller, removed, dropped
-
-
-def _replace(bank: MemoryBank, **changes) -> MemoryBank:
-    """A new bank with the same encoder, segmenter, settings and skipped list as ``bank``."""
-    same = dict(
-        encoder_id=bank.encoder_id,
-        encoder_fingerprint=bank.encoder_fingerprint,
-        encoder_input_size=bank.encoder_input_size,
-        segmenter_id=bank.segmenter_id,
-        settings=dict(bank.settings),
-        skipped=list(bank.skipped),
-    )
-    return MemoryBank(**same, **changes)
 
 
 def thumbnail(

@@ -240,7 +240,7 @@ def collect_references(
             continue
         instances = []
         for label in chosen:
-            instance, reason = _reference_instance(label, image.shape[:2])
+            instance, reason = reference_instance(label, image.shape[:2])
             if instance is None:
                 selection.skipped.append(_skip(label, reason))
             else:
@@ -270,7 +270,7 @@ def _skip(label, reason: str) -> dict:
     return {"reference_id": label.id, "class_name": label.label, "reason": reason}
 
 
-def _reference_instance(label, image_size: tuple[int, int]):
+def reference_instance(label, image_size: tuple[int, int]):
     """A ``ReferenceInstance`` from a ``fo.Detection``, or None and the reason it is unusable."""
     from .memory_bank import ReferenceInstance
 

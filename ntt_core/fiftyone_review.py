@@ -115,7 +115,7 @@ def bank_overview(dataset, key: str, per_class: int = 8, size: int = 96) -> dict
 
 
 def _thumbnail(entry: ReferenceLabel, images: dict, size: int, colour, context: float) -> str | None:
-    """The thumbnail of one located reference; None when its image or box is unusable."""
+    """The thumbnail of one located reference; None when its image, box or mask is unusable."""
     from .bank_review import thumbnail
 
     if entry.filepath not in images:
@@ -124,12 +124,10 @@ def _thumbnail(entry: ReferenceLabel, images: dict, size: int, colour, context: 
         except ImageError:
             images[entry.filepath] = None
     image = images[entry.filepath]
-    box = None if image is None else fa.pixel_box(entry.label.bounding_box, image.shape[:2])
-    if box is None:
+    instance, _ = (None, "") if image is None else fa.reference_instance(entry.label, image.shape[:2])
+    if instance is None:
         return None
-    crop = entry.label.get_mask()
-    mask = None if crop is None else fa.place_mask(crop, box, image.shape[:2])
-    return thumbnail(image, box, mask, size=size, colour=colour, context_ratio=context)
+    return thumbnail(image, instance.box, instance.mask, size=size, colour=colour, context_ratio=context)
 
 
 def matched_reference(dataset, pred_field: str, label_id: str) -> dict:

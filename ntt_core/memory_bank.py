@@ -313,7 +313,7 @@ def describe_references(
         for instance in reference.instances:
             mask, reason = _reference_mask(instance, image, segmenter)
             if mask is None:
-                skipped.append(_skipped(instance, reason))
+                skipped.append(skipped_instance(instance, reason))
                 continue
             box = mask_box(mask > 0) if instance.box is None else instance.box
             x0, y0, x1, y1 = reference_crop_box(box, (height, width), settings.context_ratio)
@@ -335,7 +335,7 @@ def describe_references(
     kept = []
     for row, (instance, _) in enumerate(meta):
         if totals[row] <= 0:
-            skipped.append(_skipped(instance, "mask is empty at the encoder's patch grid"))
+            skipped.append(skipped_instance(instance, "mask is empty at the encoder's patch grid"))
         else:
             kept.append(row)
     descriptors = torch.cat(descriptors)[kept].float() if kept else torch.zeros(0, 0)
@@ -347,7 +347,8 @@ def describe_references(
     )
 
 
-def _skipped(instance: ReferenceInstance, reason: str) -> dict:
+def skipped_instance(instance: ReferenceInstance, reason: str) -> dict:
+    """The record of a reference instance left out: ``{"reference_id", "class_name", "reason"}``."""
     return {"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": reason}
 
 

@@ -92,8 +92,7 @@ def check(prop, test: Callable[[], object]):
     try:
         return test()
     except (ValueError, LibraryMissingError) as error:
-        prop.invalid = True
-        prop.error_message = str(error)
+        invalid(prop, str(error))
         return None
 
 
