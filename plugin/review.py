@@ -8,8 +8,6 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from .common import (
-    DEVICES,
-    DTYPES,
     adapter,
     bank_choice,
     call,
@@ -18,6 +16,7 @@ from .common import (
     finish,
     form,
     invalid,
+    model_inputs,
     model_options,
     params_with_defaults,
     report_output,
@@ -139,8 +138,7 @@ class _AddReferences(foo.Operator):
             label="SAM2 model",
             description="Only for labels without a mask (box prompts); empty: such labels are skipped",
         )
-        inputs.enum("device", list(DEVICES), default="auto", label="Device", view=types.Dropdown(label="Device"))
-        inputs.enum("dtype", list(DTYPES), default="auto", label="Compute dtype")
+        model_inputs(inputs, segmenter=False, encoder=False)  # device and dtype
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)
