@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .prompt_decoder import decode_multimask
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -177,28 +179,31 @@ class Sam2Segmenter:
     def segment_points(self, features: Sam2Features, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         points = points.to(self.device, torch.float32)[:, :, None, :]  # [B, P, 1, 2]
         labels = torch.ones(points.shape[:3], dtype=torch.int32, device=self.device)
-        return self._decode(features, points=points, labels=labels, multimask=True)
+        with autocast(self.device, self.dtype):
+            sparse, dense = self.model.prompt_encoder(
+                input_points=points, input_labels=labels, input_boxes=None, input_masks=None
+            )
+            logits, iou = decode_multimask(
+                self.model.mask_decoder, features.embeddings, self._positional, features.high_resolution, sparse, dense
+            )
+        return logits.float(), iou.float()
 
     @torch.inference_mode()
     def segment_boxes(self, features: Sam2Features, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, iou = self._decode(features, boxes=boxes.to(self.device, torch.float32), multimask=False)
-        return logits[:, :, 0], iou[:, :, 0]
-
-    def _decode(self, features: Sam2Features, points=None, labels=None, boxes=None, multimask=True):
         batch = features.embeddings.shape[0]
         with autocast(self.device, self.dtype):
             sparse, dense = self.model.prompt_encoder(
-                input_points=points, input_labels=labels, input_boxes=boxes, input_masks=None
+                input_points=None, input_labels=None, input_boxes=boxes.to(self.device, torch.float32), input_masks=None
             )
-            logits, iou, _, _ = self.model.mask_decoder(
+            logits, iou, _, _ = self.model.mask_decoder(  # a few prompts: transformers' own decoder
                 image_embeddings=features.embeddings,
                 image_positional_embeddings=self._positional.expand(batch, -1, -1, -1),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
-                multimask_output=multimask,
+                multimask_output=False,
                 high_resolution_features=list(features.high_resolution),
             )
-        return logits.float(), iou.float()
+        return logits[:, :, 0].float(), iou[:, :, 0].float()
 
 
 class Dinov2Encoder:
