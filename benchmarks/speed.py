@@ -438,10 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 elsewhere"
-    )
+    add_device_options(parser)
     parser.add_argument(
         "--sam2", help="SAM2 weights: short name, hub id, local directory or Meta .pt file (default: random weights)"
     )
@@ -487,6 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, read by :func:`device_and_dtype`."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 elsewhere"
+    )
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -511,20 +516,29 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
         raise BenchmarkError("give --arch (random weights) or --sam2 (real weights), not both")
     if args.dinov2_arch and args.dinov2:
         raise BenchmarkError("give --dinov2-arch (random weights) or --dinov2 (real weights), not both")
-    defaults = DEFAULTS["cpu" if device.type == "cpu" else "accelerator"]
-    for name, value in defaults.items():
+    fill_defaults(args, DEFAULTS, device)
+
+
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, dict], device: torch.device) -> None:
+    """Options left unset (None) take ``defaults["cpu"]`` or ``defaults["accelerator"]``."""
+    for name, value in defaults["cpu" if device.type == "cpu" else "accelerator"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
 
-def run(args: argparse.Namespace) -> dict:
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """The ``--threads``, ``--device`` and ``--dtype`` options applied; an unusable device is a BenchmarkError."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         device = choose_device(args.device)
     except RuntimeError as error:  # an unknown or unavailable device
         raise BenchmarkError(f"--device {args.device}: {error}") from None
-    dtype = choose_dtype(device, None if args.dtype == "auto" else args.dtype)
+    return device, choose_dtype(device, None if args.dtype == "auto" else args.dtype)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device, dtype = device_and_dtype(args)
     resolve_defaults(args, device)
     segmenter, encoder, models = build_models(args, device, dtype)
     settings = Settings(points_per_side=args.points_per_side, prompt_batch_size=args.prompt_batch_size)

@@ -6,8 +6,8 @@ with the same weights (multimask outputs only, as the point grid uses them) but 
 tensors per image: the first layer's image projections are computed once per image and every
 prompt's tokens attend to them as one long query sequence, skip levels are broadcast rather than
 copied, and only the three multimask outputs are upscaled and read. Equal to the transformers forward
-up to float rounding (tests/test_prompt_decoder.py); on CPU it decodes 64 prompts in 4.2 s instead of
-7.2 s with 28 instead of 40 MiB of scratch per prompt (benchmarks/RESULTS.md).
+up to float rounding (tests/test_prompt_decoder.py); on CPU it decodes 1.8x faster with 28 instead of
+40 MiB of scratch per prompt (benchmarks/decoder.py, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -112,6 +112,25 @@ def test_random_dinov2_architectures_are_metas_official_sizes(size):
     assert count == sum(p.numel() for p in vit.parameters())
 
 
+def test_decoder_benchmark_times_both_decoders_on_the_same_inputs(monkeypatch, capsys):
+    """benchmarks/decoder.py: its JSON contract, and both decoders' outputs agree (tiny config)."""
+    from tiny_models import tiny_sam2_config
+
+    decoder = _load("decoder")
+    monkeypatch.setattr(decoder, "sam2_config", lambda arch: tiny_sam2_config())
+    assert decoder.main(["--device", "cpu", "--prompts", "5", "--images", "2", "--repeats", "1", "--json"]) == 0
+    report = _last_json(capsys)
+    assert (report["images"], report["prompts"], report["dtype"], report["weights"]) == (2, 5, "float32", "random")
+    assert set(report["decoders"]) == {"transformers", "ours"}
+    for figures in report["decoders"].values():
+        assert figures["prompts_per_s"] == pytest.approx(10 / figures["median_s"])
+        assert figures["peak_mb"] is None or figures["peak_mb_per_prompt"] == pytest.approx(figures["peak_mb"] / 10)
+    medians = [report["decoders"][name]["median_s"] for name in ("transformers", "ours")]
+    assert report["speedup"] == pytest.approx(medians[0] / medians[1])
+    assert report["max_abs_logit"] > 0
+    assert report["max_abs_logit_difference"] <= 1e-5 * max(1.0, report["max_abs_logit"])
+
+
 def _check_speed_report(report: dict, images: int) -> None:
     assert SPEED_KEYS <= set(report)
     assert set(report["stages"]) == STAGES
