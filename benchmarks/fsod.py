@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     model.add_argument("--batch-size", type=_positive, default=4, help="target images per predictor call")
     model.add_argument("--points-per-side", type=_positive, default=Settings().points_per_side)
-    model.add_argument("--prompt-batch-size", type=_positive, default=Settings().prompt_batch_size)
+    model.add_argument("--prompt-batch-size", type=_positive, help="prompts decoded at once (default: 256; 64 on CPU)")
     parser.add_argument(
         "--out", type=Path, default=Path("fsod-output"), help="folder for references, banks, results and metrics"
     )

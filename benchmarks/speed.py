@@ -463,9 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--points-per-side", type=_positive, help="prompt grid side (default: 32, the paper's; 8 on CPU)"
     )
-    parser.add_argument(
-        "--prompt-batch-size", type=_positive, default=Settings().prompt_batch_size, help="prompts decoded at once"
-    )
+    parser.add_argument("--prompt-batch-size", type=_positive, help="prompts decoded at once (default: 256; 64 on CPU)")
     parser.add_argument("--classes", type=_positive, default=20, help="classes in the memory bank")
     parser.add_argument("--shots", type=_positive, default=10, help="references per class in the memory bank")
     parser.add_argument(
@@ -556,7 +554,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "warmup_batches": args.warmup,
         "prompts": args.points_per_side**2,
-        "prompt_batch_size": args.prompt_batch_size,
+        "prompt_batch_size": settings.prompt_batch(device.type),
         "classes": args.classes,
         "shots": args.shots,
         "survivors": args.survivors[0] if args.survivors else None,

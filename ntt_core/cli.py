@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(predict)
     for option, kind, text in (
         ("--points-per-side", _positive_int, "point-prompt grid side"),
-        ("--prompt-batch-size", _positive_int, "point prompts decoded at once"),
+        ("--prompt-batch-size", _positive_int, "point prompts decoded at once (default: 256 on a GPU, 64 on CPU)"),
         ("--sam-iou-threshold", _fraction, "drop candidates whose SAM2 predicted IoU is at or below this"),
         ("--nms-iou-threshold", _fraction, "box NMS IoU"),
         ("--pre-merge-keep", _positive_int, "candidates kept after NMS"),

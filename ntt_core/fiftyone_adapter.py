@@ -30,7 +30,7 @@ from PIL import Image
 
 from .images import ImageError, load_image
 from .instances import Instances
-from .settings import Settings
+from .settings import MEMORY_ONLY, Settings
 
 BANK_METHOD = "ntt_memory_bank"
 PREDICTION_METHOD = "ntt_predictions"
@@ -553,7 +553,7 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
             raise FiftyOneAdapterError(
                 f"field '{name}' was not written by segment-by-reference (no run record): cannot resume it; choose another field"
             )
-        differ = [k for k in RECORD_MATCH_KEYS if existing.get(k) != record.get(k)]
+        differ = [k for k in RECORD_MATCH_KEYS if _resume_part(existing, k) != _resume_part(record, k)]
         if differ:
             raise FiftyOneAdapterError(
                 f"field '{name}' was written with a different {', '.join(differ)}: resuming would mix results; "
@@ -569,6 +569,15 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
     if dataset.has_run(key) and key not in dataset.list_runs(method=PREDICTION_METHOD):
         raise FiftyOneAdapterError(f"run key '{key}' is taken by another run")
     dataset.register_run(key, dataset.init_run(method=PREDICTION_METHOD, **record), overwrite=True)
+
+
+def _resume_part(record: dict, key: str):
+    """What of ``record[key]`` must agree to resume a field: settings that change only memory and speed
+    (a smaller prompt batch after running out of memory) may differ."""
+    value = record.get(key)
+    if key == "settings" and isinstance(value, dict):
+        return {name: setting for name, setting in value.items() if name not in MEMORY_ONLY}
+    return value
 
 
 def instances_to_detections(instances: Instances) -> fo.Detections:

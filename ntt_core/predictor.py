@@ -68,7 +68,7 @@ class Predictor:
             sam_features,
             len(arrays),
             self.points,
-            self.settings.prompt_batch_size,
+            self.settings.prompt_batch(self.segmenter.device.type),
             self.settings.sam_iou_threshold,
         )
         return [self._instances(c, dense[i], a.shape[:2]) for i, (c, a) in enumerate(zip(candidates, arrays))]

@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+#: Prompts decoded at once when ``prompt_batch_size`` is None: the paper's 256 on an accelerator; 64 on
+#: CPU, where it is faster and needs about 1.8 GiB of decoder scratch instead of 7 (benchmarks/RESULTS.md).
+DEFAULT_PROMPT_BATCH = {"cpu": 64, "accelerator": 256}
+#: Settings that change memory and speed but never the results (proven in tests/test_predictor.py).
+MEMORY_ONLY = ("prompt_batch_size",)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -15,7 +21,7 @@ class Settings:
     """
 
     points_per_side: int = 32
-    prompt_batch_size: int = 256
+    prompt_batch_size: int | None = None  # None: DEFAULT_PROMPT_BATCH for the device
     sam_iou_threshold: float = 0.4
     nms_iou_threshold: float = 0.5
     pre_merge_keep: int = 800
@@ -30,7 +36,7 @@ class Settings:
     def __post_init__(self) -> None:
         checks = {  # name -> (valid, the rule)
             "points_per_side": (self.points_per_side >= 1, ">= 1"),
-            "prompt_batch_size": (self.prompt_batch_size >= 1, ">= 1"),
+            "prompt_batch_size": (self.prompt_batch_size is None or self.prompt_batch_size >= 1, ">= 1 or None"),
             "sam_iou_threshold": (0.0 <= self.sam_iou_threshold <= 1.0, "in [0, 1]"),
             "nms_iou_threshold": (0.0 < self.nms_iou_threshold <= 1.0, "in (0, 1]"),
             "pre_merge_keep": (self.pre_merge_keep >= 1, ">= 1"),
@@ -47,6 +53,12 @@ class Settings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def prompt_batch(self, device_type: str) -> int:
+        """Prompts decoded at once on a device of type ``device_type`` (``"cpu"``, ``"cuda"``, ...)."""
+        if self.prompt_batch_size is not None:
+            return self.prompt_batch_size
+        return DEFAULT_PROMPT_BATCH["cpu" if device_type == "cpu" else "accelerator"]
 
     @classmethod
     def from_dict(cls, values: dict) -> Settings:

@@ -105,3 +105,19 @@ def test_prompt_batch_size_changes_memory_not_results(predictor):
             assert np.array_equal(a.boxes, b.boxes) and a.reference_ids == b.reference_ids
             assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
             assert np.allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_default_prompt_batch_is_the_papers_on_an_accelerator_and_64_on_cpu(predictor, monkeypatch):
+    assert Settings().prompt_batch("cuda") == Settings().prompt_batch("mps") == 256
+    assert Settings().prompt_batch("cpu") == 64
+    assert Settings(prompt_batch_size=7).prompt_batch("cuda") == Settings(prompt_batch_size=7).prompt_batch("cpu") == 7
+    segmenter, decoded = predictor.segmenter, []
+
+    def counting(features, points):
+        decoded.append(points.shape[1])
+        return type(segmenter).segment_points(segmenter, features, points)
+
+    monkeypatch.setattr(segmenter, "segment_points", counting)
+    settings = SETTINGS.replace(points_per_side=9, prompt_batch_size=None)  # 81 prompts on this CPU predictor
+    Predictor(segmenter, predictor.encoder, predictor.bank, settings).predict(images()[:1])
+    assert decoded == [64, 17]
