@@ -257,7 +257,8 @@ def remove_from_memory_bank(dataset, key: str, reference_ids: Sequence[str]) -> 
     dataset = dataset._root_dataset
     info = fa.memory_bank_info(dataset, key)
     bank = fa.load_memory_bank(dataset, key)
-    present = [rid for rid in reference_ids if rid in set(bank.reference_ids)]
+    known = set(bank.reference_ids)
+    present = [rid for rid in reference_ids if rid in known]
     if not present:
         raise fa.FiftyOneAdapterError(
             f"none of the {len(reference_ids)} label(s) is a reference of memory bank '{key}'"

@@ -112,14 +112,15 @@ class Predictor:
         semantic, labels = score_classes(
             descriptors, self.prototypes, self.negative_prototypes, self.has_negative, s.negative_temperature
         )
-        keep = class_nms(mask_boxes(masks), sam_iou, labels, s.nms_iou_threshold, s.pre_merge_keep)
+        low_boxes = mask_boxes(masks)  # [N, 4] at SAM2's mask resolution
+        keep = class_nms(low_boxes, sam_iou, labels, s.nms_iou_threshold, s.pre_merge_keep)
         keep = keep[semantic[keep] > 0]  # in decreasing SAM-IoU order
         if keep.numel() == 0:
             return Instances.empty(image_size, classes)
-        logits, sam_iou, masks = logits[keep], sam_iou[keep], masks[keep]
+        logits, sam_iou, low_boxes = logits[keep], sam_iou[keep], low_boxes[keep]
         descriptors, semantic, labels = descriptors[keep], semantic[keep], labels[keep]
 
-        windows = window_bounds(mask_boxes(masks), masks.shape[-1], image_size)
+        windows = window_bounds(low_boxes, logits.shape[-1], image_size)
         areas, boxes, intersections = full_resolution_stats(logits, labels, windows, image_size)
         factors = soft_merge_factors(areas, intersections, descriptors, s.soft_merge_exponent)
         scores = semantic * factors

@@ -26,6 +26,12 @@ def _fingerprint(*values) -> str:
     return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
 
 
+def _check_frames(images: torch.Tensor, size: int, owner: str) -> None:
+    """Refuse anything but a batch of RGB frames ``[B, 3, size, size]``."""
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+        raise ValueError(f"{owner}: expected images [B, 3, {size}, {size}], got {tuple(images.shape)}")
+
+
 class ColourStatsEncoder:
     """A :class:`~ntt_core.models.FeatureEncoder` whose patch features are soft colour histograms.
 
@@ -76,10 +82,7 @@ class ColourStatsEncoder:
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` RGB in [0, 1] -> ``[B, hue_bins + grey_bins, g, g]`` float32."""
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(
-                f"ColourStatsEncoder: expected images [B, 3, {self.input_size}, {self.input_size}], got {tuple(images.shape)}"
-            )
+        _check_frames(images, self.input_size, "ColourStatsEncoder")
         pixels = self.pixel_histograms(images.to(self.device, torch.float32))
         return F.adaptive_avg_pool2d(pixels, self.grid_size)
 
@@ -165,11 +168,7 @@ class ConnectedRegionSegmenter:
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> RegionFeatures:
         """``[B, 3, S, S]`` RGB in [0, 1] -> region labels of each frame."""
-        size = self.input_size
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
-            raise ValueError(
-                f"ConnectedRegionSegmenter: expected images [B, 3, {size}, {size}], got {tuple(images.shape)}"
-            )
+        _check_frames(images, self.input_size, "ConnectedRegionSegmenter")
         labels, areas = [], []
         for frame in images.to(self.device, torch.float32):
             regions = _dissolve(frame, label_regions(frame, self.tolerance), self.min_area)
