@@ -343,10 +343,9 @@ def run(args: argparse.Namespace) -> dict:
         device = choose_device(args.device)
     except RuntimeError as error:
         raise FsodError(f"--device {args.device}: {error}") from None
-    dtype = None if args.dtype == "auto" else args.dtype
     settings = Settings(points_per_side=args.points_per_side, prompt_batch_size=args.prompt_batch_size)
-    segmenter = load_segmenter(args.sam2, device, dtype, settings.add_no_memory_embedding)
-    encoder = load_encoder(args.dinov2, device, dtype, settings.encoder_size)
+    segmenter = load_segmenter(args.sam2, device, args.dtype, settings.add_no_memory_embedding)
+    encoder = load_encoder(args.dinov2, device, args.dtype, settings.encoder_size)
     models = (segmenter, encoder, settings)
 
     runs = [

@@ -486,7 +486,7 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype``, read by :func:`device_and_dtype`."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 elsewhere"
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: float32 (bfloat16 only when asked)"
     )
 
 
@@ -532,7 +532,7 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
         device = choose_device(args.device)
     except RuntimeError as error:  # an unknown or unavailable device
         raise BenchmarkError(f"--device {args.device}: {error}") from None
-    return device, choose_dtype(device, None if args.dtype == "auto" else args.dtype)
+    return device, choose_dtype(device, args.dtype)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -5,6 +5,7 @@
     ntt predict --memory BANK_DIR --images DIR [--targets T.json] --out results.json
     ntt evaluate --targets T.json --results results.json [--classes few-shot]
     ntt demo [--offline]      (the whole job on a small dataset, in FiftyOne; see ntt_core.demo)
+    ntt models download|list|files   (the weights ahead of time; see ntt_core.model_downloads)
 
 Bad input ends with exit status 2 and one line, ``ntt: error: <reason>``.
 """
@@ -180,9 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--out", type=Path, help="also write the metrics as json here")
     assess.set_defaults(command=run_evaluate)
 
-    from .demo import add_parser
+    from . import demo, model_downloads
 
-    add_parser(commands, formatter)
+    demo.add_parser(commands, formatter)
+    model_downloads.add_parser(commands, formatter)
     return parser
 
 
@@ -426,17 +428,15 @@ def _device(name: str):
 
 
 def _segmenter(args: argparse.Namespace, device, settings):
-    from .models import DEFAULT_SAM2, load_segmenter
+    from .models import load_segmenter
 
-    dtype = None if args.dtype == "auto" else args.dtype
-    return load_segmenter(args.sam2 or DEFAULT_SAM2, device, dtype, settings.add_no_memory_embedding)
+    return load_segmenter(args.sam2, device, args.dtype, settings.add_no_memory_embedding)
 
 
 def _encoder(args: argparse.Namespace, device, input_size: int | None):
-    from .models import DEFAULT_DINOV2, load_encoder
+    from .models import load_encoder
 
-    dtype = None if args.dtype == "auto" else args.dtype
-    return load_encoder(args.dinov2 or DEFAULT_DINOV2, device, dtype, input_size)
+    return load_encoder(args.dinov2, device, args.dtype, input_size)
 
 
 def _seconds(work) -> float:

@@ -175,7 +175,7 @@ def run_demo(args: argparse.Namespace) -> None:
 def check_downloads(args: argparse.Namespace) -> str | None:
     """How the zoo's COCO subset is had ("download" or "local"; None with ``--coco-dir``); raises
     one :class:`CliError` naming everything that can be neither found locally nor downloaded."""
-    from .models import DEFAULT_DINOV2, DEFAULT_SAM2, DINOV2_MODELS, SAM2_MODELS, resolve_source
+    from .models import DINOV2, SAM2, ModelNotFoundError, resolve_model
 
     missing, zoo = [], None
     if args.coco_dir is None:
@@ -185,15 +185,11 @@ def check_downloads(args: argparse.Namespace) -> str | None:
                 f"COCO-2017 validation (FiftyOne zoo): not downloaded and {COCO_HOST} unreachable; "
                 "give a local COCO folder with --coco-dir DIR (images and an instances json)"
             )
-    for kind, option, given, default, aliases in (
-        ("SAM2", "--sam2", args.sam2, DEFAULT_SAM2, SAM2_MODELS),
-        ("DINOv2", "--dinov2", args.dinov2, DEFAULT_DINOV2, DINOV2_MODELS),
-    ):
-        problem = model_problem(resolve_source(given or default, aliases))
-        if problem == NO_SUCH_PATH:
-            missing.append(f"{kind} '{given}': {problem} ({option})")
-        elif problem:
-            missing.append(f"{kind} '{given or default}' ({problem}): give a local copy with {option} /path/to/dir")
+    for kind, given in ((SAM2, args.sam2), (DINOV2, args.dinov2)):
+        try:
+            resolve_model(kind, given).check()
+        except ModelNotFoundError as error:
+            missing.append(str(error))
     if missing:
         raise CliError(
             f"the demo cannot get what it needs: {'; '.join(missing)}. "
@@ -214,28 +210,6 @@ def coco_source() -> str | None:
     except ValueError:
         return None
     return "local"
-
-
-NO_SUCH_PATH = "no such local folder or file"
-
-
-def model_problem(source: str) -> str | None:
-    """Why a model cannot be had (not local, not cached, hub unreachable), or None."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if Path(source).exists():
-        return None
-    try:
-        cached = try_to_load_from_cache(source, "config.json")
-    except ValueError:  # not a hub id: a path that does not exist
-        return NO_SUCH_PATH
-    if isinstance(cached, str):
-        return None
-    if constants.HF_HUB_OFFLINE:
-        return "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-    if not reachable(constants.ENDPOINT):
-        return f"not in the Hugging Face cache and {constants.ENDPOINT} unreachable"
-    return None
 
 
 def reachable(url: str, timeout: float = 5.0) -> bool:
@@ -489,8 +463,7 @@ class OperatorSteps:
         call matches theirs); returns the device they run on."""
         from . import fiftyone_adapter as fa
 
-        device = None if self.device == "auto" else self.device
-        segmenter, _ = fa.load_models(self.sam2 or None, self.dinov2 or None, device=device, dtype=None)
+        segmenter, _ = fa.load_models(self.sam2, self.dinov2, device=self.device)
         return segmenter.device
 
     def _models(self) -> dict:

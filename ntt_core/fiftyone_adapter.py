@@ -13,7 +13,6 @@ Ground truth is only ever read here. Runs are generic FiftyOne runs told apart b
 
 from __future__ import annotations
 
-import functools
 import keyword
 import re
 from collections.abc import Callable, Sequence
@@ -425,29 +424,25 @@ def import_memory_bank(dataset, key: str, directory: str | Path, overwrite: bool
 # --- models ---
 
 
-@functools.lru_cache(maxsize=2)
 def load_models(
     sam2: str | None = None,
     dinov2: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
     encoder_size: int | None = None,
 ):
-    """(segmenter, encoder), cached per process so repeated runs do not rebuild them.
-    None means the paper's models."""
-    from .models import DEFAULT_DINOV2, DEFAULT_SAM2, load_encoder, load_segmenter
+    """(segmenter, encoder); None means the paper's models. The models module caches them per
+    (source, device, dtype), so repeated runs do not rebuild them."""
+    from .models import load_encoder, load_segmenter
 
-    segmenter = load_segmenter(sam2 or DEFAULT_SAM2, device=device, dtype=dtype)
-    encoder = load_encoder(dinov2 or DEFAULT_DINOV2, device=device, dtype=dtype, input_size=encoder_size)
-    return segmenter, encoder
+    return load_segmenter(sam2, device, dtype), load_encoder(dinov2, device, dtype, encoder_size)
 
 
-@functools.lru_cache(maxsize=2)
-def load_segmenter_only(sam2: str | None = None, device: str | None = None, dtype: str | None = None):
-    """SAM2 alone (for boxes to masks), cached per process; None means the paper's model."""
-    from .models import DEFAULT_SAM2, load_segmenter
+def load_segmenter_only(sam2: str | None = None, device: str | None = "auto", dtype: str | None = "auto"):
+    """SAM2 alone (for boxes to masks); None means the paper's model."""
+    from .models import load_segmenter
 
-    return load_segmenter(sam2 or DEFAULT_SAM2, device=device, dtype=dtype)
+    return load_segmenter(sam2, device, dtype)
 
 
 # --- building a bank from a dataset ---

@@ -49,6 +49,8 @@ _SAM2_VIDEO_PREFIXES = (
     "obj_ptr_tpos_proj.",
 )
 _SAM2_VIDEO_KEYS = {"maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial"}
+#: Meta's checkpoint file names, as ``sam2``'s ``build_sam.py`` downloads them: version, Hiera size.
+_SAM2_FILE_NAME = re.compile(r"^(sam2(?:\.1)?)_hiera_(tiny|small|base_plus|large)\.pt$")
 # Keys only SAM2.1 checkpoints have (temporal encoding of object pointers, no-object spatial embedding).
 _SAM21_MARKERS = ("obj_ptr_tpos_proj.weight", "no_obj_embed_spatial")
 
@@ -165,6 +167,7 @@ def load_meta_sam2(path: str | Path, config=None):
     from transformers import Sam2Config
 
     state = read_state_dict(path)
+    check_sam2_file_name(path, state)
     if config is None:
         config = read_sidecar_config(path, Sam2Config)
     return sam2_from_state_dict(state, config, source=str(path))
@@ -226,15 +229,39 @@ def infer_sam2_config(state: dict[str, torch.Tensor], source: str = "state dict"
         raise CheckpointError(f"{source} is not a complete Meta SAM2 checkpoint: no {error.args[0]!r}") from None
 
 
-def _infer_sam2_config(state: dict[str, torch.Tensor], source: str):
-    from transformers import Sam2Config
-
+def _hiera_trunk(state: dict[str, torch.Tensor]) -> tuple[int, list[int], list[int]]:
+    """(stem width, blocks per stage, width per stage) of a Meta SAM2 state dict's Hiera trunk."""
     trunk = "image_encoder.trunk."
     depth = _count(state, re.escape(trunk) + r"blocks\.(\d+)\.")
     stage_starts = [0] + [i for i in range(1, depth) if f"{trunk}blocks.{i}.proj.weight" in state]
     blocks = [end - start for start, end in zip(stage_starts, stage_starts[1:] + [depth])]
     dims = [state[f"{trunk}blocks.{start}.norm2.weight"].shape[0] for start in stage_starts]
-    embed_dim = state[trunk + "patch_embed.proj.weight"].shape[0]
+    return state[trunk + "patch_embed.proj.weight"].shape[0], blocks, dims
+
+
+def check_sam2_file_name(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """A file named as Meta names its checkpoints (``sam2.1_hiera_large.pt``...) must hold that version and size."""
+    match = _SAM2_FILE_NAME.match(Path(path).name)
+    if match is None:
+        return
+    try:
+        embed_dim, blocks, _ = _hiera_trunk(state)
+    except KeyError as error:
+        raise CheckpointError(f"{path} is not a complete Meta SAM2 checkpoint: no {error.args[0]!r}") from None
+    size = HIERA_SIZES.get((embed_dim, tuple(blocks)), {"name": f"of no official size (blocks per stage {blocks})"})
+    named, held = match.groups(), (sam2_variant(state), size["name"])
+    if named != held:
+        raise CheckpointError(
+            f"{path}: the file name says {named[0]} Hiera {named[1]}, but the weights are {held[0]} Hiera {held[1]}; "
+            "the file is misnamed or was mixed up with another: download it again or give the right file"
+        )
+
+
+def _infer_sam2_config(state: dict[str, torch.Tensor], source: str):
+    from transformers import Sam2Config
+
+    trunk = "image_encoder.trunk."
+    embed_dim, blocks, dims = _hiera_trunk(state)
     size = HIERA_SIZES.get((embed_dim, tuple(blocks)))
     if size is None:
         raise CheckpointError(

@@ -1,8 +1,10 @@
 """The two models of the method behind small protocols: SAM2 proposes masks, DINOv2 describes them.
 
-Real models come from ``transformers`` (a Hugging Face hub id, a local ``save_pretrained``
-directory, or one of Meta's original checkpoint files); tests and the offline demo plug other
-objects that follow the same protocols.
+The model policy lives here: :func:`resolve_model` says what a choice of model means (None: the
+paper's, a short name, a hub id, a folder, a Meta file), :func:`load_segmenter` / :func:`load_encoder`
+load it strictly (:mod:`.checkpoints`, :mod:`.meta_checkpoints`) into ``transformers`` models and
+cache the wrappers per (source, device, dtype). Tests and the offline demo plug other objects that
+follow the same protocols.
 """
 
 from __future__ import annotations
@@ -16,35 +18,47 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .checkpoints import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelKind,
+    ModelNotFoundError,
+    check_hub_file,
+    hub_file,
+    hub_folder,
+    load_pretrained,
+)
+from .meta_checkpoints import CheckpointError
 from .prompt_decoder import decode_multimask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Short names users can give instead of hub ids. Every id holds transformers safetensors.
+#: Short names of the SAM2 checkpoints: Meta's own files in Meta's hub repos, named as ``sam2``'s
+#: ``build_sam.py`` names them (``HF_MODEL_ID_TO_FILENAMES``), read by :mod:`.meta_checkpoints`.
 SAM2_MODELS = {
-    "sam2-tiny": "facebook/sam2-hiera-tiny-hf",
-    "sam2-small": "facebook/sam2-hiera-small-hf",
-    "sam2-base-plus": "facebook/sam2-hiera-base-plus-hf",
-    "sam2-large": "facebook/sam2-hiera-large-hf",
-    "sam2.1-tiny": "facebook/sam2.1-hiera-tiny",
-    "sam2.1-small": "facebook/sam2.1-hiera-small",
-    "sam2.1-base-plus": "facebook/sam2.1-hiera-base-plus",
-    "sam2.1-large": "facebook/sam2.1-hiera-large",
+    "sam2-tiny": ("facebook/sam2-hiera-tiny", "sam2_hiera_tiny.pt"),
+    "sam2-small": ("facebook/sam2-hiera-small", "sam2_hiera_small.pt"),
+    "sam2-base-plus": ("facebook/sam2-hiera-base-plus", "sam2_hiera_base_plus.pt"),
+    "sam2-large": ("facebook/sam2-hiera-large", "sam2_hiera_large.pt"),
+    "sam2.1-tiny": ("facebook/sam2.1-hiera-tiny", "sam2.1_hiera_tiny.pt"),
+    "sam2.1-small": ("facebook/sam2.1-hiera-small", "sam2.1_hiera_small.pt"),
+    "sam2.1-base-plus": ("facebook/sam2.1-hiera-base-plus", "sam2.1_hiera_base_plus.pt"),
+    "sam2.1-large": ("facebook/sam2.1-hiera-large", "sam2.1_hiera_large.pt"),
 }
+#: Short names of the DINOv2 models: transformers repos (``config.json`` + ``model.safetensors``).
 DINOV2_MODELS = {
     "dinov2-small": "facebook/dinov2-small",
     "dinov2-base": "facebook/dinov2-base",
     "dinov2-large": "facebook/dinov2-large",
     "dinov2-giant": "facebook/dinov2-giant",
 }
-#: The paper's pair: SAM2 Hiera-L and DINOv2 ViT-L/14 without registers.
-DEFAULT_SAM2 = SAM2_MODELS["sam2-large"]
-DEFAULT_DINOV2 = DINOV2_MODELS["dinov2-large"]
+#: The paper's pair: SAM2 Hiera-L (not 2.1) and DINOv2 ViT-L/14 without registers.
+DEFAULT_SAM2 = "sam2-large"
+DEFAULT_DINOV2 = "dinov2-large"
 
-
-class ModelNotFoundError(RuntimeError):
-    """A model that could not be found locally nor downloaded."""
+SAM2 = ModelKind("SAM2", "--sam2 / sam2=", ("sam2", "sam2_video"))
+DINOV2 = ModelKind("DINOv2", "--dinov2 / dinov2=", ("dinov2",))
 
 
 @runtime_checkable
@@ -87,8 +101,8 @@ class PromptSegmenter(Protocol):
         ...
 
 
-def choose_device(device: str | torch.device | None = None) -> torch.device:
-    """The given device, else CUDA, then Apple MPS, then CPU."""
+def choose_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The given device; "auto" (or None): CUDA, else Apple MPS, else CPU."""
     if device is not None and str(device) != "auto":
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -101,10 +115,10 @@ def choose_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """Compute dtype: bf16 on CUDA, fp32 elsewhere, unless given."""
+def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = "auto") -> torch.dtype:
+    """Compute dtype: "auto" (or None) is float32 on every device (the paper's); bfloat16 only when asked."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
         if dtype not in names:
@@ -149,6 +163,7 @@ class Sam2Segmenter:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         add_no_memory_embedding: bool = False,
+        fingerprint: str | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.model_id = model_id
@@ -157,9 +172,13 @@ class Sam2Segmenter:
         self.add_no_memory_embedding = add_no_memory_embedding
         self.input_size = int(model.prompt_encoder.input_image_size)
         self.mask_size = int(model.prompt_encoder.mask_input_size[0])
-        self.fingerprint = weights_fingerprint(model.mask_decoder.iou_token.weight)
+        self.fingerprint = fingerprint or self.fingerprint_of(model)
         with torch.no_grad():
             self._positional = model.get_image_wide_positional_embeddings()  # [1, C, h, w]
+
+    @staticmethod
+    def fingerprint_of(model) -> str:
+        return weights_fingerprint(model.mask_decoder.iou_token.weight)
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> Sam2Features:
@@ -217,6 +236,7 @@ class Dinov2Encoder:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         input_size: int | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.model_id = model_id
@@ -232,7 +252,11 @@ class Dinov2Encoder:
             )
         self.grid_size = self.input_size // self.patch_size
         self._skip = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
-        self.fingerprint = weights_fingerprint(model.embeddings.patch_embeddings.projection.weight)
+        self.fingerprint = fingerprint or self.fingerprint_of(model)
+
+    @staticmethod
+    def fingerprint_of(model) -> str:
+        return weights_fingerprint(model.embeddings.patch_embeddings.projection.weight)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -244,79 +268,141 @@ class Dinov2Encoder:
         return patches.transpose(1, 2).reshape(images.shape[0], -1, self.grid_size, self.grid_size)
 
 
-def resolve_source(source: str, aliases: dict[str, str]) -> str:
-    """A short name -> hub id; paths and hub ids pass through."""
-    return aliases.get(source, source)
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are: Meta's checkpoint file (``meta``) or a transformers folder
+    (``transformers``), on disk (``path``) or in a hub repo (``repo_id``; ``filename`` for Meta's)."""
+
+    kind: ModelKind
+    model_id: str  # recorded in memory banks; resolves to this source again
+    format: str  # "meta" or "transformers"
+    path: str | None = None
+    repo_id: str | None = None
+    filename: str | None = None
+
+    def hub_files(self) -> list[str]:
+        """The files of ``repo_id`` that loading needs (none for a source on disk)."""
+        if self.repo_id is None:
+            return []
+        return [self.filename] if self.filename else [CONFIG_NAME, WEIGHTS_NAME]
+
+    def check(self) -> None:
+        """Raise :class:`ModelNotFoundError` unless the weights are on disk, cached, or can be downloaded now."""
+        for filename in self.hub_files():
+            check_hub_file(self.repo_id, filename, self.kind)
+
+    def local_path(self, download: bool = True) -> Path:
+        """The checkpoint file or folder on disk: from the hub cache, downloaded if missing and ``download``."""
+        if self.path is not None:
+            return Path(self.path)
+        if self.filename is not None:
+            return hub_file(self.repo_id, self.filename, self.kind, download)
+        return hub_folder(self.repo_id, self.kind, download)
 
 
-def _from_pretrained(model_class, source: str, kind: str, option: str):
+def resolve_model(kind: ModelKind, choice: str | os.PathLike | None = None) -> ModelSource:
+    """The model policy: what a user's choice of model means.
+
+    None or "" is the paper's model; then, in order: a short name (``SAM2_MODELS`` / ``DINOV2_MODELS``),
+    one of Meta's SAM2 repo ids (its checkpoint file), an existing path (a Meta ``.pt`` / ``.pth`` file
+    or a transformers folder), a hub id of a transformers repo.
+    """
+    names = SAM2_MODELS if kind is SAM2 else DINOV2_MODELS
+    choice = str(choice or (DEFAULT_SAM2 if kind is SAM2 else DEFAULT_DINOV2))
+    entry = names.get(choice) or next((e for e in names.values() if isinstance(e, tuple) and e[0] == choice), None)
+    if isinstance(entry, tuple):
+        return ModelSource(kind, entry[0], "meta", repo_id=entry[0], filename=entry[1])
+    if entry is not None:
+        return ModelSource(kind, entry, "transformers", repo_id=entry)
+    path = Path(choice).expanduser()
+    if path.is_dir():
+        return ModelSource(kind, choice, "transformers", path=str(path))
+    if path.is_file():
+        if path.suffix not in (".pt", ".pth"):
+            raise CheckpointError(
+                f"{kind.name} model '{choice}' is a {path.suffix or 'suffix-less'} file, neither Meta's .pt / .pth "
+                f"checkpoint nor a transformers folder; check {kind.option}"
+            )
+        return ModelSource(kind, choice, "meta", path=str(path))
+    if _is_repo_id(choice):
+        return ModelSource(kind, choice, "transformers", repo_id=choice)
+    raise ModelNotFoundError(
+        f"{kind.name} model '{choice}' could not be loaded: no such file or folder, and neither a short name "
+        f"({', '.join(names)}) nor a hub id; check {kind.option}"
+    )
+
+
+def _is_repo_id(text: str) -> bool:
+    """Whether ``text`` can name a hub repo (``name`` or ``owner/name``), rather than a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return False
     try:
-        return model_class.from_pretrained(source, use_safetensors=True)
-    except (OSError, ValueError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        where = (
-            "a local directory"
-            if Path(source).exists()
-            else "the Hugging Face hub" + (" (HF_HUB_OFFLINE is set)" if offline else "")
-        )
-        reason = " ".join(str(error).split())
-        raise ModelNotFoundError(
-            f"{kind} model {source!r} could not be loaded from {where} ({reason}). "
-            f"Point {option} at a local copy (a directory written by save_pretrained, with model.safetensors "
-            f"and config.json, or Meta's original checkpoint file), or download it first with network access."
-        ) from None
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def load_weights(source: ModelSource):
+    """The model of ``source`` (float32, eval mode, CPU), every weight loaded from the checkpoint."""
+    from transformers import Dinov2Model, Sam2Model
+
+    from .meta_checkpoints import load_meta_dinov2, load_meta_sam2
+
+    local = source.local_path()
+    if source.format == "transformers":
+        return load_pretrained(Sam2Model if source.kind is SAM2 else Dinov2Model, local, source.kind)
+    try:
+        return (load_meta_sam2 if source.kind is SAM2 else load_meta_dinov2)(local)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error} ({source.kind.name}: {source.kind.option})") from None
 
 
 @functools.lru_cache(maxsize=4)
-def _load_sam2_model(source: str):
-    from transformers import Sam2Model
-
-    path = Path(source)
-    if path.is_file() and path.suffix in (".pt", ".pth"):
-        from .meta_checkpoints import load_meta_sam2
-
-        return load_meta_sam2(path)
-    return _from_pretrained(Sam2Model, source, "SAM2", "--sam2 / sam2=")
+def _model_on(source: ModelSource, device: torch.device):
+    """(model, weights fingerprint) of ``source`` on ``device``: one module per (source, device), so
+    that no wrapper ever moves a module that another one uses. The fingerprint is taken on the CPU."""
+    model = load_weights(source)
+    fingerprint = (Sam2Segmenter if source.kind is SAM2 else Dinov2Encoder).fingerprint_of(model)
+    return model.to(device), fingerprint
 
 
-@functools.lru_cache(maxsize=4)
-def _load_dinov2_model(source: str):
-    from transformers import Dinov2Model
+@functools.lru_cache(maxsize=8)
+def _segmenter(source: ModelSource, device: torch.device, dtype: torch.dtype, add_no_memory_embedding: bool):
+    model, fingerprint = _model_on(source, device)
+    return Sam2Segmenter(model, source.model_id, device, dtype, add_no_memory_embedding, fingerprint=fingerprint)
 
-    path = Path(source)
-    if path.is_file() and path.suffix in (".pt", ".pth"):
-        from .meta_checkpoints import load_meta_dinov2
 
-        return load_meta_dinov2(path)
-    return _from_pretrained(Dinov2Model, source, "DINOv2", "--dinov2 / dinov2=")
+@functools.lru_cache(maxsize=8)
+def _encoder(source: ModelSource, device: torch.device, dtype: torch.dtype, input_size: int | None):
+    model, fingerprint = _model_on(source, device)
+    return Dinov2Encoder(model, source.model_id, device, dtype, input_size, fingerprint=fingerprint)
 
 
 def load_segmenter(
-    source: str = DEFAULT_SAM2,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
+    source: str | os.PathLike | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
     add_no_memory_embedding: bool = False,
 ) -> Sam2Segmenter:
-    """SAM2 from a short name (see ``SAM2_MODELS``), hub id, local directory or Meta ``.pt`` file.
-    Loaded weights are cached per process."""
+    """SAM2 from a model choice (see :func:`resolve_model`; None: the paper's Hiera-L) on ``device``
+    ("auto": CUDA, MPS, CPU) in ``dtype`` ("auto": float32). Cached per (source, device, dtype)."""
     device = choose_device(device)
-    source = resolve_source(str(source), SAM2_MODELS)
-    model = _load_sam2_model(source)
-    return Sam2Segmenter(model, source, device, choose_dtype(device, dtype), add_no_memory_embedding)
+    return _segmenter(resolve_model(SAM2, source), device, choose_dtype(device, dtype), add_no_memory_embedding)
 
 
 def load_encoder(
-    source: str = DEFAULT_DINOV2,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
+    source: str | os.PathLike | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
     input_size: int | None = None,
 ) -> Dinov2Encoder:
-    """DINOv2 from a short name (see ``DINOV2_MODELS``), hub id, local directory or Meta ``.pth`` file.
-    Loaded weights are cached per process."""
+    """DINOv2 from a model choice (see :func:`resolve_model`; None: the paper's ViT-L/14) on ``device``
+    in ``dtype``, at ``input_size`` (None: the model's). Cached per (source, device, dtype, input size)."""
     device = choose_device(device)
-    source = resolve_source(str(source), DINOV2_MODELS)
-    model = _load_dinov2_model(source)
-    return Dinov2Encoder(model, source, device, choose_dtype(device, dtype), input_size)
+    return _encoder(resolve_model(DINOV2, source), device, choose_dtype(device, dtype), input_size)
 
 
 def weights_fingerprint(*tensors: torch.Tensor) -> str:

@@ -159,8 +159,8 @@ def model_inputs(inputs, segmenter: bool = True, encoder: bool = True) -> None:
 
 
 def model_options(params: dict) -> dict:
-    """Device and dtype keyword arguments of the model loaders ("auto" -> None)."""
-    return {name: None if params[name] == "auto" else params[name] for name in ("device", "dtype")}
+    """Device and dtype keyword arguments of the model loaders (which read "auto" themselves)."""
+    return {name: params[name] for name in ("device", "dtype")}
 
 
 def finish(ctx, report: dict) -> dict:

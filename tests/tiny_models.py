@@ -64,3 +64,83 @@ def save_tiny_models(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     Sam2Model(tiny_sam2_config()).save_pretrained(sam2_dir)
     Dinov2Model(tiny_dinov2_config()).save_pretrained(dinov2_dir)
     return sam2_dir, dinov2_dir
+
+
+# Meta's tiny Hiera-T config shrunk further: trunk widths 16/32/64/128 (heads 1/2/4/8), 1+1+2+1 blocks,
+# decoder width 32; the video modules shrunk too, but kept, so the loader has to drop them.
+META_TINY_OVERRIDES = [
+    f"++model.image_size={SAM2_INPUT}",
+    "++model.image_encoder.trunk.embed_dim=16",
+    "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[4,2,2,2]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[2,2]",
+    "++model.image_encoder.neck.d_model=32",
+    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+    "++model.image_encoder.neck.position_encoding.num_pos_feats=32",
+    "++model.memory_attention.d_model=32",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.d_model=32",
+    "++model.memory_attention.layer.dim_feedforward=64",
+    "++model.memory_attention.layer.self_attention.embedding_dim=32",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=32",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=16",
+    "++model.memory_encoder.in_dim=32",
+    "++model.memory_encoder.out_dim=16",
+    "++model.memory_encoder.position_encoding.num_pos_feats=16",
+    "++model.memory_encoder.fuser.layer.dim=32",
+    "++model.memory_encoder.fuser.num_layers=1",
+]
+META_SAM2_CONFIGS = {"sam2": "configs/sam2/sam2_hiera_t.yaml", "sam2.1": "configs/sam2.1/sam2.1_hiera_t.yaml"}
+
+
+def tiny_meta_sam2_config():
+    """The same tiny architecture as ``META_TINY_OVERRIDES``, as a transformers config (Meta's decoder
+    keeps its fixed 8 heads, MLP 2048 and IoU head 256)."""
+    from transformers import Sam2Config
+
+    side = SAM2_INPUT // 4
+    return Sam2Config(
+        vision_config={
+            "model_type": "sam2_vision_model",
+            "backbone_config": {
+                "model_type": "sam2_hiera_det_model",
+                "hidden_size": 16,
+                "num_attention_heads": 1,
+                "image_size": [SAM2_INPUT, SAM2_INPUT],
+                "blocks_per_stage": [1, 1, 2, 1],
+                "embed_dim_per_stage": [16, 32, 64, 128],
+                "num_attention_heads_per_stage": [1, 2, 4, 8],
+                "window_size_per_stage": [4, 2, 2, 2],
+                "global_attention_blocks": [3],
+                "window_positional_embedding_background_size": [2, 2],
+            },
+            "backbone_channel_list": [128, 64, 32, 16],
+            "backbone_feature_sizes": [[side, side], [side // 2, side // 2], [side // 4, side // 4]],
+            "fpn_hidden_size": 32,
+        },
+        prompt_encoder_config={"hidden_size": 32, "image_size": SAM2_INPUT},
+        mask_decoder_config={"hidden_size": 32, "iou_head_hidden_dim": 256},
+    )
+
+
+def build_tiny_meta_sam2(variant: str, seed: int):
+    """Meta's own SAM2Base (``variant`` "sam2" or "sam2.1") at the tiny size of ``META_TINY_OVERRIDES``,
+    every weight randomised; its ``state_dict()`` is what Meta's ``.pt`` files hold under "model"."""
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(0)
+    model = build_sam2(META_SAM2_CONFIGS[variant], None, device="cpu", hydra_overrides_extra=META_TINY_OVERRIDES)
+    randomise(model, seed=seed)
+    return model
+
+
+def randomise(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    """Add noise to every weight, so zero biases, unit LayerNorms and zero position embeddings differ."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
