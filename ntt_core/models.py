@@ -347,11 +347,11 @@ def _is_repo_id(text: str) -> bool:
 
 def load_weights(source: ModelSource):
     """The model of ``source`` (float32, eval mode, CPU), every weight loaded from the checkpoint."""
+    local = source.local_path()  # before importing transformers: a missing model fails at once
     from transformers import Dinov2Model, Sam2Model
 
     from .meta_checkpoints import load_meta_dinov2, load_meta_sam2
 
-    local = source.local_path()
     if source.format == "transformers":
         return load_pretrained(Sam2Model if source.kind is SAM2 else Dinov2Model, local, source.kind)
     try:

@@ -23,18 +23,10 @@ from ntt_core.checkpoints import CheckpointError, ModelNotFoundError
 from ntt_core.cli import main
 from ntt_core.models import DINOV2, SAM2, load_encoder, load_segmenter, normalize, resolve_model
 from standin_hub import COMMIT, StandinHub
-from tiny_models import tiny_dinov2_config, tiny_sam2_config
+from tiny_models import tampered, tiny_dinov2_config, tiny_sam2_config
 
 # One module of each model whose tensors the tampering below renames, drops or reshapes.
 PREFIXES = {"sam2": "mask_decoder.iou_prediction_head.", "dinov2": "encoder.layer.1."}
-
-
-def tampered(source: Path, target: Path, change) -> Path:
-    """A copy of the saved model folder ``source`` whose model.safetensors went through ``change``."""
-    shutil.copytree(source, target)
-    tensors = load_file(source / "model.safetensors")
-    save_file(change(dict(tensors)), target / "model.safetensors", metadata={"format": "pt"})
-    return target
 
 
 def _renamed(tensors, prefix):

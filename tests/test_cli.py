@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -390,6 +391,19 @@ def test_missing_reference_image(folder, tiny_models, tmp_path, capsys):
         "cpu",
     )
     assert code == 2 and "img0.png: image file not found" in error_line(err)
+    assert not (tmp_path / "bank").exists()
+
+
+@pytest.mark.bad_input
+def test_a_checkpoint_that_does_not_fill_the_model_is_one_line(folder, tiny_models, tmp_path, capsys):
+    from tiny_models import renamed_layer, tampered
+
+    broken = tampered(tiny_models[1], tmp_path / "dinov2", renamed_layer)
+    argv = ["build-memory", "--references", folder / "annotations.json", "--images", folder / "images"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "bank", "--dinov2", broken, "--device", "cpu")
+    line = error_line(err)
+    assert code == 2 and line.startswith(f"ntt: error: {broken} does not fit Dinov2Model: tensors ")
+    assert re.search(r"tensors (\d+) missing \(encoder\.layer\.1\..*; \1 with no place in the model", line)
     assert not (tmp_path / "bank").exists()
 
 

@@ -169,12 +169,12 @@ def test_online_demo_without_network_names_what_is_missing():
     assert done.returncode == 2 and done.stdout == ""
     (line,) = done.stderr.splitlines()
     assert line.startswith("ntt: error: the demo cannot get what it needs: ")
-    for model, option in (
-        ("SAM2 'facebook/sam2-hiera-large-hf'", "--sam2"),
-        ("DINOv2 'facebook/dinov2-large'", "--dinov2"),
+    for weights, option in (
+        ("SAM2 weights facebook/sam2-hiera-large/sam2_hiera_large.pt", "--sam2 / sam2="),
+        ("DINOv2 weights facebook/dinov2-large/config.json", "--dinov2 / dinov2="),
     ):
-        problem = "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-        assert f"{model} ({problem}): give a local copy with {option} /path/to/dir" in line
+        assert f"{weights} are not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it with" in line
+        assert f"or point {option} at a local copy" in line
     if not reachable(COCO_HOST):
         assert "COCO-2017 validation (FiftyOne zoo): not downloaded" in line and "--coco-dir DIR" in line
     assert line.endswith("(`ntt demo --offline` runs the flow on generated scenes with stand-in models)")
@@ -194,7 +194,7 @@ def test_online_demo_without_network_names_what_is_missing():
         (["--coco-dir", "{empty}/none"], "--coco-dir {empty}/none: no such folder"),
         (
             ["--coco-dir", "{coco}", "--sam2", "{empty}/sam2", "--dinov2", "{empty}"],
-            "the demo cannot get what it needs: SAM2 '{empty}/sam2': no such local folder or file (--sam2). ",
+            "the demo cannot get what it needs: SAM2 model '{empty}/sam2' could not be loaded: no such file or folder",
         ),
     ],
 )

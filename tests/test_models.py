@@ -74,18 +74,49 @@ def test_loading_the_same_weights_from_two_places_gives_the_same_fingerprint(tin
 
 
 @pytest.mark.bad_input
-def test_missing_model_names_the_model_and_the_option(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_model_names_the_model_and_the_option(tmp_path):
+    """The session is offline (HF_HUB_OFFLINE, empty cache): the paper's SAM2 is Meta's file, not there."""
     with pytest.raises(
-        ModelNotFoundError, match=r"SAM2 model 'facebook/sam2-hiera-large-hf' could not be loaded.*--sam2"
+        ModelNotFoundError,
+        match=r"SAM2 weights facebook/sam2-hiera-large/sam2_hiera_large\.pt are not in the Hugging Face cache and "
+        r"HF_HUB_OFFLINE is set; download it with `ntt models download`.*--sam2",
     ):
         load_segmenter("sam2-large", device="cpu")
     with pytest.raises(ModelNotFoundError, match=r"DINOv2 model .*nowhere.*--dinov2"):
         load_encoder(str(tmp_path / "nowhere"), device="cpu")
 
 
+def test_wrappers_of_one_source_keep_their_own_device_and_dtype(tiny_models):
+    """Cached per (source, device, dtype): a bf16 wrapper does not change the fp32 one, and a wrapper on
+    a second device (PyTorch's "meta" device: the CPU is the only real one here) gets its own module
+    instead of moving the one the first wrapper uses."""
+    sam2_dir = str(tiny_models[0])
+    fp32 = load_segmenter(sam2_dir, device="cpu", dtype="auto")
+    images, points = torch.rand(1, 3, 128, 128), torch.rand(1, 4, 2) * 128
+    before = fp32.segment_points(fp32.embed(images), points)
+    bf16 = load_segmenter(sam2_dir, device="cpu", dtype="bfloat16")
+    elsewhere = load_segmenter(sam2_dir, device="meta")
+    assert load_segmenter(sam2_dir, device="cpu") is fp32  # cached
+    assert (fp32.dtype, bf16.dtype, elsewhere.dtype) == (torch.float32, torch.bfloat16, torch.float32)
+    assert bf16.model is fp32.model and elsewhere.model is not fp32.model
+    assert {p.device.type for p in fp32.model.parameters()} == {"cpu"} and fp32.device == torch.device("cpu")
+    assert {p.device.type for p in elsewhere.model.parameters()} == {"meta"}
+    assert elsewhere.fingerprint == fp32.fingerprint  # the same weights, read before the move
+    after = fp32.segment_points(fp32.embed(images), points)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not torch.equal(bf16.segment_points(bf16.embed(images), points)[0], before[0])  # bf16 autocast
+
+
+def test_auto_dtype_is_float32_everywhere():
+    from ntt_core.models import choose_dtype
+
+    for device in ("cpu", "cuda", "mps"):
+        assert choose_dtype(torch.device(device), "auto") == choose_dtype(torch.device(device), None) == torch.float32
+    assert choose_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+
+
 def test_bfloat16_path_runs_and_stays_close_to_float32(tiny_models):
-    """The GPU default (bf16 autocast) exercised on CPU: outputs are float32 and near the fp32 ones."""
+    """bf16 autocast (when asked) exercised on CPU: outputs are float32 and near the fp32 ones."""
     sam2_dir, dinov2_dir = tiny_models
     fp32 = load_segmenter(str(sam2_dir), device="cpu"), load_encoder(str(dinov2_dir), device="cpu")
     bf16 = (

@@ -281,6 +281,20 @@ def test_a_failed_app_run_shows_its_error_and_python_callers_get_it_raised(segme
     assert not segmented.has_field("never")
 
 
+@pytest.mark.bad_input
+def test_a_checkpoint_that_does_not_fill_the_model_is_refused_in_the_app_and_from_python(dataset, models, tmp_path):
+    from tiny_models import renamed_layer, tampered
+
+    broken = str(tampered(Path(models["dinov2"]), tmp_path / "dinov2", renamed_layer))
+    params = dict(gt_field="gt", bank_key="broken", **{**models, "dinov2": broken})
+    error = shown_error(run_from_app("build_memory_bank", dataset, params))
+    assert error["description"].startswith(f"{broken} does not fit Dinov2Model: tensors ")
+    assert "\n" not in error["description"] and "missing (encoder.layer.1." in error["description"]
+    with pytest.raises(ExecutionError, match=re.escape(f"{broken} does not fit Dinov2Model")):
+        run("build_memory_bank", dataset, params)
+    assert "broken" not in dataset.list_runs()
+
+
 def test_boxes_to_masks_operator(dataset, models):
     boxes = [
         fo.Detections(detections=[fo.Detection(label=d.label, bounding_box=d.bounding_box) for d in s.gt.detections])

@@ -55,6 +55,23 @@ def tiny_dinov2_config(image_size: int = DINOV2_INPUT):
     )
 
 
+def tampered(source: Path, target: Path, change) -> Path:
+    """A copy of the saved model folder ``source`` whose model.safetensors went through ``change``
+    (a function of the {name: tensor} dict)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    save_file(change(load_file(Path(source) / "model.safetensors")), Path(target) / "model.safetensors", metadata={"format": "pt"})
+    return Path(target)
+
+
+def renamed_layer(tensors: dict, layer: str = "encoder.layer.1.") -> dict:
+    """The tensors with those of one DINOv2 layer renamed (they load nowhere; the layer is missing)."""
+    return {(key.replace(layer, "encoder.layers.1.") if key.startswith(layer) else key): v for key, v in tensors.items()}
+
+
 def save_tiny_models(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Write a tiny SAM2 and a tiny DINOv2 under ``folder``; returns their two directories."""
     from transformers import Dinov2Model, Sam2Model
