@@ -486,7 +486,10 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype``, read by :func:`device_and_dtype`."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: float32 (bfloat16 only when asked)"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: float32 (bfloat16 only when asked)",
     )
 
 

@@ -57,7 +57,9 @@ def hub_file(repo_id: str, filename: str, kind: ModelKind, download: bool = True
     if cached is not None:
         return cached
     if not download:
-        raise ModelNotFoundError(f"{kind.name} weights {repo_id}/{filename} are not in the Hugging Face cache; {_fix(kind)}")
+        raise ModelNotFoundError(
+            f"{kind.name} weights {repo_id}/{filename} are not in the Hugging Face cache; {_fix(kind)}"
+        )
     check_hub_file(repo_id, filename, kind)
     return Path(hf_hub_download(repo_id, filename))
 
@@ -85,7 +87,9 @@ def check_hub_file(repo_id: str, filename: str, kind: ModelKind) -> None:
     except EntryNotFoundError:
         raise MissingHubFile(f"{kind.name} model {repo_id!r} has no file {filename!r} on the hub") from None
     except HfHubHTTPError as error:
-        raise ModelNotFoundError(f"{kind.name} weights {where}: the hub refused ({_one_line(error)}); {_fix(kind)}") from None
+        raise ModelNotFoundError(
+            f"{kind.name} weights {where}: the hub refused ({_one_line(error)}); {_fix(kind)}"
+        ) from None
     except Exception as error:  # the HTTP client's connection and timeout errors
         raise ModelNotFoundError(
             f"{kind.name} weights {where} are not in the Hugging Face cache and {constants.ENDPOINT} cannot be "
@@ -168,7 +172,10 @@ def load_pretrained(model_class, folder: str | Path, kind: ModelKind):
         f"{len(keys)} {label} ({_listing(sorted(keys))})"
         for label, keys in (
             ("missing", info["missing_keys"]),
-            ("with the wrong shape", [f"{key} {tuple(got)} (model: {tuple(want)})" for key, got, want in info["mismatched_keys"]]),
+            (
+                "with the wrong shape",
+                [f"{key} {tuple(got)} (model: {tuple(want)})" for key, got, want in info["mismatched_keys"]],
+            ),
             ("with no place in the model", info["unexpected_keys"]),
         )
         if keys
@@ -218,4 +225,3 @@ def _quiet_transformers():
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text or type(error).__name__
-

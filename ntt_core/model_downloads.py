@@ -53,9 +53,7 @@ def sources(names: list[str] | None = None) -> list[tuple[str, ModelSource]]:
     for name in names or [DEFAULT_SAM2, DEFAULT_DINOV2]:
         kind = SAM2 if name in SAM2_MODELS else DINOV2 if name in DINOV2_MODELS else None
         if kind is None:
-            raise ModelNotFoundError(
-                f"unknown model name {name!r}; known: {', '.join([*SAM2_MODELS, *DINOV2_MODELS])}"
-            )
+            raise ModelNotFoundError(f"unknown model name {name!r}; known: {', '.join([*SAM2_MODELS, *DINOV2_MODELS])}")
         chosen.append((name, resolve_model(kind, name)))
     return chosen
 
@@ -69,7 +67,9 @@ def download(names: list[str] | None = None) -> list[dict]:
         parameters = sum(parameter.numel() for parameter in model.parameters())
         del model
         gc.collect()
-        reports.append({"name": name, "path": str(local), "bytes": cached(name, source)["bytes"], "parameters": parameters})
+        reports.append(
+            {"name": name, "path": str(local), "bytes": cached(name, source)["bytes"], "parameters": parameters}
+        )
     return reports
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from standin_hub import COMMIT, StandinHub
+from tiny_models import tampered, tiny_dinov2_config, tiny_sam2_config
 
 from ntt_core import models
 from ntt_core.checkpoints import CheckpointError, ModelNotFoundError
 from ntt_core.cli import main
 from ntt_core.models import DINOV2, SAM2, load_encoder, load_segmenter, normalize, resolve_model
-from standin_hub import COMMIT, StandinHub
-from tiny_models import tampered, tiny_dinov2_config, tiny_sam2_config
 
 # One module of each model whose tensors the tampering below renames, drops or reshapes.
 PREFIXES = {"sam2": "mask_decoder.iou_prediction_head.", "dinov2": "encoder.layer.1."}
@@ -101,9 +101,8 @@ def hub_dinov2_keys(key: str) -> str:
 def test_dinov2_in_the_hub_layout_loads_every_weight_and_gives_the_same_features(tmp_path, swiglu):
     """facebook/dinov2-{small,base,large} (fc1/fc2 MLP) and -giant (SwiGLU: w12 -> weights_in, w3 ->
     weights_out): config.json of model type dinov2, model.safetensors with the conversion script's names."""
-    from transformers import Dinov2Model
-
     from tiny_models import randomise
+    from transformers import Dinov2Model
 
     config = tiny_dinov2_config()
     config.use_swiglu_ffn = swiglu
@@ -147,9 +146,8 @@ def test_dinov2_in_the_hub_layout_loads_every_weight_and_gives_the_same_features
 def test_a_sam2_video_checkpoint_loads_with_its_video_modules_skipped(tmp_path):
     """The sam2_video layout of facebook/sam2.1-hiera-*: Sam2Model's ignore list drops the memory modules;
     every image-path weight is the video model's."""
-    from transformers import Sam2VideoConfig, Sam2VideoModel
-
     from tiny_models import randomise
+    from transformers import Sam2VideoConfig, Sam2VideoModel
 
     image = tiny_sam2_config()
     config = Sam2VideoConfig(
@@ -224,24 +222,40 @@ def meta_trunk(embed_dim: int, blocks: list[int]) -> dict[str, torch.Tensor]:
     "name, state, held",
     [
         ("sam2_hiera_large.pt", meta_trunk(96, [1, 2, 7, 2]), "sam2 Hiera tiny"),
-        ("sam2_hiera_tiny.pt", {**meta_trunk(96, [1, 2, 7, 2]), "no_obj_embed_spatial": torch.zeros(1)}, "sam2.1 Hiera tiny"),
-        ("sam2.1_hiera_small.pt", meta_trunk(16, [1, 1, 2, 1]), r"sam2 Hiera of no official size \(blocks per stage \[1, 1, 2, 1\]\)"),
+        (
+            "sam2_hiera_tiny.pt",
+            {**meta_trunk(96, [1, 2, 7, 2]), "no_obj_embed_spatial": torch.zeros(1)},
+            "sam2.1 Hiera tiny",
+        ),
+        (
+            "sam2.1_hiera_small.pt",
+            meta_trunk(16, [1, 1, 2, 1]),
+            r"sam2 Hiera of no official size \(blocks per stage \[1, 1, 2, 1\]\)",
+        ),
     ],
 )
 def test_a_meta_file_holding_another_model_than_its_name_says_is_refused(tmp_path, name, state, held):
     path = tmp_path / name
     torch.save({"model": state}, path)
     version, size = re.match(r"(sam2(?:\.1)?)_hiera_(\w+)\.pt", name).groups()
-    with pytest.raises(CheckpointError, match=rf"the file name says {re.escape(version)} Hiera {size}, but the weights are {held}.*--sam2"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"the file name says {re.escape(version)} Hiera {size}, but the weights are {held}.*--sam2",
+    ):
         load_segmenter(str(path), device="cpu")
 
 
 @pytest.mark.bad_input
 def test_a_name_that_is_no_model_says_what_it_could_be(tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"SAM2 model '.*/nowhere/x' could not be loaded: no such file or folder.*sam2-large.*--sam2"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"SAM2 model '.*/nowhere/x' could not be loaded: no such file or folder.*sam2-large.*--sam2",
+    ):
         load_segmenter(str(tmp_path / "nowhere" / "x"), device="cpu")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(CheckpointError, match=r"is a \.txt file, neither Meta's \.pt / \.pth checkpoint nor a transformers folder"):
+    with pytest.raises(
+        CheckpointError, match=r"is a \.txt file, neither Meta's \.pt / \.pth checkpoint nor a transformers folder"
+    ):
         load_encoder(str(tmp_path / "notes.txt"), device="cpu")
 
 
@@ -278,24 +292,31 @@ def test_models_download_fills_the_standard_cache_and_the_defaults_load_from_it_
     and config.json + model.safetensors in facebook/dinov2-large. The tiny Meta trunk is declared an
     official size (Meta's sizes are what make a file's config readable from its shapes)."""
     pytest.importorskip("sam2")
-    from ntt_core import meta_checkpoints
     from tiny_models import build_tiny_meta_sam2
+
+    from ntt_core import meta_checkpoints
 
     meta = build_tiny_meta_sam2("sam2", seed=5)
     pt = tmp_path / "sam2_hiera_large.pt"
     torch.save({"model": meta.state_dict()}, pt)
     monkeypatch.setitem(
-        meta_checkpoints.HIERA_SIZES, (16, (1, 1, 2, 1)), {"name": "large", "heads": 1, "global": [3], "windows": [4, 2, 2, 2]}
+        meta_checkpoints.HIERA_SIZES,
+        (16, (1, 1, 2, 1)),
+        {"name": "large", "heads": 1, "global": [3], "windows": [4, 2, 2, 2]},
     )
     repos = {
         "facebook/sam2-hiera-large": {"sam2_hiera_large.pt": pt.read_bytes()},
-        "facebook/dinov2-large": {name: (tiny_models[1] / name).read_bytes() for name in ("config.json", "model.safetensors")},
+        "facebook/dinov2-large": {
+            name: (tiny_models[1] / name).read_bytes() for name in ("config.json", "model.safetensors")
+        },
     }
     with StandinHub(repos) as hub:
         cache = hub_endpoint(hub.url)
         assert main(["models", "download"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert re.match(r"sam2-large: [\d.]+ MB in .*sam2_hiera_large\.pt, loads strictly \([\d.]+ M parameters\)", out[0])
+        assert re.match(
+            r"sam2-large: [\d.]+ MB in .*sam2_hiera_large\.pt, loads strictly \([\d.]+ M parameters\)", out[0]
+        )
         assert re.match(r"dinov2-large: [\d.]+ MB in .*, loads strictly", out[1])
         assert {path for _, path in hub.requests if "/resolve/" in path} == {
             "/facebook/sam2-hiera-large/resolve/main/sam2_hiera_large.pt",
@@ -308,7 +329,9 @@ def test_models_download_fills_the_standard_cache_and_the_defaults_load_from_it_
 
         assert main(["models", "list"]) == 0
         rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
-        assert re.search(r"cached, [\d.]+ MB, .*models--facebook--sam2-hiera-large/snapshots/" + COMMIT, rows["sam2-large"])
+        assert re.search(
+            r"cached, [\d.]+ MB, .*models--facebook--sam2-hiera-large/snapshots/" + COMMIT, rows["sam2-large"]
+        )
         assert "cached" in rows["dinov2-large"] and rows["sam2.1-large"].endswith("not cached")
 
         asked = len(hub.requests)
@@ -337,9 +360,14 @@ def test_models_files_lists_the_exact_urls(hub_endpoint, capsys):
 def test_hub_ids_and_files_that_do_not_exist_are_named(hub_endpoint, capsys):
     with StandinHub({"facebook/dinov2-large": {"config.json": b"{}"}}) as hub:
         hub_endpoint(hub.url)
-        with pytest.raises(ModelNotFoundError, match=r"DINOv2 model 'facebook/no-such-model': no such repository on http://127\.0\.0\.1:\d+ .*--dinov2"):
+        with pytest.raises(
+            ModelNotFoundError,
+            match=r"DINOv2 model 'facebook/no-such-model': no such repository on http://127\.0\.0\.1:\d+ .*--dinov2",
+        ):
             load_encoder("facebook/no-such-model", device="cpu")
-        with pytest.raises(ModelNotFoundError, match=r"'facebook/dinov2-large' has no model\.safetensors on the hub .*--dinov2"):
+        with pytest.raises(
+            ModelNotFoundError, match=r"'facebook/dinov2-large' has no model\.safetensors on the hub .*--dinov2"
+        ):
             load_encoder("dinov2-large", device="cpu")
         assert main(["models", "download", "sam3-huge"]) == 2
         assert "ntt: error: unknown model name 'sam3-huge'; known: sam2-tiny" in capsys.readouterr().err

@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import META_SAM2_CONFIGS as SAM2_CONFIGS
+from tiny_models import build_tiny_meta_sam2, randomise
+from tiny_models import tiny_meta_sam2_config as tiny_sam2_config
 
 from ntt_core.meta_checkpoints import (
     CheckpointError,
@@ -28,13 +31,11 @@ from ntt_core.meta_checkpoints import (
     sam2_variant,
 )
 from ntt_core.models import load_encoder, load_segmenter, normalize
-from tiny_models import META_SAM2_CONFIGS as SAM2_CONFIGS
-from tiny_models import build_tiny_meta_sam2, randomise
-from tiny_models import tiny_meta_sam2_config as tiny_sam2_config
 
 TOLERANCE = 1e-4  # fp32, max abs difference
 SAM2_FRAME = 128  # the tiny SAM2's square input; mask logits come out at 32x32
 DINOV2_INPUT = 56  # the tiny DINOv2's checkpoint size: a 4x4 patch grid
+
 
 @pytest.fixture(autouse=True)
 def _few_threads():

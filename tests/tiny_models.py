@@ -63,13 +63,17 @@ def tampered(source: Path, target: Path, change) -> Path:
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(source, target)
-    save_file(change(load_file(Path(source) / "model.safetensors")), Path(target) / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        change(load_file(Path(source) / "model.safetensors")),
+        Path(target) / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return Path(target)
 
 
-def renamed_layer(tensors: dict, layer: str = "encoder.layer.1.") -> dict:
-    """The tensors with those of one DINOv2 layer renamed (they load nowhere; the layer is missing)."""
-    return {(key.replace(layer, "encoder.layers.1.") if key.startswith(layer) else key): v for key, v in tensors.items()}
+def renamed_layer(tensors: dict) -> dict:
+    """The tensors with those of DINOv2's layer 1 renamed (they load nowhere; the layer is missing)."""
+    return {key.replace("encoder.layer.1.", "encoder.layers.1."): value for key, value in tensors.items()}
 
 
 def save_tiny_models(folder: Path, seed: int = 0) -> tuple[Path, Path]:
