@@ -47,21 +47,23 @@ class ModelKind:
 # The hub
 
 
-def hub_file(repo_id: str, filename: str, kind: ModelKind, download: bool = True) -> Path:
+def hub_file(repo_id: str, filename: str, kind: ModelKind) -> Path:
     """The local path of ``filename`` of hub repo ``repo_id``: from the cache, else downloaded (with
-    huggingface_hub's progress bar) unless ``download`` is False. Raises :class:`ModelNotFoundError`
-    (:class:`MissingHubFile` when the repo has no such file) in one line, within ``HUB_TIMEOUT_S``."""
+    huggingface_hub's progress bar). Raises :class:`ModelNotFoundError` (:class:`MissingHubFile` when
+    the repo has no such file) in one line, within ``HUB_TIMEOUT_S`` when the hub cannot be reached."""
     from huggingface_hub import hf_hub_download
 
     cached = cached_hub_file(repo_id, filename)
     if cached is not None:
         return cached
-    if not download:
-        raise ModelNotFoundError(
-            f"{kind.name} weights {repo_id}/{filename} are not in the Hugging Face cache; {_fix(kind)}"
-        )
     check_hub_file(repo_id, filename, kind)
-    return Path(hf_hub_download(repo_id, filename))
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as error:  # the connection dropped, the disk is full...
+        raise ModelNotFoundError(
+            f"{kind.name} weights {repo_id}/{filename}: the download failed ({_one_line(error)}); run it again "
+            f"(it resumes), or point {kind.option} at a local copy"
+        ) from None
 
 
 def check_hub_file(repo_id: str, filename: str, kind: ModelKind) -> None:
@@ -85,7 +87,9 @@ def check_hub_file(repo_id: str, filename: str, kind: ModelKind) -> None:
             f"check the name given to {kind.option}"
         ) from None
     except EntryNotFoundError:
-        raise MissingHubFile(f"{kind.name} model {repo_id!r} has no file {filename!r} on the hub") from None
+        raise MissingHubFile(
+            f"{kind.name} model {repo_id!r} has no file {filename!r} on the hub; check the name given to {kind.option}"
+        ) from None
     except HfHubHTTPError as error:
         raise ModelNotFoundError(
             f"{kind.name} weights {where}: the hub refused ({_one_line(error)}); {_fix(kind)}"
@@ -117,22 +121,22 @@ def cached_hub_file(repo_id: str, filename: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def hub_folder(repo_id: str, kind: ModelKind, download: bool = True) -> Path:
+def hub_folder(repo_id: str, kind: ModelKind) -> Path:
     """The cached snapshot folder of a transformers repo: ``config.json`` and its safetensors weights
     (one ``model.safetensors``, or an index and its shards), downloaded when missing."""
-    config = hub_file(repo_id, CONFIG_NAME, kind, download)
+    config = hub_file(repo_id, CONFIG_NAME, kind)
     try:
-        hub_file(repo_id, WEIGHTS_NAME, kind, download)
+        hub_file(repo_id, WEIGHTS_NAME, kind)
     except MissingHubFile:
         try:
-            index = hub_file(repo_id, SHARDS_INDEX_NAME, kind, download)
+            index = hub_file(repo_id, SHARDS_INDEX_NAME, kind)
         except MissingHubFile:
             raise MissingHubFile(
                 f"{kind.name} model {repo_id!r} has no {WEIGHTS_NAME} on the hub (pickled weights such as "
                 f"pytorch_model.bin are never loaded); choose another model with {kind.option}"
             ) from None
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            hub_file(repo_id, shard, kind, download)
+            hub_file(repo_id, shard, kind)
     return config.parent
 
 

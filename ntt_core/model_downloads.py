@@ -62,7 +62,7 @@ def download(names: list[str] | None = None) -> list[dict]:
     """Download each model into the cache (unless there already) and load it strictly; one report each."""
     reports = []
     for name, source in sources(names):
-        local = source.local_path(download=True)
+        local = source.local_path()
         model = load_weights(source)  # a CheckpointError if anything does not fit
         parameters = sum(parameter.numel() for parameter in model.parameters())
         del model

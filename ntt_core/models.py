@@ -291,13 +291,13 @@ class ModelSource:
         for filename in self.hub_files():
             check_hub_file(self.repo_id, filename, self.kind)
 
-    def local_path(self, download: bool = True) -> Path:
-        """The checkpoint file or folder on disk: from the hub cache, downloaded if missing and ``download``."""
+    def local_path(self) -> Path:
+        """The checkpoint file or folder on disk: from the hub cache, downloaded if missing."""
         if self.path is not None:
             return Path(self.path)
         if self.filename is not None:
-            return hub_file(self.repo_id, self.filename, self.kind, download)
-        return hub_folder(self.repo_id, self.kind, download)
+            return hub_file(self.repo_id, self.filename, self.kind)
+        return hub_folder(self.repo_id, self.kind)
 
 
 def resolve_model(kind: ModelKind, choice: str | os.PathLike | None = None) -> ModelSource:
