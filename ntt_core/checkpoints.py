@@ -3,7 +3,7 @@
 Hub files land in the standard cache (``HF_HOME`` / ``HF_HUB_CACHE``) through ``hf_hub_download``.
 The cache is read first; a file that is not there costs one request without retries to learn
 whether the hub answers, so an offline machine gets its error at once rather than after
-``huggingface_hub``'s back-off (five retries, ~25 s per file).
+``huggingface_hub``'s back-off (five retries: 25 s and more per file).
 
 A ``transformers`` folder (``config.json`` + ``model.safetensors``) is loaded only if its weights fill
 the model exactly: after ``transformers``' own key renaming and the model's ignore lists (e.g. the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .meta_checkpoints import CheckpointError, _listing
 
-HUB_TIMEOUT_S = 10.0  # one metadata request to the hub before a download
+HUB_TIMEOUT_S = 5.0  # seconds one metadata request may take before a download
 WEIGHTS_NAME = "model.safetensors"
 SHARDS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
