@@ -75,7 +75,7 @@ def check_hub_file(repo_id: str, filename: str, kind: ModelKind) -> None:
     if cached_hub_file(repo_id, filename) is not None:
         return
     where = f"{repo_id}/{filename}"
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(
             f"{kind.name} weights {where} are not in the Hugging Face cache and HF_HUB_OFFLINE is set; {_fix(kind)}"
         )
