@@ -39,6 +39,9 @@ SAM2_IMAGE_SIZE = 1024  # the frame of every official SAM2 / SAM2.1 checkpoint
 SAM2_DECODER_HEADS = 8  # fixed in Meta's SAM2Base
 #: DINOv2 attention heads per hidden size (ViT-S, B, L, g; all 64 channels per head).
 DINOV2_HEADS = {384: 6, 768: 12, 1024: 16, 1536: 24}
+#: The hidden size of each of Meta's DINOv2 files, by the letter of its name (``dinov2_vitl14_pretrain.pth``).
+DINOV2_WIDTHS = {"s": 384, "b": 768, "l": 1024, "g": 1536}
+_DINOV2_FILE_NAME = re.compile(r"^dinov2_vit([sblg])14_pretrain\.pth$")
 
 # SAM2 weights that only the video predictor uses; Sam2Model has no place for them.
 _SAM2_VIDEO_PREFIXES = (
@@ -333,9 +336,24 @@ def load_meta_dinov2(path: str | Path, config=None):
     from transformers import Dinov2Config
 
     state = read_state_dict(path)
+    check_dinov2_file_name(path, state)
     if config is None:
         config = read_sidecar_config(path, Dinov2Config)
     return dinov2_from_state_dict(state, config, source=str(path))
+
+
+def check_dinov2_file_name(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """A file named as Meta names its DINOv2 checkpoints (``dinov2_vitl14_pretrain.pth``...) must hold that size."""
+    match = _DINOV2_FILE_NAME.match(Path(path).name)
+    if match is None or "cls_token" not in state:
+        return
+    width = state["cls_token"].shape[-1]
+    if width != DINOV2_WIDTHS[match.group(1)]:
+        held = next((f"ViT-{size}/14" for size, w in DINOV2_WIDTHS.items() if w == width), f"a width-{width} ViT")
+        raise CheckpointError(
+            f"{path}: the file name says DINOv2 ViT-{match.group(1)}/14, but the weights are {held}; the file is "
+            "misnamed or was mixed up with another: download it again or give the right file"
+        )
 
 
 def dinov2_from_state_dict(state: dict[str, torch.Tensor], config=None, source: str = "state dict"):

@@ -246,6 +246,16 @@ def test_a_meta_file_holding_another_model_than_its_name_says_is_refused(tmp_pat
 
 
 @pytest.mark.bad_input
+def test_a_meta_dinov2_file_of_another_size_than_its_name_is_refused(tmp_path):
+    path = tmp_path / "dinov2_vitl14_pretrain.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 384)}, path)
+    with pytest.raises(
+        CheckpointError, match=r"the file name says DINOv2 ViT-l/14, but the weights are ViT-s/14.*--dinov2"
+    ):
+        load_encoder(str(path), device="cpu")
+
+
+@pytest.mark.bad_input
 def test_a_name_that_is_no_model_says_what_it_could_be(tmp_path):
     with pytest.raises(
         ModelNotFoundError,
