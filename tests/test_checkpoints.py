@@ -322,8 +322,11 @@ def test_models_download_fills_the_standard_cache_and_the_defaults_load_from_it_
     }
     with StandinHub(repos) as hub:
         cache = hub_endpoint(hub.url)
+        monkeypatch.setenv("TQDM_POSITION", "-1")  # huggingface_hub's progress bars, also without a terminal
         assert main(["models", "download"]) == 0
-        out = capsys.readouterr().out.splitlines()
+        captured = capsys.readouterr()
+        assert "sam2_hiera_large.pt: 100%" in captured.err and "model.safetensors: 100%" in captured.err
+        out = captured.out.splitlines()
         assert re.match(
             r"sam2-large: [\d.]+ MB in .*sam2_hiera_large\.pt, loads strictly \([\d.]+ M parameters\)", out[0]
         )
