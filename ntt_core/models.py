@@ -102,9 +102,9 @@ def choose_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """Compute dtype: bf16 on CUDA, fp32 elsewhere, unless given."""
+    """Compute dtype: fp32 (as the authors ran) on every device unless given; bf16 only when asked."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
         if dtype not in names:

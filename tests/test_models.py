@@ -85,7 +85,7 @@ def test_missing_model_names_the_model_and_the_option(tmp_path, monkeypatch):
 
 
 def test_bfloat16_path_runs_and_stays_close_to_float32(tiny_models):
-    """The GPU default (bf16 autocast) exercised on CPU: outputs are float32 and near the fp32 ones."""
+    """The bf16 option (autocast) exercised on CPU: outputs are float32 and near the fp32 ones."""
     sam2_dir, dinov2_dir = tiny_models
     fp32 = load_segmenter(str(sam2_dir), device="cpu"), load_encoder(str(dinov2_dir), device="cpu")
     bf16 = (
