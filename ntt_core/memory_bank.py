@@ -426,7 +426,7 @@ def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[S
 def box_to_mask(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
     """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> ``[N, H, W]`` bool masks at image size."""
     logits = _box_logits(segmenter, image, boxes)
-    full = F.interpolate(logits[:, None], size=image.shape[:2], mode="bilinear", align_corners=False, antialias=True)[:, 0]
+    full = F.interpolate(logits[:, None], image.shape[:2], mode="bilinear", align_corners=False, antialias=True)[:, 0]
     return (full > 0).cpu().numpy()
 
 

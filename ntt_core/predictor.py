@@ -50,9 +50,7 @@ class Predictor:
         self.points = point_grid(self.settings.points_per_side, segmenter.input_size, segmenter.device)
         self.min_side = max(1, encoder.input_size // encoder.grid_size)
 
-    def predict(
-        self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
-    ) -> list[Instances]:
+    def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[Instances]:
         """Instances for each image of the batch; raises :class:`ImageError` on an unusable image.
 
         The masks are at each image's own size unless ``sizes`` gives the (height, width) to

@@ -81,13 +81,18 @@ def recorded(method, calls: list):
 
 
 def test_target_inputs_are_the_pillow_frame_and_its_torch_bicubic_without_antialias_or_clamp():
-    segmenter, encoder = ConnectedRegionSegmenter(input_size=96, mask_size=48), ColourStatsEncoder(input_size=42, grid_size=7)
+    segmenter, encoder = (
+        ConnectedRegionSegmenter(input_size=96, mask_size=48),
+        ColourStatsEncoder(input_size=42, grid_size=7),
+    )
     reference = np.zeros((60, 80, 3), dtype=np.uint8)
     reference[10:40, 20:50] = (200, 30, 30)
     mask = np.zeros((60, 80), dtype=bool)
     mask[10:40, 20:50] = True
     settings = Settings(points_per_side=4)
-    bank = build_memory_bank([ReferenceImage(reference, [ReferenceInstance("red", mask=mask)])], encoder, settings=settings)
+    bank = build_memory_bank(
+        [ReferenceImage(reference, [ReferenceInstance("red", mask=mask)])], encoder, settings=settings
+    )
     image = (np.random.default_rng(0).random((90, 130, 3)) > 0.5).astype(np.uint8) * 255  # bicubic overshoots it
     frames, inputs = [], []
     segmenter.embed, encoder.encode = recorded(segmenter.embed, frames), recorded(encoder.encode, inputs)
@@ -129,7 +134,9 @@ def test_memory_fill_crops_around_the_given_box_and_resizes_by_bicubic_without_a
     instance = ReferenceInstance("thing", mask=mask, box=(10.7, 20.2, 50.9, 41.6))  # the annotation's bbox
     build_memory_bank([ReferenceImage(image, [instance])], encoder, settings=Settings())
     x0, y0, x1, y1 = 6, 6, 54, 54  # by hand, first case of test_reference_crop_box_floors_every_edge
-    expected = F.interpolate(authors_tensor(image)[:, :, y0:y1, x0:x1], size=(42, 42), mode="bicubic", align_corners=False)
+    expected = F.interpolate(
+        authors_tensor(image)[:, :, y0:y1, x0:x1], size=(42, 42), mode="bicubic", align_corners=False
+    )
     assert torch.equal(crops[0], expected)
     assert expected.min() < 0 or expected.max() > 1  # noise overshoots: not clamped
 

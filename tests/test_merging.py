@@ -105,9 +105,13 @@ def test_full_resolution_masks_are_antialiased_where_a_side_shrinks():
     """The authors' antialiased upsampling differs from plain bilinear once a side of the image is
     under the mask size (here 48 < 64); our windowed masks follow theirs."""
     generator = torch.Generator().manual_seed(4)
-    centres, radii = torch.rand(12, 2, 1, 1, generator=generator) * 64, torch.rand(12, 1, 1, generator=generator) * 6 + 1
+    centres, radii = (
+        torch.rand(12, 2, 1, 1, generator=generator) * 64,
+        torch.rand(12, 1, 1, generator=generator) * 6 + 1,
+    )
     grid = torch.arange(64.0)
-    logits = radii**2 - (grid[:, None] - centres[:, 0]) ** 2 - (grid[None, :] - centres[:, 1]) ** 2  # discs [12, 64, 64]
+    # discs [12, 64, 64]
+    logits = radii**2 - (grid[:, None] - centres[:, 0]) ** 2 - (grid[None, :] - centres[:, 1]) ** 2
     image_size = (48, 90)
     authors = upsampled(logits, image_size) > 0
     plain = F.interpolate(logits[:, None], size=image_size, mode="bilinear", align_corners=False)[:, 0] > 0
@@ -117,5 +121,7 @@ def test_full_resolution_masks_are_antialiased_where_a_side_shrinks():
     areas, boxes, _ = full_resolution_stats(logits, labels, windows, image_size)
     assert torch.equal(areas, authors.flatten(1).sum(1).double())
     keep = areas > 0
-    for mask, crop, (x0, y0, x1, y1) in zip(authors[keep], crop_masks(logits[keep], boxes[keep], image_size), boxes[keep].tolist()):
+    for mask, crop, (x0, y0, x1, y1) in zip(
+        authors[keep], crop_masks(logits[keep], boxes[keep], image_size), boxes[keep].tolist()
+    ):
         assert torch.equal(torch.from_numpy(crop), mask[y0:y1, x0:x1]) and crop.sum() == mask.sum()
