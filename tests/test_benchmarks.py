@@ -334,3 +334,28 @@ def test_fsod_names_the_missing_coco_files(tmp_path, capsys):
     assert "instances_train2017.json" in error and "val2017" in error
     assert fsod.main(["--references", str(tmp_path / "refs.json")]) == 2
     assert "give --coco-root, or all of --references, --targets and --images" in capsys.readouterr().err
+
+
+# --- precision.py ---
+
+
+def test_precision_compares_bf16_with_fp32_on_the_same_weights_and_inputs(monkeypatch, capsys):
+    """Tiny configs in place of the paper's sizes; every stage's agreement is reported."""
+    from tiny_models import tiny_dinov2_config, tiny_sam2_config
+
+    precision = _load("precision")
+    monkeypatch.setattr(precision, "sam2_config", lambda arch: tiny_sam2_config())
+    monkeypatch.setattr(precision, "dinov2_config", lambda arch: tiny_dinov2_config())
+    argv = ["--image-size", "64x48", "--points-per-side", "2", "--candidates", "8", "--classes", "2", "--shots", "1"]
+    assert precision.main([*argv, "--json"]) == 0
+    report = _last_json(capsys)
+    assert report["prompts"] == 4 and report["shared_candidates"]["candidates"] == 8
+    assert 0 < report["sam2"]["image_embedding"]["max_rel"] < 0.1  # bf16 rounding, nothing larger
+    assert 0.9 < report["dinov2"]["patch_cosine_min"] < 1.0
+    assert 0.0 <= report["shared_candidates"]["top1_class_agree"] <= 1.0
+    assert set(report["end_to_end"]) == {
+        "instances",
+        "mask_iou_mean",
+        "share_iou_at_least_0.9",
+        "score_max_abs_matched",
+    }
