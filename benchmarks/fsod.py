@@ -13,6 +13,9 @@ COCO results and report bbox / segm nAP, nAP50 and nAP75 from pycocotools over t
 
 COCO layout expected under ``--coco-root``: ``annotations/instances_{train,val}2017.json``,
 ``train2017/`` and ``val2017/``. Paper (README, 30 shots, seed 33): 36.8 bbox / 34.2 segm nAP.
+
+As the authors' code: references sampled with one seed for the run (their ``few_shot_sampling.py``),
+images read as stored (no EXIF orientation) and masks upsampled to the json's height and width.
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ def limit_targets(targets: dict, limit: int | None) -> dict:
 
 
 def predict(predictor, targets: dict, image_dir: Path, category_ids: dict, batch_size: int) -> tuple[list, list]:
-    """COCO results of every target image, and the images that could not be used (with the reason)."""
+    """COCO results of every target image, and the images that could not be used (with the reason).
+
+    As the authors' loader: the stored pixels (no EXIF orientation), masks at the json's size."""
     from tqdm import tqdm
 
     results, failed = [], []
@@ -90,15 +95,14 @@ def predict(predictor, targets: dict, image_dir: Path, category_ids: dict, batch
     with tqdm(total=len(images), desc="segmenting", unit="image", file=sys.stderr) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            for image, output in zip(
-                batch, predictor.predict_paths([image_dir / image["file_name"] for image in batch])
-            ):
+            outputs = predictor.predict_paths(
+                [image_dir / image["file_name"] for image in batch],
+                exif_orientation=False,
+                sizes=[(image["height"], image["width"]) for image in batch],
+            )
+            for image, output in zip(batch, outputs):
                 if isinstance(output, ImageError):
                     failed.append(str(output))
-                elif tuple(output.image_size) != (image["height"], image["width"]):
-                    failed.append(
-                        f"{image['file_name']}: image is {output.image_size} (H, W) but the json says {(image['height'], image['width'])}"
-                    )
                 else:
                     results.extend(instances_to_coco_results(output, image["id"], category_ids))
             bar.update(len(batch))
@@ -114,7 +118,11 @@ def pycocotools_figures(truth: dict, results: list, category_ids: Sequence[int])
 
 def fiftyone_figures(truth: dict, results: list, image_dir: Path, class_names: Sequence[str]) -> dict:
     """The same figures from FiftyOne's COCO-style ``evaluate_detections`` on a temporary dataset
-    (boxes for bbox, masks for segm); AP50 / AP75 from its precision table at those IoUs."""
+    (boxes for bbox, masks for segm); AP50 / AP75 from its precision table at those IoUs.
+
+    The predictions get the boxes the plugin writes, their masks' pixel extent (one pixel wider and
+    taller than the authors' inclusive results boxes): FiftyOne crops a mask to its box, so the
+    inclusive box would cut off the mask's last row and column."""
     import fiftyone as fo
     import numpy as np
     from fiftyone.utils.coco import COCOObject
@@ -126,7 +134,8 @@ def fiftyone_figures(truth: dict, results: list, image_dir: Path, class_names: S
         if names[annotation["category_id"]] in chosen:
             by_image[annotation["image_id"]][0].append(annotation)
     for result in results:
-        by_image[result["image_id"]][1].append(result)
+        x, y, w, h = result["bbox"]
+        by_image[result["image_id"]][1].append({**result, "bbox": [x, y, w + 1, h + 1]})
     masks = all(annotation.get("segmentation") for annotations, _ in by_image.values() for annotation in annotations)
 
     def detections(entries: list, frame: tuple[int, int]):
@@ -180,14 +189,16 @@ def run_once(args, models, sources: dict, references: dict, targets: dict, shots
     segmenter, encoder, settings = models
     name = "all-references" if shots is None else f"{shots}shot_seed{seed}"
     folder = Path(args.out) / name
+    notes = []
     if shots is not None:
         references = sample_references(references, shots, seed, args.classes, args.seed_scope)
+        notes += references["info"]["ntt_sampling"]["warnings"]  # classes with fewer than K valid instances
     present = {annotation["category_id"] for annotation in references["annotations"]}
     chosen = resolve_classes(references, args.classes, "references")
     class_names = [category["name"] for category in chosen if category["id"] in present]
     if not class_names:
         raise FsodError(f"{name}: no reference annotation of the chosen classes")
-    notes = [f"class {c['name']!r} left out: no reference annotation" for c in chosen if c["id"] not in present]
+    notes += [f"class {c['name']!r} left out: no reference annotation" for c in chosen if c["id"] not in present]
     by_name = {category["name"]: category["id"] for category in targets["categories"]}
     missing = [c for c in class_names if c not in by_name]
     if missing:
@@ -195,7 +206,9 @@ def run_once(args, models, sources: dict, references: dict, targets: dict, shots
     write_json(references, folder / "references.json")
 
     start = time.perf_counter()
-    reference_images = references_from_coco(references, sources["reference_images"], classes=class_names)
+    reference_images = references_from_coco(
+        references, sources["reference_images"], classes=class_names, exif_orientation=False
+    )
     bank = build_memory_bank(reference_images, encoder, segmenter, settings, classes=class_names)
     bank.save(folder / "memory_bank")
     bank_seconds = time.perf_counter() - start
@@ -272,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--seeds", type=int, nargs="+", default=[33], help="sampling seeds")
     protocol.add_argument("--all-seeds", action="store_true", help=f"the paper's ten seeds {list(PAPER_SEEDS)}")
     protocol.add_argument(
-        "--seed-scope", choices=["class", "run"], default="class", help="see ntt_core.coco.sample_references"
+        "--seed-scope",
+        choices=["class", "run"],
+        default="run",
+        help="run: the authors' sampling (their reference sets); see ntt_core.coco.sample_references",
     )
     protocol.add_argument(
         "--classes",
@@ -385,6 +401,8 @@ def print_report(report: dict) -> None:
                 print(f"{name:<22}{source:<13}{cells}")
                 for note in figures["notes"]:
                     print(f"  note ({source}): {note}")
+        for note in run["notes"]:
+            print(f"  note: {note}")
         if run["failed_images"]:
             print(f"  {len(run['failed_images'])} image(s) could not be used, e.g. {run['failed_images'][0]}")
     for shots, entry in report["summary"].items():

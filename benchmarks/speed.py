@@ -40,8 +40,8 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not ins
 
 from ntt_core import predictor as predictor_module
 from ntt_core.coco import instances_to_coco_results
-from ntt_core.images import ImageError
-from ntt_core.memory_bank import MemoryBank, image_tensor
+from ntt_core.images import ImageError, image_tensor
+from ntt_core.memory_bank import MemoryBank
 from ntt_core.meta_checkpoints import DINOV2_HEADS, HIERA_SIZES, CheckpointError
 from ntt_core.models import (
     DINOV2_MODELS,
@@ -62,8 +62,8 @@ from ntt_core.synthetic import make_scene
 #: Stage of each function the predictor module calls; a stage's time excludes the stages nested in it.
 FUNCTION_STAGES = {
     "load_image": "decode",
-    "image_tensor": "preprocess",
-    "resize_image": "preprocess",
+    "square_frame": "preprocess",
+    "bicubic": "preprocess",
     "propose": "mask_postprocess",  # best-of-3 and IoU filtering; the decoder calls inside are their own stage
     "mask_boxes": "mask_postprocess",
     "pool_features": "matching",
@@ -486,10 +486,7 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype``, read by :func:`device_and_dtype`."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
     parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="auto: float32 (bfloat16 only when asked)",
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: fp32 everywhere"
     )
 
 

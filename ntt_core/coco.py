@@ -188,12 +188,15 @@ def references_from_coco(
     image_dir: str | Path,
     classes: str | Sequence[str] | None = None,
     max_per_class: int | None = None,
+    exif_orientation: bool = True,
 ) -> list[ReferenceImage]:
     """Reference images for :func:`ntt_core.memory_bank.build_memory_bank` from a COCO json.
 
-    Masks come from the annotation's polygons or RLE at the image size; annotations without a
-    segmentation become box references (mask None, box x0, y0, x1, y1); crowd annotations are
-    skipped. ``classes`` picks categories by name (see :func:`resolve_classes`);
+    Masks come from the annotation's polygons or RLE at the image size; every instance keeps the
+    annotation's ``bbox`` as its box (x0, y0, x1, y1), which the reference crop follows, as the
+    authors' crop does; annotations without a segmentation become box references (mask None);
+    crowd annotations are skipped. ``exif_orientation`` says how the images will be read (see
+    :func:`ntt_core.images.load_image`; the authors do not apply EXIF orientation). ``classes`` picks categories by name (see :func:`resolve_classes`);
     ``max_per_class`` keeps the first that many instances of each class, in file order.
     Images (loaded later, by the bank builder) are ``image_dir / file_name``.
     """
@@ -222,13 +225,16 @@ def references_from_coco(
             ReferenceInstance(
                 class_name=class_name,
                 mask=mask,
-                box=None if mask is not None else (x, y, x + w, y + h),
+                box=(x, y, x + w, y + h),
                 reference_id=str(annotation["id"]),
             )
         )
     return [
         ReferenceImage(
-            image=str(Path(image_dir) / image["file_name"]), instances=per_image[image["id"]], image_id=str(image["id"])
+            image=str(Path(image_dir) / image["file_name"]),
+            instances=per_image[image["id"]],
+            image_id=str(image["id"]),
+            exif_orientation=exif_orientation,
         )
         for image in coco["images"]
         if image["id"] in per_image
@@ -378,8 +384,17 @@ def encode_crop(crop: np.ndarray, box: Sequence[int], image_size: tuple[int, int
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
+def result_box(box: Sequence[int]) -> list[float]:
+    """The authors' COCO result box of a mask whose pixel extent is ``box`` (x0, y0, x1, y1,
+    end-exclusive): ``[x0, y0, x1 - 1 - x0, y1 - 1 - y0]``, from SAM's inclusive mask box (last
+    column and row with a pixel), one pixel narrower and shorter than the extent."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return [float(x0), float(y0), float(x1 - 1 - x0), float(y1 - 1 - y0)]
+
+
 def instances_to_coco_results(instances: Instances, image_id, category_ids: Mapping[str, int]) -> list[dict]:
-    """COCO result dicts (RLE segmentation, bbox [x, y, w, h], score, category_id) of one image.
+    """COCO result dicts (RLE segmentation, bbox [x, y, w, h] by :func:`result_box`, score,
+    category_id) of one image.
 
     ``category_ids`` maps class name -> category id. Masks are encoded from their crops: no
     full-size mask is built.
@@ -387,12 +402,11 @@ def instances_to_coco_results(instances: Instances, image_id, category_ids: Mapp
     missing = sorted(set(instances.class_names) - set(category_ids))
     if missing:
         raise CocoFormatError(f"no category id for class(es) {', '.join(map(repr, missing))}")
-    boxes = instances.xywh_boxes()
     return [
         {
             "image_id": image_id,
             "category_id": category_ids[instances.class_names[int(instances.labels[i])]],
-            "bbox": [float(v) for v in boxes[i]],
+            "bbox": result_box(instances.boxes[i]),
             "score": float(instances.scores[i]),
             "segmentation": encode_crop(instances.masks[i], instances.boxes[i], instances.image_size),
         }

@@ -281,8 +281,12 @@ def reference_instance(label, image_size: tuple[int, int]):
     except Exception as error:  # a mask_path that cannot be read
         return None, f"instance mask unreadable ({error})"
     mask = None if crop is None else place_mask(crop, box, image_size)
-    x0, y0, x1, y1 = box
-    return ReferenceInstance(class_name=label.label, mask=mask, box=(x0, y0, x1, y1), reference_id=label.id), ""
+    # The crop follows the annotation's own box, in pixels (as the authors crop around the COCO
+    # bbox), rounded to 1e-6 px so that a box imported from pixels comes back exactly.
+    height, width = image_size
+    x, y, w, h = (float(v) for v in label.bounding_box)
+    corners = tuple(round(v, 6) for v in (x * width, y * height, (x + w) * width, (y + h) * height))
+    return ReferenceInstance(class_name=label.label, mask=mask, box=corners, reference_id=label.id), ""
 
 
 def pixel_box(bounding_box, image_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
@@ -977,7 +981,7 @@ def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[
                 )
                 annotations.append(entry)
         for label in predicted.detections if predicted else []:
-            entry = _coco_entry(label, size, encode_crop)
+            entry = _coco_entry(label, size, encode_crop, prediction=True)
             if entry is not None and label.label in category:
                 entry.update(image_id=image_id, category_id=category[label.label], score=float(label.confidence or 0.0))
                 results.append(entry)
@@ -994,12 +998,16 @@ def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[
     return report
 
 
-def _coco_entry(label, size: tuple[int, int], encode_crop) -> dict | None:
+def _coco_entry(label, size: tuple[int, int], encode_crop, prediction: bool = False) -> dict | None:
+    """A COCO annotation (or, for a ``prediction``, a result with the authors' inclusive box: see
+    :func:`ntt_core.coco.result_box`) from a ``fo.Detection``; None if its box is unusable."""
+    from .coco import result_box
+
     box = pixel_box(label.bounding_box, size)
     if box is None:
         return None
     x0, y0, x1, y1 = box
-    entry = {"bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
+    entry = {"bbox": result_box(box) if prediction else [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
     crop = label.get_mask()
     if crop is not None:
         entry["segmentation"] = encode_crop(fit_mask(crop, box), box, size)

@@ -12,7 +12,9 @@ class Instances:
     """The instances found in one image, best first.
 
     Masks are kept cropped to their integer boxes, so a huge image never holds ``N`` full-size
-    masks: ``masks[i]`` covers ``boxes[i]`` = (x0, y0, x1, y1), end-exclusive pixel bounds.
+    masks: ``masks[i]`` covers ``boxes[i]`` = (x0, y0, x1, y1), end-exclusive pixel bounds, the
+    mask's exact pixel extent (as FiftyOne stores a mask: cropped to its box). The COCO results
+    box the authors write is one pixel smaller (see :func:`ntt_core.coco.result_box`).
     """
 
     image_size: tuple[int, int]  # (height, width)
@@ -55,11 +57,6 @@ class Instances:
         x0, y0, x1, y1 = self.boxes[index]
         full[y0:y1, x0:x1] = self.masks[index]
         return full
-
-    def xywh_boxes(self) -> np.ndarray:
-        """Boxes as ``[N, 4]`` float (x, y, width, height) in pixels, COCO style."""
-        boxes = self.boxes.astype(np.float64)
-        return np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1)
 
     def filter(self, keep: np.ndarray) -> Instances:
         """The instances where ``keep`` (a bool mask or an index array) selects."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .images import as_rgb_array, load_image
+from .images import as_rgb_array, bicubic, image_tensor, load_image, square_frame
 from .merging import crop_masks
 from .models import FeatureEncoder, PromptSegmenter
 from .settings import Settings
@@ -40,7 +40,7 @@ class ReferenceInstance:
 
     class_name: str
     mask: np.ndarray | None = None  # [H, W] bool or float in [0, 1], at the image's size
-    box: Sequence[float] | None = None  # (x0, y0, x1, y1) in pixels
+    box: Sequence[float] | None = None  # (x0, y0, x1, y1) in pixels: the annotation's box, which the crop follows
     reference_id: str = ""
     negative: bool = False  # an example of what is *not* ``class_name``
 
@@ -52,6 +52,7 @@ class ReferenceImage:
     image: np.ndarray | str | Path
     instances: list[ReferenceInstance]
     image_id: str = ""
+    exif_orientation: bool = True  # for a file: read it upright by its EXIF tag (see images.load_image)
 
 
 @dataclass
@@ -230,14 +231,17 @@ def _class_means(
 def reference_crop_box(
     box: Sequence[float], image_size: tuple[int, int], context_ratio: float
 ) -> tuple[int, int, int, int]:
-    """Square around the box centre, side max(w, h) x (1 + context_ratio), clipped to the image.
-    Returns integer (x0, y0, x1, y1), end-exclusive, never empty."""
+    """The authors' reference crop: a square around the box centre, side max(w, h) x (1 + context_ratio),
+    clipped to the image, every edge rounded down: the corners ``int()``-ed, then
+    ``int(mid - side / 2)`` and ``int(mid + side / 2)``. Returns integer (x0, y0, x1, y1),
+    end-exclusive; never empty (theirs is empty, and fails, for a box under one pixel)."""
     height, width = image_size
-    x0, y0, x1, y1 = (float(v) for v in box)
-    half = max(x1 - x0, y1 - y0) * (1.0 + context_ratio) / 2.0
-    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-    left, top = int(np.floor(max(cx - half, 0.0))), int(np.floor(max(cy - half, 0.0)))
-    right, bottom = int(np.ceil(min(cx + half, width))), int(np.ceil(min(cy + half, height)))
+    x0, y0, x1, y1 = (int(float(v)) for v in box)
+    side = max(x1 - x0, y1 - y0) * (1.0 + context_ratio)
+    mid_x, mid_y = (x0 + x1) * 0.5, (y0 + y1) * 0.5
+    left, top = max(0, int(mid_x - side * 0.5)), max(0, int(mid_y - side * 0.5))
+    right, bottom = min(width, int(mid_x + side * 0.5)), min(height, int(mid_y + side * 0.5))
+    left, top = min(left, width - 1), min(top, height - 1)
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
@@ -264,18 +268,6 @@ def describe_crops(
     totals = weights.flatten(1).sum(1)  # [N]
     sums = torch.einsum("nchw,nhw->nc", features, weights)
     return (sums / totals.clamp(min=1e-12).unsqueeze(1)).cpu(), totals.cpu()
-
-
-def resize_image(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, *size]`` (antialiased when shrinking), clamped to [0, 1]."""
-    return F.interpolate(image, size=size, mode=mode, align_corners=False, antialias=True).clamp_(0.0, 1.0)
-
-
-def image_tensor(image: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` uint8 -> ``[1, 3, H, W]`` float32 in [0, 1]."""
-    if not image.flags.writeable:
-        image = image.copy()
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
 
 
 @dataclass
@@ -306,7 +298,9 @@ def describe_references(
     crops, masks, meta, skipped = [], [], [], []
     for done, reference in enumerate(references, start=1):
         image = (
-            load_image(reference.image) if isinstance(reference.image, (str, Path)) else as_rgb_array(reference.image)
+            load_image(reference.image, reference.exif_orientation)
+            if isinstance(reference.image, (str, Path))
+            else as_rgb_array(reference.image)
         )
         height, width = image.shape[:2]
         pixels = None
@@ -319,7 +313,7 @@ def describe_references(
             x0, y0, x1, y1 = reference_crop_box(box, (height, width), settings.context_ratio)
             if pixels is None:
                 pixels = image_tensor(image)
-            crops.append(resize_image(pixels[:, :, y0:y1, x0:x1], (size, size), "bicubic")[0])
+            crops.append(bicubic(pixels[:, :, y0:y1, x0:x1], (size, size))[0])
             crop_mask = torch.from_numpy(mask[y0:y1, x0:x1].astype(np.float32))[None, None]
             masks.append(F.interpolate(crop_mask, size=(size, size), mode="bilinear", align_corners=False)[0, 0])
             meta.append((instance, str(reference.image_id)))
@@ -422,8 +416,7 @@ def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[S
     """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> low-resolution mask logits ``[N, m, m]`` float32."""
     height, width = image.shape[:2]
     frame = segmenter.input_size
-    pixels = resize_image(image_tensor(image), (frame, frame), "bilinear")
-    features = segmenter.embed(pixels)
+    features = segmenter.embed(square_frame(image, frame).to(segmenter.device))
     scale = torch.tensor([frame / width, frame / height, frame / width, frame / height])
     prompts = torch.as_tensor(np.asarray(boxes, dtype=np.float32)) * scale
     logits, _ = segmenter.segment_boxes(features, prompts[None])  # [1, N, m, m]
@@ -433,7 +426,7 @@ def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[S
 def box_to_mask(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
     """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> ``[N, H, W]`` bool masks at image size."""
     logits = _box_logits(segmenter, image, boxes)
-    full = F.interpolate(logits[:, None], size=image.shape[:2], mode="bilinear", align_corners=False)[:, 0]
+    full = F.interpolate(logits[:, None], image.shape[:2], mode="bilinear", align_corners=False, antialias=True)[:, 0]
     return (full > 0).cpu().numpy()
 
 

@@ -1,9 +1,10 @@
 """Full-resolution masks from SAM2's low-resolution logits, computed only where needed, and the
 method's semantic-aware soft merging.
 
-Bilinear upsampling (``align_corners=False``) is separable with two taps per output pixel, so any
-window of the full-resolution mask can be computed from the logits alone: a 10,000 x 10,000 image
-never needs hundreds of full-size masks in memory.
+The authors upsample with ``F.interpolate(bilinear, align_corners=False, antialias=True)``: separable,
+a few taps per output pixel (two when a side grows, more when it shrinks below the mask size), so
+any window of the full-resolution mask can be computed from the logits alone: a 10,000 x 10,000
+image never needs hundreds of full-size masks in memory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 #: Elements of float32 scratch per chunk of upsampled masks (256 MB).
 CHUNK_ELEMENTS = 1 << 26
@@ -22,57 +24,75 @@ TILE_SIDE = 1024
 
 @dataclass(frozen=True)
 class Taps:
-    """Bilinear taps of one axis: output pixel i = w0[i] * source[i0[i]] + w1[i] * source[i1[i]]."""
+    """Taps of one axis: output pixel i = sum over k of weight[i, k] * source[index[i, k]]; the
+    nonzero weights (all positive) sit at source pixels first[i] .. last[i]."""
 
-    i0: torch.Tensor  # [out] int64
-    i1: torch.Tensor  # [out] int64
-    w0: torch.Tensor  # [out] float32
-    w1: torch.Tensor  # [out] float32
+    index: torch.Tensor  # [out, K] int64
+    weight: torch.Tensor  # [out, K] float32, 0 past a pixel's last tap
+    first: torch.Tensor  # [out] int64, non-decreasing
+    last: torch.Tensor  # [out] int64, non-decreasing
 
 
 @functools.lru_cache(maxsize=32)
 def _taps_cpu(source: int, target: int) -> Taps:
-    # PyTorch's bilinear source index with align_corners=False: (i + 0.5) * source / target - 0.5, floored at 0.
-    scale = torch.tensor(source / target, dtype=torch.float32)
-    position = ((torch.arange(target, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0.0)
-    i0 = position.floor().long().clamp(max=source - 1)
-    i1 = (i0 + 1).clamp(max=source - 1)
-    w1 = position - i0.float()
-    return Taps(i0, i1, 1.0 - w1, w1)
+    # The weights of the very interpolation call, read off an identity resized along one axis only
+    # (the other keeps its size, which the antialiased kernel copies exactly).
+    matrix = F.interpolate(
+        torch.eye(source)[None, None], size=(target, source), mode="bilinear", align_corners=False, antialias=True
+    )[0, 0]  # [target, source]
+    nonzero = (matrix != 0).int()
+    first = nonzero.argmax(1)
+    last = source - 1 - nonzero.flip(1).argmax(1)
+    position = first[:, None] + torch.arange(int((last - first).max()) + 1)
+    index = position.clamp(max=source - 1)
+    weight = matrix.gather(1, index) * (position <= last[:, None])
+    return Taps(index, weight, first, last)
 
 
 def taps(source: int, target: int, device: torch.device) -> Taps:
-    """The two-tap weights of ``F.interpolate(..., mode="bilinear", align_corners=False)`` along one axis."""
+    """The weights of ``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)``
+    along one axis of ``source`` -> ``target`` pixels."""
     cpu = _taps_cpu(source, target)
-    return Taps(cpu.i0.to(device), cpu.i1.to(device), cpu.w0.to(device), cpu.w1.to(device))
+    return Taps(*(t.to(device) for t in (cpu.index, cpu.weight, cpu.first, cpu.last)))
+
+
+def _resample(values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over k of weight[:, k] * values[..., index[:, k]] along the last axis."""
+    out = values[..., index[:, 0]] * weight[:, 0]
+    for k in range(1, index.shape[1]):  # over taps, a handful, never over masks
+        out = out + values[..., index[:, k]] * weight[:, k]
+    return out
 
 
 def upsample_window(logits: torch.Tensor, rows: Taps, cols: Taps, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
-    """Rows y0:y1 and columns x0:x1 of the bilinearly upsampled logits ``[N, m, m]`` -> ``[N, y1-y0, x1-x0]``."""
-    r0, r1 = rows.i0[y0:y1], rows.i1[y0:y1]
-    low, high = int(r0.min()), int(r1.max()) + 1  # the low-resolution rows this window reads
-    band = logits[:, low:high]
-    c0, c1 = cols.i0[x0:x1], cols.i1[x0:x1]
-    band = band[:, :, c0] * cols.w0[x0:x1] + band[:, :, c1] * cols.w1[x0:x1]  # [N, rows read, x1-x0]
-    return band[:, r0 - low] * rows.w0[y0:y1, None] + band[:, r1 - low] * rows.w1[y0:y1, None]
+    """Rows y0:y1 and columns x0:x1 of the upsampled logits ``[N, m, m]`` -> ``[N, y1-y0, x1-x0]``
+    (columns first, then rows, like PyTorch's separable kernel)."""
+    row_index = rows.index[y0:y1]
+    low, high = int(rows.first[y0]), int(row_index.max()) + 1  # the low-resolution rows this window reads
+    band = _resample(logits[:, low:high], cols.index[x0:x1], cols.weight[x0:x1])  # [N, rows read, x1-x0]
+    return _resample(band.transpose(1, 2), row_index - low, rows.weight[y0:y1]).transpose(1, 2)
 
 
 def window_bounds(low_boxes: torch.Tensor, mask_size: int, image_size: tuple[int, int]) -> torch.Tensor:
     """Full-resolution windows ``[N, 4]`` (x0, y0, x1, y1), end-exclusive, certain to contain the
     upsampled masks whose low-resolution inclusive boxes are ``low_boxes`` ``[N, 4]``.
 
-    An output pixel is positive only if one of its two taps is, and taps lie within one source pixel
-    of the output pixel's source position, so a one-pixel margin at low resolution is enough.
+    The weights are positive and sum to one, so an output pixel is positive only if one of its taps
+    is: the window is every output pixel whose taps reach into the box.
     """
     height, width = image_size
-    scale = low_boxes.new_tensor([width, height, width, height]) / mask_size
-    low = (low_boxes[:, :2] - 1.0).clamp(min=0.0)
-    high = low_boxes[:, 2:] + 2.0
-    start = ((low + 0.5) * scale[:2] - 0.5).floor() - 1
-    end = ((high + 0.5) * scale[2:] - 0.5).ceil() + 1
-    bounds = torch.cat([start, end], dim=1).long()
-    limits = bounds.new_tensor([width, height, width, height])
-    return torch.minimum(bounds.clamp(min=0), limits)
+    device = low_boxes.device
+    rows, cols = taps(mask_size, height, device), taps(mask_size, width, device)
+    boxes = low_boxes.long()
+    return torch.stack(
+        [
+            torch.searchsorted(cols.last, boxes[:, 0].contiguous()),
+            torch.searchsorted(rows.last, boxes[:, 1].contiguous()),
+            torch.searchsorted(cols.first, boxes[:, 2].contiguous(), right=True),
+            torch.searchsorted(rows.first, boxes[:, 3].contiguous(), right=True),
+        ],
+        dim=1,
+    )
 
 
 def full_resolution_stats(

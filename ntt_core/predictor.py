@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import ImageError, as_rgb_array, load_image
+from .images import ImageError, as_rgb_array, bicubic, load_image, square_frame
 from .instances import Instances
 from .matching import best_references, pool_features, score_classes
-from .memory_bank import MemoryBank, image_tensor, resize_image
+from .memory_bank import MemoryBank
 from .merging import crop_masks, full_resolution_stats, soft_merge_factors, window_bounds
 from .models import FeatureEncoder, PromptSegmenter
 from .proposals import Candidates, class_nms, mask_boxes, point_grid, propose
@@ -50,19 +50,20 @@ class Predictor:
         self.points = point_grid(self.settings.points_per_side, segmenter.input_size, segmenter.device)
         self.min_side = max(1, encoder.input_size // encoder.grid_size)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
-        """Instances for each image of the batch; raises :class:`ImageError` on an unusable image."""
+    def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[Instances]:
+        """Instances for each image of the batch; raises :class:`ImageError` on an unusable image.
+
+        The masks are at each image's own size unless ``sizes`` gives the (height, width) to
+        upsample them to (the authors take it from the annotation json).
+        """
         arrays = [self._check(as_rgb_array(image, f"image {i}"), f"image {i}") for i, image in enumerate(images)]
         if not arrays:
             return []
+        sizes = [a.shape[:2] for a in arrays] if sizes is None else [tuple(int(v) for v in size) for size in sizes]
         frame, size = self.segmenter.input_size, self.encoder.input_size
-        frames = torch.cat(
-            [resize_image(image_tensor(a).to(self.segmenter.device), (frame, frame), "bilinear") for a in arrays]
-        )
+        frames = torch.cat([square_frame(a, frame) for a in arrays]).to(self.segmenter.device)
         sam_features = self.segmenter.embed(frames)
-        dense = self.encoder.encode(
-            resize_image(frames.to(self.encoder.device), (size, size), "bicubic")
-        )  # [B, C, g, g]
+        dense = self.encoder.encode(bicubic(frames.to(self.encoder.device), (size, size)))  # [B, C, g, g]
         candidates = propose(
             self.segmenter,
             sam_features,
@@ -71,20 +72,27 @@ class Predictor:
             self.settings.prompt_batch(self.segmenter.device.type),
             self.settings.sam_iou_threshold,
         )
-        return [self._instances(c, dense[i], a.shape[:2]) for i, (c, a) in enumerate(zip(candidates, arrays))]
+        return [self._instances(c, dense[i], sizes[i]) for i, c in enumerate(candidates)]
 
-    def predict_paths(self, paths: Sequence[str | Path]) -> list[Instances | ImageError]:
-        """Like :meth:`predict` for image files; an unreadable or unusable image gives its
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        exif_orientation: bool = True,
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Instances | ImageError]:
+        """Like :meth:`predict` for image files (read upright by their EXIF tag unless
+        ``exif_orientation`` is False); an unreadable or unusable image gives its
         :class:`ImageError` in its place instead of failing the batch."""
         results: list[Instances | ImageError | None] = [None] * len(paths)
         good, arrays = [], []
         for i, path in enumerate(paths):
             try:
-                arrays.append(self._check(load_image(path), name=str(path)))
+                arrays.append(self._check(load_image(path, exif_orientation), name=str(path)))
                 good.append(i)
             except ImageError as error:
                 results[i] = error
-        for i, instances in zip(good, self.predict(arrays)):
+        chosen = None if sizes is None else [sizes[i] for i in good]
+        for i, instances in zip(good, self.predict(arrays, chosen)):
             results[i] = instances
         return results
 

@@ -239,11 +239,10 @@ def _model_options(tiny_models) -> list[str]:
     return ["--sam2", str(sam2_dir), "--dinov2", str(dinov2_dir), "--device", "cpu", "--points-per-side", "3"]
 
 
-def test_fsod_on_a_coco_layout_samples_each_seed(tiny_models, tmp_path, capsys):
-    """The COCO-FSOD path: references sampled from train2017 per (shots, seed), val2017 limited."""
+def _coco_layout(tmp_path: Path) -> Path:
+    """A COCO 2017 folder of generated scenes: 6 train images, 3 val images."""
     from ntt_core.synthetic import CLASSES, make_dataset, write_coco_folder
 
-    fsod = _load("fsod")
     root = tmp_path / "coco"
     for split, seed, count in (("train2017", 1, 6), ("val2017", 2, 3)):
         write_coco_folder(
@@ -252,7 +251,13 @@ def test_fsod_on_a_coco_layout_samples_each_seed(tiny_models, tmp_path, capsys):
         shutil.move(tmp_path / split / "images", root / split)
         (root / "annotations").mkdir(exist_ok=True)
         shutil.move(tmp_path / split / "annotations.json", root / "annotations" / f"instances_{split}.json")
+    return root
 
+
+def test_fsod_on_a_coco_layout_samples_each_seed(tiny_models, tmp_path, capsys):
+    """The COCO-FSOD path: references sampled from train2017 per (shots, seed), val2017 limited."""
+    fsod = _load("fsod")
+    root = _coco_layout(tmp_path)
     argv = ["--coco-root", str(root), "--shots", "1", "2", "--seeds", "33", "5", "--classes", "disc,square"]
     argv += ["--limit", "2", "--out", str(tmp_path / "out"), "--json", *_model_options(tiny_models)]
     assert fsod.main(argv) == 0
@@ -272,6 +277,29 @@ def test_fsod_on_a_coco_layout_samples_each_seed(tiny_models, tmp_path, capsys):
         assert run["fiftyone"] is None
     assert report["summary"]["1"]["seeds"] == [33, 5]
     assert set(report["summary"]["2"]) >= {"pycocotools_bbox_nAP", "pycocotools_segm_nAP75"}
+
+
+def test_fsod_samples_the_authors_references_and_reports_a_short_class(tiny_models, tmp_path, capsys):
+    """By default the seed is set once for the run (the authors' few_shot_sampling.py); a class with
+    fewer valid instances than K in distinct images shows in the printed table and the JSON's notes."""
+    from ntt_core.coco import load_coco, sample_references
+
+    fsod = _load("fsod")
+    assert fsod.build_parser().parse_args([]).seed_scope == "run"
+    root = _coco_layout(tmp_path)
+    train = load_coco(root / "annotations" / "instances_train2017.json")
+    argv = ["--coco-root", str(root), "--shots", "6", "--seeds", "33", "--classes", "disc,square", "--limit", "1"]
+    argv += ["--out", str(tmp_path / "out"), "--json", *_model_options(tiny_models)]
+    assert fsod.main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    (run,) = report["runs"]
+    expected = sample_references(train, 6, 33, ["disc", "square"], seed_scope="run")
+    assert json.loads((Path(run["output"]) / "references.json").read_text()) == expected
+    short = expected["info"]["ntt_sampling"]["warnings"]
+    assert short and all("valid instance(s) in distinct images, 6 asked" in note for note in short)
+    assert run["notes"][: len(short)] == short
+    assert all(f"  note: {note}" in out for note in short)
 
 
 def test_fsod_on_a_custom_folder_with_fiftyone(tiny_models, tmp_path, capsys):
@@ -306,3 +334,28 @@ def test_fsod_names_the_missing_coco_files(tmp_path, capsys):
     assert "instances_train2017.json" in error and "val2017" in error
     assert fsod.main(["--references", str(tmp_path / "refs.json")]) == 2
     assert "give --coco-root, or all of --references, --targets and --images" in capsys.readouterr().err
+
+
+# --- precision.py ---
+
+
+def test_precision_compares_bf16_with_fp32_on_the_same_weights_and_inputs(monkeypatch, capsys):
+    """Tiny configs in place of the paper's sizes; every stage's agreement is reported."""
+    from tiny_models import tiny_dinov2_config, tiny_sam2_config
+
+    precision = _load("precision")
+    monkeypatch.setattr(precision, "sam2_config", lambda arch: tiny_sam2_config())
+    monkeypatch.setattr(precision, "dinov2_config", lambda arch: tiny_dinov2_config())
+    argv = ["--image-size", "64x48", "--points-per-side", "2", "--candidates", "8", "--classes", "2", "--shots", "1"]
+    assert precision.main([*argv, "--json"]) == 0
+    report = _last_json(capsys)
+    assert report["prompts"] == 4 and report["shared_candidates"]["candidates"] == 8
+    assert 0 < report["sam2"]["image_embedding"]["max_rel"] < 0.1  # bf16 rounding, nothing larger
+    assert 0.9 < report["dinov2"]["patch_cosine_min"] < 1.0
+    assert 0.0 <= report["shared_candidates"]["top1_class_agree"] <= 1.0
+    assert set(report["end_to_end"]) == {
+        "instances",
+        "mask_iou_mean",
+        "share_iou_at_least_0.9",
+        "score_max_abs_matched",
+    }

@@ -155,7 +155,8 @@ def test_references_from_coco(tmp_path):
     assert [r.image_id for r in references] == ["1", "2"]
     assert references[0].image == str(tmp_path / "a.jpg") and references[1].image == str(tmp_path / "sub/b.jpg")
     cat, dog = references[0].instances
-    assert (cat.class_name, cat.reference_id, cat.box) == ("cat", "11", None)
+    # Every instance keeps its annotation bbox (x0, y0, x1, y1): the authors' reference crop follows it.
+    assert (cat.class_name, cat.reference_id, cat.box) == ("cat", "11", (10, 10, 50, 50))
     assert np.array_equal(cat.mask, square_mask(10, 10, 40, 40))
     assert (dog.class_name, dog.reference_id, dog.mask) == ("dog", "12", None)
     assert list(dog.box) == [55, 50, 85, 70]  # xyxy
@@ -309,11 +310,12 @@ def test_sampling_rejects_bad_arguments():
 
 
 def one_instance(image_size=(20, 30)) -> Instances:
-    crop = np.zeros((6, 10), dtype=bool)
-    crop[1:5, 2:8] = True
+    """One instance whose mask covers rows 5-8 and columns 7-12 of a 20 x 30 image."""
+    crop = np.ones((4, 6), dtype=bool)
+    crop[0, 0] = crop[3, 5] = False  # corners off: the extent stays the same
     return Instances(
         image_size=image_size,
-        boxes=np.array([[5, 4, 15, 10]], dtype=np.int64),
+        boxes=np.array([[7, 5, 13, 9]], dtype=np.int64),  # the mask's pixel extent, end-exclusive
         masks=[crop],
         labels=np.array([1]),
         class_names=["cat", "dog"],
@@ -327,10 +329,12 @@ def one_instance(image_size=(20, 30)) -> Instances:
 def test_instances_become_coco_results_with_rle():
     [result] = instances_to_coco_results(one_instance(), image_id=42, category_ids={"cat": 3, "dog": 7})
     assert result["image_id"] == 42 and result["category_id"] == 7 and result["score"] == pytest.approx(0.75)
-    assert result["bbox"] == [5.0, 4.0, 10.0, 6.0] and all(isinstance(v, float) for v in result["bbox"])
+    # The authors' inclusive box: x = first column 7, last column 12 -> w = 12 - 7; rows 5..8 -> h = 3.
+    assert result["bbox"] == [7.0, 5.0, 5.0, 3.0] and all(isinstance(v, float) for v in result["bbox"])
     assert isinstance(result["segmentation"]["counts"], str) and result["segmentation"]["size"] == [20, 30]
     expected = np.zeros((20, 30), dtype=bool)
-    expected[5:9, 7:13] = True  # crop rows 1:5, cols 2:8 shifted by the box origin (5, 4)
+    expected[5:9, 7:13] = True  # the crop shifted by the box origin (7, 5)
+    expected[5, 7] = expected[8, 12] = False
     assert np.array_equal(mask_utils.decode(result["segmentation"]).astype(bool), expected)
     json.dumps(result)  # json-serialisable as is
     with pytest.raises(CocoFormatError, match="no category id for class.*'dog'"):

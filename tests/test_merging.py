@@ -1,4 +1,7 @@
-"""Windowed full-resolution masks and soft merging against full-size naive computations."""
+"""Windowed full-resolution masks and soft merging against full-size naive computations.
+
+The full-resolution masks are defined as the authors compute them:
+``F.interpolate(logits, size, mode="bilinear", align_corners=False, antialias=True) > 0``."""
 
 import pytest
 import torch
@@ -6,6 +9,11 @@ import torch.nn.functional as F
 
 from ntt_core.merging import crop_masks, full_resolution_stats, soft_merge_factors, taps, upsample_window, window_bounds
 from ntt_core.proposals import mask_boxes
+
+
+def upsampled(logits, image_size):
+    """The authors' full-resolution logits ``[N, H, W]``."""
+    return F.interpolate(logits[:, None], size=image_size, mode="bilinear", align_corners=False, antialias=True)[:, 0]
 
 
 def random_logits(count, size, seed):
@@ -18,7 +26,7 @@ def random_logits(count, size, seed):
 @pytest.mark.parametrize("image_size", [(50, 70), (13, 9), (64, 64)])
 def test_upsample_window_equals_interpolate(image_size):
     logits = random_logits(3, 16, 0)
-    full = F.interpolate(logits[:, None], size=image_size, mode="bilinear", align_corners=False)[:, 0]
+    full = upsampled(logits, image_size)
     rows, cols = taps(16, image_size[0], logits.device), taps(16, image_size[1], logits.device)
     window = upsample_window(logits, rows, cols, 2, image_size[0] - 1, 1, image_size[1] - 3)
     assert torch.allclose(window, full[:, 2 : image_size[0] - 1, 1 : image_size[1] - 3], atol=1e-5)
@@ -29,7 +37,7 @@ def test_windows_contain_every_full_resolution_mask(image_size):
     logits = random_logits(12, 16, 1)
     low = logits > 0
     logits, low = logits[low.flatten(1).any(1)], low[low.flatten(1).any(1)]
-    full = F.interpolate(logits[:, None], size=image_size, mode="bilinear", align_corners=False)[:, 0] > 0
+    full = upsampled(logits, image_size) > 0
     windows = window_bounds(mask_boxes(low), 16, image_size)
     for mask, (x0, y0, x1, y1) in zip(full, windows.tolist()):
         inside = torch.zeros_like(mask)
@@ -50,7 +58,7 @@ def test_full_resolution_stats_equal_naive(monkeypatch, chunk, tile):
     labels = torch.arange(logits.shape[0]) % 2
     windows = window_bounds(mask_boxes(logits > 0), 16, image_size)
     areas, boxes, inter = full_resolution_stats(logits, labels, windows, image_size)
-    full = (F.interpolate(logits[:, None], size=image_size, mode="bilinear", align_corners=False)[:, 0] > 0).float()
+    full = (upsampled(logits, image_size) > 0).float()
     flat = full.flatten(1)
     naive_inter = (flat @ flat.T) * (labels[:, None] == labels[None, :])
     assert torch.equal(areas, flat.sum(1).double())
@@ -85,9 +93,35 @@ def test_crop_masks_equal_full_masks_cut_to_their_boxes():
     windows = window_bounds(mask_boxes(logits > 0), 16, image_size)
     areas, boxes, _ = full_resolution_stats(logits, labels, windows, image_size)
     keep = areas > 0
-    full = F.interpolate(logits[keep][:, None], size=image_size, mode="bilinear", align_corners=False)[:, 0] > 0
+    full = upsampled(logits[keep], image_size) > 0
     crops = crop_masks(logits[keep], boxes[keep], image_size)
     for mask, crop, (x0, y0, x1, y1) in zip(full, crops, boxes[keep].tolist()):
         assert crop.shape == (y1 - y0, x1 - x0)
         assert (torch.from_numpy(crop) == mask[y0:y1, x0:x1]).all()
         assert mask.sum().item() == crop.sum()
+
+
+def test_full_resolution_masks_are_antialiased_where_a_side_shrinks():
+    """The authors' antialiased upsampling differs from plain bilinear once a side of the image is
+    under the mask size (here 48 < 64); our windowed masks follow theirs."""
+    generator = torch.Generator().manual_seed(4)
+    centres, radii = (
+        torch.rand(12, 2, 1, 1, generator=generator) * 64,
+        torch.rand(12, 1, 1, generator=generator) * 6 + 1,
+    )
+    grid = torch.arange(64.0)
+    # discs [12, 64, 64]
+    logits = radii**2 - (grid[:, None] - centres[:, 0]) ** 2 - (grid[None, :] - centres[:, 1]) ** 2
+    image_size = (48, 90)
+    authors = upsampled(logits, image_size) > 0
+    plain = F.interpolate(logits[:, None], size=image_size, mode="bilinear", align_corners=False)[:, 0] > 0
+    assert (authors != plain).any()  # the two definitions disagree on this image, so the test can fail
+    labels = torch.zeros(logits.shape[0], dtype=torch.long)
+    windows = window_bounds(mask_boxes(logits > 0), 64, image_size)
+    areas, boxes, _ = full_resolution_stats(logits, labels, windows, image_size)
+    assert torch.equal(areas, authors.flatten(1).sum(1).double())
+    keep = areas > 0
+    for mask, crop, (x0, y0, x1, y1) in zip(
+        authors[keep], crop_masks(logits[keep], boxes[keep], image_size), boxes[keep].tolist()
+    ):
+        assert torch.equal(torch.from_numpy(crop), mask[y0:y1, x0:x1]) and crop.sum() == mask.sum()

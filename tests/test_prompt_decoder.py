@@ -58,7 +58,7 @@ def test_matches_transformers_decoder(segmenter, batch, prompts):
 
 
 def test_matches_transformers_decoder_under_bfloat16_autocast(segmenter):
-    """The GPU default: the same operations run in the same dtypes, so bf16 rounding is all that differs."""
+    """The bf16 option: the same operations run in the same dtypes, so bf16 rounding is all that differs."""
     features, sparse, dense = decoder_inputs(segmenter, 2, 5, seed=1)
     with autocast(torch.device("cpu"), torch.bfloat16):
         (logits, iou), (reference_logits, reference_iou) = both_decoders(segmenter, features, sparse, dense)
