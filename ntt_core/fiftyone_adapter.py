@@ -29,6 +29,7 @@ from fiftyone import ViewField as F
 from PIL import Image
 
 from .images import ImageError, load_image
+from .input_rules import CROWD_REASON, check_count, is_crowd
 from .instances import Instances
 from .settings import MEMORY_ONLY, Settings
 
@@ -215,18 +216,21 @@ def collect_references(
     Masks (``Detection.mask`` or ``mask_path``, cropped to the box) are placed in the full image;
     labels without a mask become box references. ``reference_id`` is the label id and
     ``image_id`` the sample id. ``max_per_class`` keeps the first that many per class in
-    dataset order. Unusable labels are skipped with the reason; no reference at all, or a
+    dataset order. Unusable labels (crowd ones among them) are skipped with the reason; no reference at all, or a
     requested class without any, is an error.
     """
     from .memory_bank import ReferenceImage
 
-    if max_per_class is not None and max_per_class < 1:
-        raise FiftyOneAdapterError(f"max_per_class must be at least 1, got {max_per_class}")
+    if max_per_class is not None:
+        check_count(max_per_class, "max_per_class")
     view = reference_view(samples, gt_field, mode=mode, tag=tag, label_ids=label_ids, classes=classes)
     selection = ReferenceSelection()
     for sample_id, filepath, labels in zip(*view.values(["id", "filepath", gt_field])):
         chosen = []
         for label in labels.detections:
+            if is_crowd(label):  # never a reference, on every path
+                selection.skipped.append(_skip(label, CROWD_REASON))
+                continue
             if max_per_class is not None and selection.counts.get(label.label, 0) >= max_per_class:
                 continue
             chosen.append(label)
@@ -247,6 +251,9 @@ def collect_references(
                 instances.append(instance)
         if instances:
             selection.images.append(ReferenceImage(image=image, instances=instances, image_id=sample_id))
+    if not selection.counts and selection.skipped:
+        reasons = "; ".join(f"{s['reference_id']} ({s['class_name']}): {s['reason']}" for s in selection.skipped)
+        raise FiftyOneAdapterError(f"no usable reference in '{gt_field}': {reasons}")
     check_reference_counts(selection.counts, gt_field, mode, tag, classes)
     return selection
 
@@ -720,7 +727,8 @@ def plan_shards(samples, pred_field: str, num_shards: int) -> list[list[str]]:
 
 
 class ReferenceSegmentationModel(fomo.Model):
-    """The predictor as a FiftyOne model, for ``dataset.apply_model(model, label_field)``.
+    """The predictor as a FiftyOne model. Apply it with :func:`apply_reference_model`: FiftyOne's own
+    ``apply_model`` writes whatever field it is given (a ground-truth field too) without telling the model.
 
     Takes ``[H, W, 3]`` uint8 images and returns ``fo.Detections`` (see :func:`instances_to_detections`).
     """
@@ -765,6 +773,34 @@ def reference_model(
     return ReferenceSegmentationModel(
         Predictor(segmenter, encoder, load_memory_bank(dataset, bank_key), settings=settings)
     )
+
+
+def apply_reference_model(
+    samples,
+    bank_key: str,
+    label_field: str,
+    segmenter,
+    encoder,
+    settings: Settings | None = None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    **apply_options,
+) -> None:
+    """FiftyOne's ``apply_model`` with the bank's :func:`reference_model`, guarded like every
+    other way of writing predictions: ``label_field`` must not be a ground-truth field
+    (:func:`protected_fields`, the bank's own among them) and an existing field is refused unless
+    ``overwrite``. The field gets a prediction record, so :func:`evaluate` finds its ground truth.
+    ``apply_options`` go to ``apply_model`` (e.g. ``num_workers``, ``skip_failures``)."""
+    settings = settings or Settings()
+    samples, _ = image_collection(samples)
+    dataset = samples._root_dataset
+    if len(samples) == 0:
+        raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    check_output_field(dataset, label_field, overwrite=overwrite)
+    model = reference_model(dataset, bank_key, segmenter, encoder, settings=settings)  # checks the encoder
+    record = make_prediction_record(dataset, label_field, bank_key, segmenter, encoder, settings)
+    prepare_prediction_field(dataset, record, overwrite=overwrite)
+    samples.apply_model(model, label_field=label_field, batch_size=batch_size, **apply_options)
 
 
 # --- boxes to masks ---
@@ -974,9 +1010,7 @@ def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[
         for label in truth.detections if truth else []:
             entry = _coco_entry(label, size, encode_crop)
             if entry is not None and label.label in category:
-                crowd = (
-                    int(bool(label.get_field("iscrowd"))) if label.has_field("iscrowd") else 0
-                )  # COCO imports keep it
+                crowd = int(is_crowd(label))  # COCO imports keep it
                 entry.update(
                     id=len(annotations) + 1, image_id=image_id, category_id=category[label.label], iscrowd=crowd
                 )

@@ -10,6 +10,7 @@ from .common import (
     bank_choice,
     call,
     check,
+    count_input,
     current,
     field_choice,
     finish,
@@ -62,7 +63,9 @@ class BuildMemoryBank(foo.Operator):
         if mode != "label_ids":
             inputs.str("tag", default=fa.DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
         inputs.list("classes", types.String(), label="Classes", description="Classes to include (empty: all)")
-        inputs.int("max_per_class", min=1, label="Max references per class", description="First ones in dataset order")
+        count_input(
+            ctx, fa, inputs, "max_per_class", "Max references per class", description="First ones in dataset order"
+        )
         key_prop = inputs.str("bank_key", default="references", label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
         model_inputs(inputs)

@@ -10,6 +10,7 @@ from .common import (
     bank_choice,
     call,
     check,
+    count_input,
     current,
     field_choice,
     form,
@@ -66,9 +67,15 @@ class SegmentByReference(foo.Operator):
         inputs.float(
             "score_threshold", min=0.0, max=1.0, default=0.0, label="Score threshold", description="0 as in the paper"
         )
-        inputs.int("max_detections", min=1, default=100, label="Max instances per image")
-        inputs.int(
-            "points_per_side", min=1, default=32, label="Prompt grid points per side", description="32 as in the paper"
+        count_input(ctx, fa, inputs, "max_detections", "Max instances per image", default=100)
+        count_input(
+            ctx,
+            fa,
+            inputs,
+            "points_per_side",
+            "Prompt grid points per side",
+            default=32,
+            description="32 as in the paper",
         )
         inputs.float(
             "sam_iou_threshold",
@@ -78,12 +85,14 @@ class SegmentByReference(foo.Operator):
             label="SAM2 IoU threshold",
             description="0.4 as in the paper",
         )
-        inputs.int("batch_size", min=1, default=1, label="Images per batch")
-        inputs.int(
+        count_input(ctx, fa, inputs, "batch_size", "Images per batch", default=1)
+        count_input(
+            ctx,
+            fa,
+            inputs,
             "num_shards",
-            min=1,
+            "Shards",
             default=1,
-            label="Shards",
             description="Above 1: queue that many delegated operations over fixed parts of the target for `fiftyone delegated launch` workers",
         )
         model_inputs(inputs)
