@@ -39,6 +39,7 @@ class Journal:
         """A new journal for ``run`` (a JSON-able description that a resume must match); replaces
         any journal at ``path``."""
         path, run = Path(path), _as_json(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("w", encoding="utf-8")
         journal = cls(path, run, {}, handle)
         journal._append({"journal": VERSION, "run": run})
