@@ -432,7 +432,6 @@ def import_memory_bank(dataset, key: str, directory: str | Path, overwrite: bool
 # --- models ---
 
 
-@functools.lru_cache(maxsize=2)
 def load_models(
     sam2: str | None = None,
     dinov2: str | None = None,
@@ -440,13 +439,10 @@ def load_models(
     dtype: str | None = None,
     encoder_size: int | None = None,
 ):
-    """(segmenter, encoder), cached per process so repeated runs do not rebuild them.
+    """(segmenter, encoder), each cached per process so repeated runs do not rebuild them.
     None means the paper's models."""
-    from .models import DEFAULT_DINOV2, DEFAULT_SAM2, load_encoder, load_segmenter
-
-    segmenter = load_segmenter(sam2 or DEFAULT_SAM2, device=device, dtype=dtype)
-    encoder = load_encoder(dinov2 or DEFAULT_DINOV2, device=device, dtype=dtype, input_size=encoder_size)
-    return segmenter, encoder
+    segmenter = load_segmenter_only(sam2, device=device, dtype=dtype)
+    return segmenter, load_encoder_only(dinov2, device=device, dtype=dtype, encoder_size=encoder_size)
 
 
 @functools.lru_cache(maxsize=2)
@@ -455,6 +451,17 @@ def load_segmenter_only(sam2: str | None = None, device: str | None = None, dtyp
     from .models import DEFAULT_SAM2, load_segmenter
 
     return load_segmenter(sam2 or DEFAULT_SAM2, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def load_encoder_only(
+    dinov2: str | None = None, device: str | None = None, dtype: str | None = None, encoder_size: int | None = None
+):
+    """DINOv2 alone (a bank whose references all have masks needs no SAM2), cached per process;
+    None means the paper's model."""
+    from .models import DEFAULT_DINOV2, load_encoder
+
+    return load_encoder(dinov2 or DEFAULT_DINOV2, device=device, dtype=dtype, input_size=encoder_size)
 
 
 # --- building a bank from a dataset ---
@@ -474,14 +481,19 @@ def build_dataset_memory_bank(
     settings: Settings | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    load_segmenter: Callable[[], object] | None = None,
 ) -> dict:
     """Collect references, describe them, store the bank as run ``key``; returns a report
-    ``{"key", "classes", "counts", "skipped"}``."""
+    ``{"key", "classes", "counts", "skipped"}``. Without ``segmenter``, ``load_segmenter`` (if
+    given) loads SAM2 when some reference has no mask and needs a box prompt, and only then."""
     from .memory_bank import ReferenceError, build_memory_bank
 
     dataset = samples._root_dataset
     check_bank_key(dataset, key, overwrite)
     selection = collect_references(samples, gt_field, mode, tag, label_ids, classes, max_per_class)
+    boxes_only = any(instance.mask is None for image in selection.images for instance in image.instances)
+    if segmenter is None and load_segmenter is not None and boxes_only:
+        segmenter = load_segmenter()
     total = len(selection.images)
     try:
         bank = build_memory_bank(

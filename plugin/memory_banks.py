@@ -95,13 +95,15 @@ class BuildMemoryBank(foo.Operator):
 
     def _run(self, ctx, p: dict, progress) -> dict:
         fa = adapter()
-        segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
+        options = model_options(p)
+        encoder = fa.load_encoder_only(p["dinov2"] or None, **options)
         return fa.build_dataset_memory_bank(
             ctx.target_view(),
             p["bank_key"],
             p["gt_field"],
-            segmenter,
+            None,  # SAM2 is loaded only for references without a mask
             encoder,
+            load_segmenter=lambda: fa.load_segmenter_only(p["sam2"] or None, **options),
             mode=p["reference_mode"],
             tag=p.get("tag", fa.DEFAULT_REFERENCE_TAG),
             label_ids=selected_label_ids(ctx, p["gt_field"]),

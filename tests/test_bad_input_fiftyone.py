@@ -287,10 +287,16 @@ def plugin_dataset(tiny_models, tmp_path_factory):
     [
         (dict(score_threshold=-0.5), "Validation error. Path: score_threshold. Reason: Value must be greater than 0.0"),
         (dict(sam_iou_threshold=1.2), "Validation error. Path: sam_iou_threshold. Reason: Value must be less than 1.0"),
-        (dict(max_detections=0), "Validation error. Path: max_detections. Reason: Value must be greater than 1"),
-        (dict(points_per_side=0), "Validation error. Path: points_per_side. Reason: Value must be greater than 1"),
-        (dict(batch_size=0), "Validation error. Path: batch_size. Reason: Value must be greater than 1"),
-        (dict(num_shards=0), "Validation error. Path: num_shards. Reason: Value must be greater than 1"),
+        (
+            dict(max_detections=0),
+            "Validation error. Path: max_detections. Reason: max_detections must be at least 1, got 0",
+        ),
+        (
+            dict(points_per_side=0),
+            "Validation error. Path: points_per_side. Reason: points_per_side must be at least 1, got 0",
+        ),
+        (dict(batch_size=0), "Validation error. Path: batch_size. Reason: batch_size must be at least 1, got 0"),
+        (dict(num_shards=0), "Validation error. Path: num_shards. Reason: num_shards must be at least 1, got 0"),
         (dict(score_threshold=float("nan")), "Invalid settings: score_threshold=nan (must be in [0, 1])"),
     ],
 )

@@ -22,9 +22,12 @@ TINY = ["--device", "cpu", "--points-per-side", "2"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """Four 96 x 96 images, each with a red and a blue 36-px square; red as polygons, blue as RLE,
-    except one box-only blue and one extra crowd red."""
-    root = tmp_path_factory.mktemp("coco")
+    return coco_folder(tmp_path_factory.mktemp("coco"))
+
+
+def coco_folder(root: Path) -> Path:
+    """Four 96 x 96 images under ``root``, each with a red and a blue 36-px square; red as polygons,
+    blue as RLE, except one box-only blue and one extra crowd red."""
     (root / "images").mkdir()
     rng = np.random.default_rng(0)
     images, annotations = [], []

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_cli import TINY, build_one_shot_bank, error_line, folder, models, run  # noqa: F401 (fixture)
+from test_cli import TINY, build_one_shot_bank, coco_folder, error_line, models, run
 
 from ntt_core import journal as journal_module
 from ntt_core.cli import EXIT_ALL_FAILED, EXIT_INTERRUPTED, main
@@ -18,13 +18,18 @@ from ntt_core.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
-def bank(folder, tiny_models, tmp_path_factory) -> Path:  # noqa: F811
+def folder(tmp_path_factory) -> Path:
+    return coco_folder(tmp_path_factory.mktemp("coco"))
+
+
+@pytest.fixture(scope="module")
+def bank(folder, tiny_models, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bank") / "bank"
     build_one_shot_bank(folder, tiny_models, path)
     return path
 
 
-def predict(capsys, folder, tiny_models, bank, out: Path, *extra):  # noqa: F811
+def predict(capsys, folder, tiny_models, bank, out: Path, *extra):
     return run(
         capsys,
         "predict",
@@ -45,7 +50,7 @@ def outputs(out: Path) -> tuple[list, dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(folder, tiny_models, bank, tmp_path_factory):  # noqa: F811
+def uninterrupted(folder, tiny_models, bank, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "r.json"
     argv = ["predict", "--memory", bank, "--images", folder / "images", "--out", out, *models(tiny_models), *TINY]
     assert main([str(a) for a in argv]) == 0
@@ -69,7 +74,7 @@ def interrupt_after(monkeypatch, images: int) -> None:
 
 
 def test_ctrl_c_stops_after_the_current_image_and_resume_gives_the_uninterrupted_results(
-    folder,  # noqa: F811
+    folder,
     tiny_models,
     bank,
     uninterrupted,
@@ -98,7 +103,7 @@ def test_ctrl_c_stops_after_the_current_image_and_resume_gives_the_uninterrupted
 
 
 def test_a_record_cut_by_a_kill_is_redone_and_nothing_else(
-    folder,  # noqa: F811
+    folder,
     tiny_models,
     bank,
     uninterrupted,
@@ -123,7 +128,7 @@ def test_a_record_cut_by_a_kill_is_redone_and_nothing_else(
 
 
 @pytest.mark.bad_input
-def test_resuming_with_other_settings_is_refused(folder, tiny_models, bank, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_resuming_with_other_settings_is_refused(folder, tiny_models, bank, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
     with monkeypatch.context() as patch:
         interrupt_after(patch, 1)
@@ -137,7 +142,7 @@ def test_resuming_with_other_settings_is_refused(folder, tiny_models, bank, tmp_
 
 
 @pytest.mark.bad_input
-def test_existing_or_unwritable_outputs_are_refused_before_any_compute(folder, tmp_path, capsys):  # noqa: F811
+def test_existing_or_unwritable_outputs_are_refused_before_any_compute(folder, tmp_path, capsys):
     """Every check below fails before the (missing) bank and models would be loaded."""
     nothing = ["--memory", tmp_path / "nobank", "--sam2", tmp_path / "nosam2", "--dinov2", tmp_path / "nodino"]
     (tmp_path / "r.json").write_text("[]")
@@ -159,8 +164,12 @@ def test_existing_or_unwritable_outputs_are_refused_before_any_compute(folder, t
 
 @pytest.mark.bad_input
 def test_build_memory_refuses_an_existing_bank_file_or_folder_before_any_compute(
-    folder, tiny_models, bank, tmp_path, capsys
-):  # noqa: F811
+    folder,
+    tiny_models,
+    bank,
+    tmp_path,
+    capsys,
+):
     argv = ["build-memory", "--references", folder / "annotations.json", "--images", folder / "images"]
     nothing = ["--dinov2", tmp_path / "nodino", "--sam2", tmp_path / "nosam2", "--device", "cpu"]
     (tmp_path / "file").write_text("")
@@ -187,7 +196,7 @@ def test_build_memory_refuses_an_existing_bank_file_or_folder_before_any_compute
 
 
 @pytest.mark.bad_input
-def test_every_image_failing_exits_1_and_writes_nothing(folder, tiny_models, bank, tmp_path, capsys):  # noqa: F811
+def test_every_image_failing_exits_1_and_writes_nothing(folder, tiny_models, bank, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     for name in ("a.png", "b.png"):
