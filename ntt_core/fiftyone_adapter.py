@@ -646,8 +646,7 @@ def segment_by_reference(
     """
     from .predictor import Predictor
 
-    if batch_size < 1:
-        raise FiftyOneAdapterError(f"batch size must be at least 1, got {batch_size}")
+    check_count(batch_size, "batch_size")
     settings = settings or Settings()
     samples, note = image_collection(samples)
     dataset = samples._root_dataset
@@ -723,8 +722,7 @@ def start_sharded_prediction(
 
 
 def _check_shard_count(num_shards: int) -> None:
-    if num_shards < 1:
-        raise FiftyOneAdapterError(f"number of shards must be at least 1, got {num_shards}")
+    check_count(num_shards, "num_shards")
 
 
 def plan_shards(samples, pred_field: str, num_shards: int) -> list[list[str]]:

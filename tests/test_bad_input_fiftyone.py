@@ -16,6 +16,7 @@ from fiftyone_scenes import field_documents, scenes_dataset
 from test_plugin import FAST, inputs_of, run, uri
 
 from ntt_core import fiftyone_adapter as fa
+from ntt_core.input_rules import InputError
 from ntt_core.memory_bank import ReferenceError
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
@@ -263,11 +264,11 @@ def test_fields_of_the_wrong_label_type_are_refused_as_inputs(dataset, models):
 
 def test_counts_out_of_range_are_refused(dataset, models):
     fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    with pytest.raises(fa.FiftyOneAdapterError, match=r"^batch size must be at least 1, got 0$"):
+    with pytest.raises(InputError, match=r"^batch_size must be at least 1, got 0$"):  # the forms' words
         fa.segment_by_reference(dataset, "bank", "pred", *models, batch_size=0)
-    with pytest.raises(fa.FiftyOneAdapterError, match=r"^number of shards must be at least 1, got 0$"):
+    with pytest.raises(InputError, match=r"^num_shards must be at least 1, got 0$"):
         fa.start_sharded_prediction(dataset, "bank", "pred", *models, num_shards=0)
-    with pytest.raises(fa.FiftyOneAdapterError, match=r"^max_per_class must be at least 1, got 0$"):
+    with pytest.raises(InputError, match=r"^max_per_class must be at least 1, got 0$"):
         fa.collect_references(dataset, "gt", max_per_class=0)
     assert not dataset.has_field("pred")
 
