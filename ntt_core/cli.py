@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     assess.set_defaults(command=run_evaluate)
 
     from .demo import add_parser
+    from .shards import add_parser as add_shards_parser
 
     add_parser(commands, formatter)
+    add_shards_parser(commands, formatter)
     return parser
 
 

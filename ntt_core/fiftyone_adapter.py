@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import keyword
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -636,13 +636,16 @@ def segment_by_reference(
     overwrite: bool = False,
     skip_existing: bool = False,
     progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Predict every instance of the bank's classes in ``samples`` into ``pred_field``.
 
     Each batch is written as soon as it is done, one atomic update per sample, so a run that
     dies keeps its finished samples; re-running with ``skip_existing=True`` finishes the rest
     (only samples whose field is still empty are processed). Unreadable images stay empty and
-    are reported. Returns ``{"field", "processed", "instances", "skipped_existing", "failed", "note"}``.
+    are reported. ``should_stop`` is asked before each batch; when it says so the run stops with
+    an error (a delegated shard whose operation was marked failed). Returns ``{"field",
+    "processed", "instances", "skipped_existing", "failed", "note"}``.
     """
     from .predictor import Predictor
 
@@ -669,6 +672,11 @@ def segment_by_reference(
         "note": note,
     }
     for start in range(0, len(ids), batch_size):
+        if should_stop is not None and should_stop():
+            raise FiftyOneAdapterError(
+                f"stopped after {start} of {len(ids)} samples: this run's operation is no longer running "
+                f"(marked failed or taken over); the finished samples are saved in '{pred_field}'"
+            )
         batch_ids, batch_paths = ids[start : start + batch_size], paths[start : start + batch_size]
         try:
             results = predictor.predict_paths(batch_paths)
@@ -703,22 +711,42 @@ def start_sharded_prediction(
     settings: Settings | None = None,
     overwrite: bool = False,
     skip_existing: bool = False,
+    assigned: Collection[str] = (),
 ) -> list[list[str]]:
     """Everything a sharded run does before its shards are queued: check the bank against the
     models, create the field and its run record, and fix each shard's sample ids (the samples
-    still lacking predictions, split into contiguous parts). Each shard then runs
-    :func:`segment_by_reference` on its ids with ``skip_existing=True``."""
+    still lacking predictions and not ``assigned`` to shards already queued, split into contiguous
+    parts). Each shard then runs :func:`segment_by_reference` on its ids with ``skip_existing=True``.
+
+    The record says planning is under way until :func:`finish_planning`; planning again before
+    that (its operation died) continues it as if ``skip_existing`` were given."""
     settings = settings or Settings()
     samples, _ = image_collection(samples)
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
     _check_shard_count(num_shards)
+    skip_existing = skip_existing or (planning_unfinished(dataset, pred_field) and not overwrite)
     check_output_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     load_memory_bank(dataset, bank_key).check_encoder(encoder)
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
-    prepare_prediction_field(dataset, record, overwrite=overwrite, skip_existing=skip_existing)
-    return plan_shards(samples, pred_field, num_shards)
+    prepare_prediction_field(dataset, {**record, "planning": True}, overwrite=overwrite, skip_existing=skip_existing)
+    return plan_shards(samples.exclude(list(assigned)), pred_field, num_shards)
+
+
+def planning_unfinished(dataset, pred_field: str) -> bool:
+    """Whether a sharded run into ``pred_field`` created the field but did not queue all its shards."""
+    return (prediction_record(dataset, pred_field) or {}).get("planning") is True
+
+
+def finish_planning(dataset, pred_field: str) -> None:
+    """Mark the sharded run into ``pred_field`` as planned (all its shards are queued)."""
+    dataset = dataset._root_dataset
+    record = prediction_record(dataset, pred_field)
+    if record is not None and record.get("planning"):
+        fields = {name: value for name, value in record.items() if name not in ("cls", "type", "method")}
+        config = dataset.init_run(method=PREDICTION_METHOD, **{**fields, "planning": False})
+        dataset.register_run(prediction_run_key(pred_field), config, overwrite=True)
 
 
 def _check_shard_count(num_shards: int) -> None:

@@ -200,6 +200,8 @@ def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[[int, 
     """
     if from_app(ctx):
         return _stream(operator, ctx, label, work)
+    if ctx.delegated:  # the first heartbeat, before the models load (see ntt_core.shards)
+        ctx.set_progress(progress=0.0, label=f"{label}: loading the models")
     report = work(lambda done, total: ctx.set_progress(**_progress(label, done, total)))
     return finish(ctx, {"report": report})
 
