@@ -3,8 +3,8 @@
 Generated scenes (``ntt_core.synthetic``) and tiny random-weight SAM2 / DINOv2 saved in the
 ``transformers`` layout (``tests/tiny_models.py``), so a run takes seconds; the CLI runs as a real
 process, exactly as users start it. First one uninterrupted run gives the expected results; then,
-per trial, a run is started, killed (SIGKILL) or interrupted (SIGINT) at a random moment after its
-journal appears (so during segmentation or while writing the results), and resumed with
+per trial, a run is started, killed (SIGKILL) or interrupted (SIGINT) at a random moment (after a
+random number of finished images, during segmentation or while writing the results), and resumed with
 ``--resume`` until it finishes. Per trial the final results are compared image by image with the
 uninterrupted run's: an image is *lost* when it has no results, *duplicated* when its results
 appear more than once, *half-written* when they differ otherwise (or a file is not valid JSON).
@@ -108,13 +108,23 @@ def compare(expected: dict, found: dict | None, image_ids: list) -> dict[str, in
     return counts
 
 
-def trial(predict: list[str], out: Path, kind: str, loop_seconds: float, rng: random.Random) -> dict:
-    """One kill (or interrupt) and the resumes it takes to finish; returns what happened."""
+def finished(journal: Path) -> int:
+    """Images recorded in ``journal`` so far (complete lines after the header)."""
+    try:
+        return max(journal.read_bytes().count(b"\n") - 1, 0)
+    except FileNotFoundError:
+        return 0
+
+
+def trial(predict: list[str], out: Path, kind: str, images: int, image_seconds: float, rng: random.Random) -> dict:
+    """One kill (or interrupt) and the resumes it takes to finish; returns what happened. The moment:
+    a random number of finished images (all of them: while the results are written), then a random
+    part of one image's time, so it does not depend on how loaded the machine is."""
     journal = journal_path(out)
+    target, delay = rng.randint(0, images), rng.uniform(0.0, image_seconds)
     process = ntt([*predict, "--out", str(out)])
-    while not journal.exists() and process.poll() is None:
-        time.sleep(0.005)
-    delay = rng.uniform(0.0, loop_seconds * 1.1)
+    while not (journal.exists() and finished(journal) >= target) and process.poll() is None:
+        time.sleep(0.002)
     time.sleep(delay)
     finished_at_kill = None
     if process.poll() is None:
@@ -122,7 +132,7 @@ def trial(predict: list[str], out: Path, kind: str, loop_seconds: float, rng: ra
     code = process.wait()
     stderr = process.stderr.read()
     if journal.exists():
-        finished_at_kill = max(len(journal.read_text().splitlines()) - 1, 0)
+        finished_at_kill = finished(journal)
     resumes = []
     while journal.exists() or not out.exists():
         again = ntt([*predict, "--out", str(out), "--resume"])
@@ -132,11 +142,12 @@ def trial(predict: list[str], out: Path, kind: str, loop_seconds: float, rng: ra
     left = sorted(p.name for p in out.parent.iterdir() if p.name != out.name and not p.name.endswith("_targets.json"))
     return {
         "signal": kind,
-        "after_s": round(delay, 3),
+        "after_images": target,
+        "then_s": round(delay, 3),
         "exit": code,
         "traceback": "Traceback" in stderr,
         "last_line": stderr.strip().splitlines()[-1] if stderr.strip() else "",
-        "finished_at_kill": finished_at_kill,
+        "finished_at_kill": finished_at_kill,  # None: the run had completed
         "resumes": resumes,
         "left_behind": left,
     }
@@ -167,7 +178,7 @@ def main(argv=None) -> dict:
             for number in range(args.trials):
                 out = folder / f"{kind}_{number}" / "r.json"
                 out.parent.mkdir()
-                result = trial(predict, out, kind, loop_seconds, rng)
+                result = trial(predict, out, kind, args.images, loop_seconds / args.images, rng)
                 result.update(compare(expected, by_image(out), image_ids))
                 for name in totals[kind]:
                     totals[kind][name] += result[name]
@@ -179,6 +190,7 @@ def main(argv=None) -> dict:
         "trials_per_signal": args.trials,
         "totals": totals,
         "exit_codes": {kind: sorted({t["exit"] for t in trials if t["signal"] == kind}) for kind in SIGNALS},
+        "finished_at_kill": {kind: [t["finished_at_kill"] for t in trials if t["signal"] == kind] for kind in SIGNALS},
         "sigint_tracebacks": sum(t["traceback"] for t in trials if t["signal"] == "SIGINT"),
         "left_behind": sorted({name for t in trials for name in t["left_behind"]}),
     }

@@ -1,5 +1,6 @@
-"""The FiftyOne side of the method (with :mod:`ntt_core.fiftyone_review` for the review loop, and the
-demo, the only modules of ``ntt_core`` that import ``fiftyone``).
+"""The FiftyOne side of the method (with :mod:`ntt_core.fiftyone_review` for the review loop,
+:mod:`ntt_core.shards` for sharded runs, and the demo, the only modules of ``ntt_core`` that import
+``fiftyone``).
 
 References come out of a dataset's ground truth, memory banks live in the dataset as runs,
 predictions go back in as ``fo.Detections`` (one atomic write per sample), and evaluation runs
