@@ -22,12 +22,9 @@ TINY = ["--device", "cpu", "--points-per-side", "2"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return coco_folder(tmp_path_factory.mktemp("coco"))
-
-
-def coco_folder(root: Path) -> Path:
-    """Four 96 x 96 images under ``root``, each with a red and a blue 36-px square; red as polygons,
-    blue as RLE, except one box-only blue and one extra crowd red."""
+    """Four 96 x 96 images, each with a red and a blue 36-px square; red as polygons, blue as RLE,
+    except one box-only blue and one extra crowd red."""
+    root = tmp_path_factory.mktemp("coco")
     (root / "images").mkdir()
     rng = np.random.default_rng(0)
     images, annotations = [], []

@@ -9,17 +9,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_cli import TINY, build_one_shot_bank, coco_folder, error_line, models, run
+from test_cli import TINY, build_one_shot_bank, error_line, folder, models, run  # noqa: F401 (folder: a fixture)
 
 from ntt_core import journal as journal_module
 from ntt_core.cli import EXIT_ALL_FAILED, EXIT_INTERRUPTED, main
 from ntt_core.journal import Journal, JournalError, journal_path
 from ntt_core.predictor import Predictor
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return coco_folder(tmp_path_factory.mktemp("coco"))
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +24,12 @@ def bank(folder, tiny_models, tmp_path_factory) -> Path:
     return path
 
 
-def predict(capsys, folder, tiny_models, bank, out: Path, *extra):
-    return run(
-        capsys,
-        "predict",
-        "--memory",
-        bank,
-        "--images",
-        folder / "images",
-        "--out",
-        out,
-        *models(tiny_models),
-        *TINY,
-        *extra,
-    )
+@pytest.fixture(scope="module")
+def predict(folder, tiny_models, bank):
+    """``predict(capsys, out, *options)``: ``ntt predict`` of the test folder with the one-shot bank
+    and the tiny models into ``out``; returns (exit code, stdout, stderr)."""
+    argv = ["predict", "--memory", bank, "--images", folder / "images", *models(tiny_models), *TINY]
+    return lambda capsys, out, *extra: run(capsys, *argv, "--out", out, *extra)
 
 
 def outputs(out: Path) -> tuple[list, dict]:
@@ -52,8 +39,8 @@ def outputs(out: Path) -> tuple[list, dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(folder, tiny_models, bank, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "r.json"
-    argv = ["predict", "--memory", bank, "--images", folder / "images", "--out", out, *models(tiny_models), *TINY]
-    assert main([str(a) for a in argv]) == 0
+    argv = ["predict", "--memory", bank, "--images", folder / "images", *models(tiny_models), *TINY]
+    assert main([str(a) for a in [*argv, "--out", out]]) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.json", "r_targets.json"]  # no journal left
     return outputs(out)
 
@@ -74,18 +61,12 @@ def interrupt_after(monkeypatch, images: int) -> None:
 
 
 def test_ctrl_c_stops_after_the_current_image_and_resume_gives_the_uninterrupted_results(
-    folder,
-    tiny_models,
-    bank,
-    uninterrupted,
-    tmp_path,
-    capsys,
-    monkeypatch,
+    predict, uninterrupted, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "r.json"
     with monkeypatch.context() as patch:
         interrupt_after(patch, 2)
-        code, _, err = predict(capsys, folder, tiny_models, bank, out)
+        code, _, err = predict(capsys, out)
     assert code == EXIT_INTERRUPTED == 130
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
@@ -93,28 +74,20 @@ def test_ctrl_c_stops_after_the_current_image_and_resume_gives_the_uninterrupted
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json.journal"]
 
-    code, _, err = predict(capsys, folder, tiny_models, bank, out)
+    code, _, err = predict(capsys, out)
     assert code == 2 and "an interrupted run into" in error_line(err) and "add --resume" in error_line(err)
 
-    code, _, err = predict(capsys, folder, tiny_models, bank, out, "--resume")
+    code, _, err = predict(capsys, out, "--resume")
     assert code == 0 and "ntt: resuming: 2 of 4 images already done" in err
     assert outputs(out) == uninterrupted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r_targets.json"]
 
 
-def test_a_record_cut_by_a_kill_is_redone_and_nothing_else(
-    folder,
-    tiny_models,
-    bank,
-    uninterrupted,
-    tmp_path,
-    capsys,
-    monkeypatch,
-):
+def test_a_record_cut_by_a_kill_is_redone_and_nothing_else(predict, uninterrupted, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
     with monkeypatch.context() as patch:
         interrupt_after(patch, 3)
-        assert predict(capsys, folder, tiny_models, bank, out)[0] == EXIT_INTERRUPTED
+        assert predict(capsys, out)[0] == EXIT_INTERRUPTED
     journal = journal_path(out)
     lines = journal.read_text().splitlines(keepends=True)
     assert len(lines) == 4  # the header and three images
@@ -122,22 +95,22 @@ def test_a_record_cut_by_a_kill_is_redone_and_nothing_else(
     header, records, _ = journal_module.read(journal)
     assert sorted(records) == [0, 1]
 
-    code, _, err = predict(capsys, folder, tiny_models, bank, out, "--resume")
+    code, _, err = predict(capsys, out, "--resume")
     assert code == 0 and "ntt: resuming: 2 of 4 images already done" in err
     assert outputs(out) == uninterrupted
 
 
 @pytest.mark.bad_input
-def test_resuming_with_other_settings_is_refused(folder, tiny_models, bank, tmp_path, capsys, monkeypatch):
+def test_resuming_with_other_settings_is_refused(predict, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
     with monkeypatch.context() as patch:
         interrupt_after(patch, 1)
-        assert predict(capsys, folder, tiny_models, bank, out)[0] == EXIT_INTERRUPTED
+        assert predict(capsys, out)[0] == EXIT_INTERRUPTED
     before = journal_path(out).read_bytes()
-    code, _, err = predict(capsys, folder, tiny_models, bank, out, "--resume", "--max-detections", "3")
+    code, _, err = predict(capsys, out, "--resume", "--max-detections", "3")
     assert code == 2 and "the interrupted run used a different settings; resuming would mix results" in error_line(err)
     assert journal_path(out).read_bytes() == before  # kept for a resume with the right settings
-    code, _, _ = predict(capsys, folder, tiny_models, bank, out, "--overwrite", "--max-detections", "3")
+    code, _, _ = predict(capsys, out, "--overwrite", "--max-detections", "3")
     assert code == 0 and not journal_path(out).exists()
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import fiftyone.operators as foo
 import pytest
 from fiftyone.operators.executor import ExecutionError
-from fiftyone_scenes import field_documents, scenes_dataset
-from test_cli import coco_folder, error_line, run
+from fiftyone_scenes import field_documents
+from test_cli import error_line, folder, run  # noqa: F401 (folder: a fixture)
 from test_cli import models as cli_models
-from test_plugin import FAST, uri
+from test_plugin import FAST, dataset, uri  # noqa: F401 (dataset: a fixture)
+from test_plugin import models as tiny  # noqa: F401 (a fixture: the tiny models as operator parameters)
 from test_plugin import run as run_operator
 
 from ntt_core import fiftyone_adapter as fa
@@ -28,23 +28,6 @@ from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 from ntt_core.synthetic import make_dataset
 
 SETTINGS = Settings(points_per_side=12)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return coco_folder(tmp_path_factory.mktemp("coco"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_models) -> dict:
-    return dict(sam2=str(tiny_models[0]), dinov2=str(tiny_models[1]), device="cpu")
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    dataset = scenes_dataset(tmp_path, count=3, size=(64, 80))
-    yield dataset
-    dataset.delete()
 
 
 @pytest.fixture(scope="module")
