@@ -5,6 +5,7 @@
     ntt predict --memory BANK_DIR --images DIR [--targets T.json] --out results.json
     ntt evaluate --targets T.json --results results.json [--classes few-shot]
     ntt demo [--offline]      (the whole job on a small dataset, in FiftyOne; see ntt_core.demo)
+    ntt shards DATASET        (the shards of sharded runs and their heartbeats; see ntt_core.shards)
 
 Exit status: 0 done; 1 every image failed (nothing written); 2 bad input, refused before any
 work with one line ``ntt: error: <reason>``; 3 done, but some images were skipped (their count
@@ -54,6 +55,11 @@ class CliError(ValueError):
 
 #: Exit statuses (see the module docstring).
 EXIT_OK, EXIT_ALL_FAILED, EXIT_BAD_INPUT, EXIT_SOME_SKIPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_HELP = (
+    "exit status: 0 done; 1 every image failed (nothing written); 2 bad input (one line, nothing done); "
+    "3 done, but some images were skipped (their count and first reasons on stderr); "
+    "130 interrupted (predict: run the same command with --resume to finish)"
+)
 #: Reasons shown when images are skipped or fail.
 SHOWN_REASONS = 3
 
@@ -107,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ntt",
         description="Training-free reference-based instance segmentation (No Time to Train!) on COCO-format folders.",
+        epilog=EXIT_HELP,
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     formatter = _HelpFormatter
@@ -164,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="segment every instance of the bank's classes in a folder of images",
         description="Write COCO results json (RLE masks). Without --targets, image ids follow the sorted file "
-        "names and category ids the bank's classes (1-based); a targets json with both is written beside the results.",
+        "names and category ids the bank's classes (1-based); a targets json with both is written beside the results. "
+        "Finished images are kept in <out>.journal until the results are written, so an interrupted run resumes.",
+        epilog=EXIT_HELP,
         formatter_class=formatter,
     )
     predict.add_argument("--memory", required=True, type=Path, help="memory bank folder (from build-memory)")

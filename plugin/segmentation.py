@@ -114,7 +114,8 @@ class SegmentByReference(foo.Operator):
         )
         model_inputs(inputs)
         field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
-        planning = (current(ctx, inputs, "num_shards") or 1) > 1 and fa.planning_unfinished(ctx.dataset, field)
+        shards = current(ctx, inputs, "num_shards")
+        planning = isinstance(shards, int) and shards > 1 and fa.planning_unfinished(ctx.dataset, field)
         skip = current(ctx, inputs, "skip_existing") or shard or planning  # a planning step that died continues
         check(field_prop, lambda: fa.check_output_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip))
 
