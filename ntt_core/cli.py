@@ -6,16 +6,24 @@
     ntt evaluate --targets T.json --results results.json [--classes few-shot]
     ntt demo [--offline]      (the whole job on a small dataset, in FiftyOne; see ntt_core.demo)
     ntt models download|list|files   (the weights ahead of time; see ntt_core.model_downloads)
+    ntt shards DATASET        (the shards of sharded runs and their heartbeats; see ntt_core.shards)
 
-Bad input ends with exit status 2 and one line, ``ntt: error: <reason>``.
+Exit status: 0 done; 1 every image failed (nothing written); 2 bad input, refused before any
+work with one line ``ntt: error: <reason>``; 3 done, but some images were skipped (their count
+and first reasons on stderr); 130 interrupted (Ctrl-C; ``predict`` resumes with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from .coco import (
     write_json,
 )
 from .images import ImageError
+from .input_rules import CROWD_REASON, InputError, check_count, check_seed, is_crowd
 from .settings import Settings
 
 PAPER = Settings()  # the paper's defaults
@@ -45,35 +54,55 @@ class CliError(ValueError):
     """A command-line input the commands cannot use (e.g. an unavailable device)."""
 
 
+#: Exit statuses (see the module docstring).
+EXIT_OK, EXIT_ALL_FAILED, EXIT_BAD_INPUT, EXIT_SOME_SKIPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_HELP = (
+    "exit status: 0 done; 1 every image failed (nothing written); 2 bad input (one line, nothing done); "
+    "3 done, but some images were skipped (their count and first reasons on stderr); "
+    "130 interrupted (predict: run the same command with --resume to finish)"
+)
+#: Reasons shown when images are skipped or fail.
+SHOWN_REASONS = 3
+
+
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C; the message says what was kept and how to go on."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``ntt`` subcommand; returns the exit status (0, or 2 on bad input)."""
+    """Run one ``ntt`` subcommand; returns the exit status."""
     args = build_parser().parse_args(argv)
     _log_warnings_to_stderr()
     try:
-        args.command(args)
+        return args.command(args) or EXIT_OK
+    except (Interrupted, KeyboardInterrupt) as stop:
+        print(f"ntt: interrupted{': ' + str(stop) if str(stop) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:
         if not isinstance(error, _user_errors()):
             raise
         reason = " ".join(str(error).split())
         print(f"ntt: error: {reason}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """The error types that mean bad input (printed as one line), imported when needed."""
+    from .journal import JournalError
     from .memory_bank import MemoryBankError, ReferenceError
     from .meta_checkpoints import CheckpointError
     from .models import ModelNotFoundError
 
     return (
         CliError,
+        InputError,
         CocoFormatError,
         ImageError,
         ReferenceError,
         MemoryBankError,
         ModelNotFoundError,
         CheckpointError,
+        JournalError,
         OSError,
     )
 
@@ -85,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ntt",
         description="Training-free reference-based instance segmentation (No Time to Train!) on COCO-format folders.",
+        epilog=EXIT_HELP,
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     formatter = _HelpFormatter
@@ -97,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     sample.add_argument("--annotations", required=True, type=Path, help="COCO instances json to sample from")
-    sample.add_argument("--shots", required=True, type=_positive_int, help="instances per class (K)")
-    sample.add_argument("--seed", required=True, type=int, help="random seed")
+    sample.add_argument("--shots", required=True, type=shots_option, help="instances per class (K)")
+    sample.add_argument("--seed", required=True, type=seed_option, help="random seed (an integer >= 0)")
     sample.add_argument(
         "--classes",
         default="few-shot",
@@ -125,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", required=True, type=Path, help="folder the references' file_name entries are relative to"
     )
     build.add_argument("--out", required=True, type=Path, help="memory bank folder to write")
+    build.add_argument("--overwrite", action="store_true", help="replace the memory bank already in --out")
     build.add_argument(
-        "--shots", type=_positive_int, help="use at most this many references per class (first ones in the file)"
+        "--shots", type=shots_option, help="use at most this many references per class (first ones in the file)"
     )
     build.add_argument(
         "--context-ratio",
@@ -141,13 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="segment every instance of the bank's classes in a folder of images",
         description="Write COCO results json (RLE masks). Without --targets, image ids follow the sorted file "
-        "names and category ids the bank's classes (1-based); a targets json with both is written beside the results.",
+        "names and category ids the bank's classes (1-based); a targets json with both is written beside the results. "
+        "Finished images are kept in <out>.journal until the results are written, so an interrupted run resumes.",
+        epilog=EXIT_HELP,
         formatter_class=formatter,
     )
     predict.add_argument("--memory", required=True, type=Path, help="memory bank folder (from build-memory)")
     predict.add_argument("--images", required=True, type=Path, help="folder of target images")
     predict.add_argument("--targets", type=Path, help="COCO json of the targets: image ids, file names, category ids")
     predict.add_argument("--out", required=True, type=Path, help="COCO results json to write")
+    restart = predict.add_mutually_exclusive_group()
+    restart.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run (same bank, models, settings, images): its finished images are kept",
+    )
+    restart.add_argument(
+        "--overwrite", action="store_true", help="replace existing results (and an interrupted run's journal)"
+    )
     predict.add_argument("--batch-size", default=1, type=_positive_int, help="images per forward pass")
     _add_model_options(predict)
     for option, kind, text in (
@@ -181,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--out", type=Path, help="also write the metrics as json here")
     assess.set_defaults(command=run_evaluate)
 
-    from . import demo, model_downloads
+    from . import demo, model_downloads, shards
 
     demo.add_parser(commands, formatter)
     model_downloads.add_parser(commands, formatter)
+    shards.add_parser(commands, formatter)
     return parser
 
 
@@ -226,6 +269,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def shots_option(text: str) -> int:
+    """``--shots``: the library's rule (:func:`ntt_core.input_rules.check_count`), as an argparse type."""
+    return _ruled(lambda value: check_count(value, "shots"), text)
+
+
+def seed_option(text: str) -> int:
+    """``--seed``: the library's rule (:func:`ntt_core.input_rules.check_seed`), as an argparse type."""
+    return _ruled(check_seed, text)
+
+
+def _ruled(rule, text: str) -> int:
+    try:
+        return rule(int(text))
+    except ValueError as error:  # not an integer, or the rule's message
+        message = str(error) if isinstance(error, InputError) else f"{text!r} is not an integer"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0.0:
@@ -260,6 +321,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def run_sample_references(args: argparse.Namespace) -> None:
+    check_outputs([("--out", args.out)], overwrite=True)
     coco = load_coco(args.annotations)
     sampled = sample_references(coco, args.shots, args.seed, args.classes, args.seed_scope)
     write_json(sampled, args.out)
@@ -275,12 +337,17 @@ def run_build_memory(args: argparse.Namespace) -> None:
 
     from .memory_bank import build_memory_bank
 
+    check_bank_folder(args.out, args.overwrite)
+    coco = load_coco(args.references)
     references = references_from_coco(args.references, args.images, max_per_class=args.shots)
     instances = [instance for reference in references for instance in reference.instances]
     if not instances:
         raise CliError(f"{args.references}: no usable (non-crowd) reference annotation")
+    names = {category["id"]: category["name"] for category in coco["categories"]}
+    for annotation in filter(is_crowd, coco["annotations"]):
+        logger.warning(f"reference {annotation['id']} ({names.get(annotation['category_id'])}) skipped: {CROWD_REASON}")
     used = {instance.class_name for instance in instances}
-    classes = [category["name"] for category in load_coco(args.references)["categories"] if category["name"] in used]
+    classes = [category["name"] for category in coco["categories"] if category["name"] in used]
     if args.shots is not None:
         for name in classes:
             count = sum(instance.class_name == name for instance in instances)
@@ -319,11 +386,27 @@ def run_build_memory(args: argparse.Namespace) -> None:
     print(f"wrote a memory bank of {len(bank.reference_ids)} references ({counts}) to {args.out}")
 
 
-def run_predict(args: argparse.Namespace) -> None:
+def run_predict(args: argparse.Namespace) -> int:
+    """Segment the images, recording each finished one in a journal beside ``--out`` (see
+    :mod:`ntt_core.journal`); the results (and targets) files are written from it at the end."""
     from tqdm import tqdm
 
-    from .memory_bank import MemoryBank
+    from .journal import Journal, journal_path
+    from .memory_bank import MANIFEST_NAME, MemoryBank
     from .predictor import Predictor
+    from .settings import MEMORY_ONLY
+
+    journal_file = journal_path(args.out)
+    targets_path = None if args.targets is not None else args.out.with_name(args.out.stem + "_targets.json")
+    resuming = args.resume and journal_file.is_file()
+    outputs = [("--out", args.out), ("the targets file", targets_path)]
+    check_outputs([(what, path) for what, path in outputs if path is not None], args.overwrite or resuming)
+    check_outputs([("the journal", journal_file)], True)
+    if journal_file.exists() and not (args.resume or args.overwrite):
+        raise CliError(
+            f"{journal_file}: an interrupted run into {args.out} exists: add --resume to finish it "
+            "or --overwrite to start again"
+        )
 
     bank = MemoryBank.load(args.memory)
     if args.targets is not None:
@@ -348,38 +431,163 @@ def run_predict(args: argparse.Namespace) -> None:
     encoder = _encoder(args, device, settings.encoder_size or bank.encoder_input_size)
     predictor = Predictor(segmenter, encoder, bank, settings)
 
-    done, failed = [], []
+    run = {
+        "bank": hashlib.sha256((args.memory / MANIFEST_NAME).read_bytes()).hexdigest(),
+        "segmenter": segmenter.fingerprint,
+        "encoder": encoder.fingerprint,
+        "settings": {name: value for name, value in settings.to_dict().items() if name not in MEMORY_ONLY},
+        "images": [str(args.images.resolve()), images],
+        "category_ids": category_ids,
+    }
+    journal = Journal.resume(journal_file, run) if resuming else Journal.create(journal_file, run)
+    if resuming:
+        tqdm.write(f"ntt: resuming: {len(journal.records)} of {len(images)} images already done", file=sys.stderr)
+    elif args.resume:
+        tqdm.write(f"ntt: nothing to resume ({journal_file} not found): starting from the first image", file=sys.stderr)
+    todo = [(index, image) for index, image in enumerate(images) if index not in journal.records]
+    try:
+        with _stop_after_current_image() as stop_requested:
+            _segment_into(journal, predictor, todo, len(images), args, device, stop_requested)
+    except KeyboardInterrupt:  # a second Ctrl-C stops at once; the finished images are in the journal
+        pass
+    if len(journal.records) < len(images):
+        journal.close()
+        raise Interrupted(
+            f"{len(journal.records)} of {len(images)} images done, kept in {journal_file}; "
+            "run the same command with --resume to finish"
+        )
+    return _finish_predict(journal, images, bank.classes, args.out, targets_path)
+
+
+def _segment_into(journal, predictor, todo: list, total: int, args, device, stop_requested) -> None:
+    """Predict the ``(index, (image_id, file_name, size))`` items of ``todo`` in batches, appending
+    one journal record per image (its COCO results, or why it failed); stops between batches
+    once ``stop_requested()``."""
+    from tqdm import tqdm
+
     first = 1 if device.type == "cpu" else args.batch_size
-    batches = [images[:first]] + [images[i : i + args.batch_size] for i in range(first, len(images), args.batch_size)]
-    with ResultsWriter(args.out) as writer, tqdm(total=len(images), desc="segmenting", unit="image") as bar:
+    batches = [todo[:first]] + [todo[i : i + args.batch_size] for i in range(first, len(todo), args.batch_size)]
+    with tqdm(total=total, initial=total - len(todo), desc="segmenting", unit="image") as bar:
         for number, batch in enumerate(batches):
+            if not batch or stop_requested():
+                break
             start = time.perf_counter()
-            outputs = predictor.predict_paths([args.images / name for _, name, _ in batch])
-            if number == 0 and device.type == "cpu" and len(images) > 1:
-                _estimate((time.perf_counter() - start) * (len(images) - 1), f"the other {len(images) - 1} images")
-            for (image_id, name, size), output in zip(batch, outputs):
+            outputs = predictor.predict_paths([args.images / name for _, (_, name, _) in batch])
+            if number == 0 and device.type == "cpu" and len(todo) > 1:
+                _estimate((time.perf_counter() - start) * (len(todo) - 1), f"the other {len(todo) - 1} images")
+            for (index, (image_id, name, size)), output in zip(batch, outputs):
+                record = {"index": index, "file_name": name}
                 if isinstance(output, ImageError):
-                    failed.append(str(output))
+                    record["failed"] = str(output)
                 elif size is not None and tuple(output.image_size) != tuple(size):
-                    failed.append(
-                        f"{name}: image is {output.image_size[1]}x{output.image_size[0]} px but {args.targets} says {size[1]}x{size[0]}"
+                    record["failed"] = (
+                        f"{name}: image is {output.image_size[1]}x{output.image_size[0]} px "
+                        f"but {args.targets} says {size[1]}x{size[0]}"
                     )
                 else:
-                    writer.write(instances_to_coco_results(output, image_id, category_ids))
-                    done.append((image_id, name, output.image_size))
+                    record["size"] = list(output.image_size)
+                    record["results"] = instances_to_coco_results(output, image_id, journal.run["category_ids"])
+                journal.append(record)
             bar.update(len(batch))
 
-    written = f"wrote {writer.count} results for {len(done)} images to {args.out}"
-    if args.targets is None:
-        targets_path = args.out.with_name(args.out.stem + "_targets.json")
-        write_json(make_targets(done, bank.classes), targets_path)
+
+def _finish_predict(journal, images: list, classes, out: Path, targets_path: Path | None) -> int:
+    """Write the results (and targets) from a complete journal, then remove it; returns the exit status."""
+    records = [journal.records[index] for index in range(len(images))]
+    failed = [record["failed"] for record in records if "failed" in record]
+    if len(failed) == len(images):
+        journal.remove()
+        print(f"ntt: error: every image failed ({len(failed)}): {_first(failed)}", file=sys.stderr)
+        return EXIT_ALL_FAILED
+    with ResultsWriter(out) as writer:
+        for record in records:
+            writer.write(record.get("results", []))
+    written = f"wrote {writer.count} results for {len(images) - len(failed)} images to {out}"
+    if targets_path is not None:
+        done = [(images[i][0], images[i][1], r["size"]) for i, r in enumerate(records) if "size" in r]
+        _replace_json(make_targets(done, classes), targets_path)
         written += f" (image and category ids in {targets_path})"
+    journal.remove()
     print(written)
-    for reason in failed:
-        logger.warning(f"skipped {reason}")
+    if failed:
+        logger.warning(f"{len(failed)} of {len(images)} images skipped: {_first(failed)}")
+        return EXIT_SOME_SKIPPED
+    return EXIT_OK
+
+
+def _first(reasons: list[str]) -> str:
+    return "; ".join(reasons[:SHOWN_REASONS]) + ("; ..." if len(reasons) > SHOWN_REASONS else "")
+
+
+def check_outputs(outputs: list[tuple[str, Path]], overwrite: bool) -> None:
+    """Raise unless each ``(what, path)`` can be written as a file: not a folder, in a folder that
+    exists or can be made and is writable, and (unless ``overwrite``) not there yet."""
+    for what, path in outputs:
+        if path.is_dir():
+            raise CliError(f"{what} {path} is a folder: give a file name")
+        if path.exists() and not overwrite:
+            raise CliError(f"{what} {path} exists: add --overwrite to replace it")
+        _check_writable_folder(what, path)
+
+
+def check_bank_folder(path: Path, overwrite: bool) -> None:
+    """Raise unless a memory bank can be saved into folder ``path``: new, empty, or (with
+    ``overwrite``) a memory bank already."""
+    from .memory_bank import MANIFEST_NAME
+
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out {path} is a file, not a memory bank folder: give a folder name")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / MANIFEST_NAME).is_file():
+            raise CliError(f"--out {path} is a folder that is not a memory bank: give a new or empty folder")
+        if not overwrite:
+            raise CliError(f"--out {path} holds a memory bank: add --overwrite to replace it")
+    _check_writable_folder("--out", path)
+
+
+def _check_writable_folder(what: str, path: Path) -> None:
+    """Raise unless the nearest existing folder above ``path`` is a writable folder."""
+    above = path.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise CliError(f"{what} {path}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK):
+        raise CliError(f"{what} {path}: the folder {above} is not writable")
+
+
+def _replace_json(data, path: Path) -> None:
+    """Write ``data`` as json to ``path`` through a temporary file, so ``path`` is never half-written."""
+    partial = path.with_name(path.name + ".partial")
+    write_json(data, partial)
+    os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def _stop_after_current_image():
+    """Within it, the first Ctrl-C only asks to stop (the yielded test turns true) and a second one
+    raises ``KeyboardInterrupt``; outside the main thread, where signals cannot be caught, Ctrl-C is untouched."""
+    requested: list[int] = []
+
+    def ask_to_stop(signum, frame) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print("ntt: stopping after the current image (Ctrl-C again to stop now)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    if args.out is not None:
+        check_outputs([("--out", args.out)], overwrite=True)
     truth = load_coco(args.targets)
     categories = None
     if args.classes is not None:

@@ -19,6 +19,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .input_rules import check_count, check_seed, is_crowd
+
 if TYPE_CHECKING:
     from .instances import Instances
     from .memory_bank import ReferenceImage
@@ -202,6 +204,8 @@ def references_from_coco(
     """
     from .memory_bank import ReferenceImage, ReferenceInstance
 
+    if max_per_class is not None:
+        check_count(max_per_class, "max_per_class")
     name = str(annotations) if not isinstance(annotations, dict) else "COCO dict"
     coco = load_coco(annotations)
     chosen = {category["id"]: category["name"] for category in resolve_classes(coco, classes, name)}
@@ -210,7 +214,7 @@ def references_from_coco(
     taken: dict[str, int] = {}
     for annotation in coco["annotations"]:
         class_name = chosen.get(annotation["category_id"])
-        if class_name is None or annotation.get("iscrowd", 0):
+        if class_name is None or is_crowd(annotation):
             continue
         if max_per_class is not None and taken.get(class_name, 0) >= max_per_class:
             continue
@@ -249,7 +253,7 @@ def is_valid_reference(annotation: dict, image: dict) -> bool:
     10 px from every image border."""
     x, y, w, h = annotation["bbox"]
     return (
-        not annotation.get("iscrowd", 0)
+        not is_crowd(annotation)
         and w >= MIN_REFERENCE_SIDE
         and h >= MIN_REFERENCE_SIDE
         and x >= MIN_BORDER_DISTANCE
@@ -287,8 +291,8 @@ def sample_references(
     listed in ``info["ntt_sampling"]["warnings"]``. The result keeps the chosen categories, the
     kept annotations (by class, in sampled order) and their images (in file order).
     """
-    if shots < 1:
-        raise ValueError(f"shots must be at least 1, got {shots}")
+    check_count(shots, "shots")
+    check_seed(seed)
     if seed_scope not in ("class", "run"):
         raise ValueError(f"seed_scope must be 'class' or 'run', got {seed_scope!r}")
     coco = load_coco(coco_dict)

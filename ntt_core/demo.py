@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cli import CliError, print_metrics
+from .input_rules import check_seed, is_crowd
 from .settings import Settings
 
 PLUGIN = "@ntt/no-time-to-train"
@@ -55,7 +56,7 @@ OFFLINE_BANNER = """\
 
 def add_parser(commands, formatter) -> None:
     """The ``demo`` subcommand of ``ntt``."""
-    from .cli import _classes, _positive_int
+    from .cli import _classes, _positive_int, seed_option, shots_option
 
     demo = commands.add_parser(
         "demo",
@@ -79,9 +80,11 @@ def add_parser(commands, formatter) -> None:
         help=f"few-shot (the 20 COCO-FSOD novel classes), all, or names a,b,c (default: {','.join(COCO_CLASSES)}; "
         f"offline {','.join(OFFLINE_CLASSES)}; with --coco-dir all)",
     )
-    demo.add_argument("--shots", type=_positive_int, help="references per class, K (default: 3; offline 1)")
+    demo.add_argument("--shots", type=shots_option, help="references per class, K (default: 3; offline 1)")
     demo.add_argument("--max-samples", type=_positive_int, help="images to load (default: 50; offline 12)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the reference choice (and of the scenes)")
+    demo.add_argument(
+        "--seed", type=seed_option, default=0, help="seed of the reference choice (and of the scenes), an integer >= 0"
+    )
     demo.add_argument(
         "--coco-dir",
         type=Path,
@@ -390,6 +393,7 @@ def tag_references(dataset, classes: Sequence[str], shots: int, seed: int) -> di
     from .coco import is_valid_reference
     from .fiftyone_adapter import DEFAULT_REFERENCE_TAG
 
+    check_seed(seed)
     candidates = {name: [] for name in classes}
     for sample_id, width, height, labels in zip(
         *dataset.values(["id", "metadata.width", "metadata.height", f"{GT_FIELD}.detections"])
@@ -397,7 +401,7 @@ def tag_references(dataset, classes: Sequence[str], shots: int, seed: int) -> di
         if not (labels and width and height):  # no labels, or an image whose size could not be read
             continue
         for label in labels:
-            if label.label not in candidates or getattr(label, "iscrowd", 0):
+            if label.label not in candidates or is_crowd(label):
                 continue
             x, y, w, h = label.bounding_box
             box = {"bbox": [x * width, y * height, w * width, h * height]}

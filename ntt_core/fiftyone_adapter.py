@@ -1,5 +1,6 @@
-"""The FiftyOne side of the method (with :mod:`ntt_core.fiftyone_review` for the review loop, and the
-demo, the only modules of ``ntt_core`` that import ``fiftyone``).
+"""The FiftyOne side of the method (with :mod:`ntt_core.fiftyone_review` for the review loop,
+:mod:`ntt_core.shards` for sharded runs, and the demo, the only modules of ``ntt_core`` that import
+``fiftyone``).
 
 References come out of a dataset's ground truth, memory banks live in the dataset as runs,
 predictions go back in as ``fo.Detections`` (one atomic write per sample), and evaluation runs
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from fiftyone import ViewField as F
 from PIL import Image
 
 from .images import ImageError, load_image
+from .input_rules import CROWD_REASON, check_count, is_crowd
 from .instances import Instances
 from .settings import MEMORY_ONLY, Settings
 
@@ -214,18 +216,21 @@ def collect_references(
     Masks (``Detection.mask`` or ``mask_path``, cropped to the box) are placed in the full image;
     labels without a mask become box references. ``reference_id`` is the label id and
     ``image_id`` the sample id. ``max_per_class`` keeps the first that many per class in
-    dataset order. Unusable labels are skipped with the reason; no reference at all, or a
+    dataset order. Unusable labels (crowd ones among them) are skipped with the reason; no reference at all, or a
     requested class without any, is an error.
     """
     from .memory_bank import ReferenceImage
 
-    if max_per_class is not None and max_per_class < 1:
-        raise FiftyOneAdapterError(f"max_per_class must be at least 1, got {max_per_class}")
+    if max_per_class is not None:
+        check_count(max_per_class, "max_per_class")
     view = reference_view(samples, gt_field, mode=mode, tag=tag, label_ids=label_ids, classes=classes)
     selection = ReferenceSelection()
     for sample_id, filepath, labels in zip(*view.values(["id", "filepath", gt_field])):
         chosen = []
         for label in labels.detections:
+            if is_crowd(label):  # never a reference, on every path
+                selection.skipped.append(_skip(label, CROWD_REASON))
+                continue
             if max_per_class is not None and selection.counts.get(label.label, 0) >= max_per_class:
                 continue
             chosen.append(label)
@@ -246,6 +251,9 @@ def collect_references(
                 instances.append(instance)
         if instances:
             selection.images.append(ReferenceImage(image=image, instances=instances, image_id=sample_id))
+    if not selection.counts and selection.skipped:
+        reasons = "; ".join(f"{s['reference_id']} ({s['class_name']}): {s['reason']}" for s in selection.skipped)
+        raise FiftyOneAdapterError(f"no usable reference in '{gt_field}': {reasons}")
     check_reference_counts(selection.counts, gt_field, mode, tag, classes)
     return selection
 
@@ -449,6 +457,15 @@ def load_segmenter_only(sam2: str | None = None, device: str | None = "auto", dt
     return load_segmenter(sam2, device, dtype)
 
 
+def load_encoder_only(
+    dinov2: str | None = None, device: str | None = "auto", dtype: str | None = "auto", encoder_size: int | None = None
+):
+    """DINOv2 alone (a bank whose references all have masks needs no SAM2); None means the paper's model."""
+    from .models import load_encoder
+
+    return load_encoder(dinov2, device, dtype, encoder_size)
+
+
 # --- building a bank from a dataset ---
 
 
@@ -466,14 +483,19 @@ def build_dataset_memory_bank(
     settings: Settings | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    load_segmenter: Callable[[], object] | None = None,
 ) -> dict:
     """Collect references, describe them, store the bank as run ``key``; returns a report
-    ``{"key", "classes", "counts", "skipped"}``."""
+    ``{"key", "classes", "counts", "skipped"}``. Without ``segmenter``, ``load_segmenter`` (if
+    given) loads SAM2 when some reference has no mask and needs a box prompt, and only then."""
     from .memory_bank import ReferenceError, build_memory_bank
 
     dataset = samples._root_dataset
     check_bank_key(dataset, key, overwrite)
     selection = collect_references(samples, gt_field, mode, tag, label_ids, classes, max_per_class)
+    boxes_only = any(instance.mask is None for image in selection.images for instance in image.instances)
+    if segmenter is None and load_segmenter is not None and boxes_only:
+        segmenter = load_segmenter()
     total = len(selection.images)
     try:
         bank = build_memory_bank(
@@ -616,18 +638,20 @@ def segment_by_reference(
     overwrite: bool = False,
     skip_existing: bool = False,
     progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Predict every instance of the bank's classes in ``samples`` into ``pred_field``.
 
     Each batch is written as soon as it is done, one atomic update per sample, so a run that
     dies keeps its finished samples; re-running with ``skip_existing=True`` finishes the rest
     (only samples whose field is still empty are processed). Unreadable images stay empty and
-    are reported. Returns ``{"field", "processed", "instances", "skipped_existing", "failed", "note"}``.
+    are reported. ``should_stop`` is asked before each batch; when it says so the run stops with
+    an error (a delegated shard whose operation was marked failed). Returns ``{"field",
+    "processed", "instances", "skipped_existing", "failed", "note"}``.
     """
     from .predictor import Predictor
 
-    if batch_size < 1:
-        raise FiftyOneAdapterError(f"batch size must be at least 1, got {batch_size}")
+    check_count(batch_size, "batch_size")
     settings = settings or Settings()
     samples, note = image_collection(samples)
     dataset = samples._root_dataset
@@ -650,6 +674,11 @@ def segment_by_reference(
         "note": note,
     }
     for start in range(0, len(ids), batch_size):
+        if should_stop is not None and should_stop():
+            raise FiftyOneAdapterError(
+                f"stopped after {start} of {len(ids)} samples: this run's operation is no longer running "
+                f"(marked failed or taken over); the finished samples are saved in '{pred_field}'"
+            )
         batch_ids, batch_paths = ids[start : start + batch_size], paths[start : start + batch_size]
         try:
             results = predictor.predict_paths(batch_paths)
@@ -684,27 +713,46 @@ def start_sharded_prediction(
     settings: Settings | None = None,
     overwrite: bool = False,
     skip_existing: bool = False,
+    assigned: Collection[str] = (),
 ) -> list[list[str]]:
     """Everything a sharded run does before its shards are queued: check the bank against the
     models, create the field and its run record, and fix each shard's sample ids (the samples
-    still lacking predictions, split into contiguous parts). Each shard then runs
-    :func:`segment_by_reference` on its ids with ``skip_existing=True``."""
+    still lacking predictions and not ``assigned`` to shards already queued, split into contiguous
+    parts). Each shard then runs :func:`segment_by_reference` on its ids with ``skip_existing=True``.
+
+    The record says planning is under way until :func:`finish_planning`; planning again before
+    that (its operation died) continues it as if ``skip_existing`` were given."""
     settings = settings or Settings()
     samples, _ = image_collection(samples)
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
     _check_shard_count(num_shards)
+    skip_existing = skip_existing or (planning_unfinished(dataset, pred_field) and not overwrite)
     check_output_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     load_memory_bank(dataset, bank_key).check_encoder(encoder)
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
-    prepare_prediction_field(dataset, record, overwrite=overwrite, skip_existing=skip_existing)
-    return plan_shards(samples, pred_field, num_shards)
+    prepare_prediction_field(dataset, {**record, "planning": True}, overwrite=overwrite, skip_existing=skip_existing)
+    return plan_shards(samples.exclude(list(assigned)), pred_field, num_shards)
+
+
+def planning_unfinished(dataset, pred_field: str) -> bool:
+    """Whether a sharded run into ``pred_field`` created the field but did not queue all its shards."""
+    return (prediction_record(dataset, pred_field) or {}).get("planning") is True
+
+
+def finish_planning(dataset, pred_field: str) -> None:
+    """Mark the sharded run into ``pred_field`` as planned (all its shards are queued)."""
+    dataset = dataset._root_dataset
+    record = prediction_record(dataset, pred_field)
+    if record is not None and record.get("planning"):
+        fields = {name: value for name, value in record.items() if name not in ("cls", "type", "method")}
+        config = dataset.init_run(method=PREDICTION_METHOD, **{**fields, "planning": False})
+        dataset.register_run(prediction_run_key(pred_field), config, overwrite=True)
 
 
 def _check_shard_count(num_shards: int) -> None:
-    if num_shards < 1:
-        raise FiftyOneAdapterError(f"number of shards must be at least 1, got {num_shards}")
+    check_count(num_shards, "num_shards")
 
 
 def plan_shards(samples, pred_field: str, num_shards: int) -> list[list[str]]:
@@ -719,7 +767,8 @@ def plan_shards(samples, pred_field: str, num_shards: int) -> list[list[str]]:
 
 
 class ReferenceSegmentationModel(fomo.Model):
-    """The predictor as a FiftyOne model, for ``dataset.apply_model(model, label_field)``.
+    """The predictor as a FiftyOne model. Apply it with :func:`apply_reference_model`: FiftyOne's own
+    ``apply_model`` writes whatever field it is given (a ground-truth field too) without telling the model.
 
     Takes ``[H, W, 3]`` uint8 images and returns ``fo.Detections`` (see :func:`instances_to_detections`).
     """
@@ -764,6 +813,34 @@ def reference_model(
     return ReferenceSegmentationModel(
         Predictor(segmenter, encoder, load_memory_bank(dataset, bank_key), settings=settings)
     )
+
+
+def apply_reference_model(
+    samples,
+    bank_key: str,
+    label_field: str,
+    segmenter,
+    encoder,
+    settings: Settings | None = None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    **apply_options,
+) -> None:
+    """FiftyOne's ``apply_model`` with the bank's :func:`reference_model`, guarded like every
+    other way of writing predictions: ``label_field`` must not be a ground-truth field
+    (:func:`protected_fields`, the bank's own among them) and an existing field is refused unless
+    ``overwrite``. The field gets a prediction record, so :func:`evaluate` finds its ground truth.
+    ``apply_options`` go to ``apply_model`` (e.g. ``num_workers``, ``skip_failures``)."""
+    settings = settings or Settings()
+    samples, _ = image_collection(samples)
+    dataset = samples._root_dataset
+    if len(samples) == 0:
+        raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    check_output_field(dataset, label_field, overwrite=overwrite)
+    model = reference_model(dataset, bank_key, segmenter, encoder, settings=settings)  # checks the encoder
+    record = make_prediction_record(dataset, label_field, bank_key, segmenter, encoder, settings)
+    prepare_prediction_field(dataset, record, overwrite=overwrite)
+    samples.apply_model(model, label_field=label_field, batch_size=batch_size, **apply_options)
 
 
 # --- boxes to masks ---
@@ -973,9 +1050,7 @@ def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[
         for label in truth.detections if truth else []:
             entry = _coco_entry(label, size, encode_crop)
             if entry is not None and label.label in category:
-                crowd = (
-                    int(bool(label.get_field("iscrowd"))) if label.has_field("iscrowd") else 0
-                )  # COCO imports keep it
+                crowd = int(is_crowd(label))  # COCO imports keep it
                 entry.update(
                     id=len(annotations) + 1, image_id=image_id, category_id=category[label.label], iscrowd=crowd
                 )

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .coco import encode_mask
+from .input_rules import check_seed
 from .memory_bank import ReferenceImage, ReferenceInstance, mask_box
 
 ANNOTATIONS_NAME = "annotations.json"
@@ -235,6 +236,7 @@ def make_scene(
 def make_dataset(n: int, seed: int = 0, **scene_options) -> list[Scene]:
     """``n`` scenes; scene ``i`` depends only on (seed, i), so a longer dataset extends a shorter one.
     ``scene_options`` go to :func:`make_scene`."""
+    check_seed(seed)
     return [make_scene(np.random.default_rng([seed, index]), **scene_options) for index in range(n)]
 
 

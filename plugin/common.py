@@ -96,6 +96,16 @@ def check(prop, test: Callable[[], object]):
         return None
 
 
+def count_input(ctx, fa, inputs, name: str, label: str, **options):
+    """An integer input that must be at least 1, judged by the library's rule with its message
+    (FiftyOne's own ``min=1`` check would say "Value must be greater than 1" of a valid 1)."""
+    prop = inputs.int(name, label=label, **options)
+    value = ctx.params.get(name)
+    if value is not None:
+        check(prop, lambda: fa.check_count(value, name))
+    return prop
+
+
 def invalid(prop, message: str) -> None:
     prop.invalid = True
     prop.error_message = message
@@ -190,6 +200,8 @@ def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[[int, 
     """
     if from_app(ctx):
         return _stream(operator, ctx, label, work)
+    if ctx.delegated:  # the first heartbeat, before the models load (see ntt_core.shards)
+        ctx.set_progress(progress=0.0, label=f"{label}: loading the models")
     report = work(lambda done, total: ctx.set_progress(**_progress(label, done, total)))
     return finish(ctx, {"report": report})
 
@@ -257,8 +269,31 @@ def report_output(ctx, label: str):
 
 def call(operator, sample_collection, params: dict, delegate: bool = False):
     """Run ``operator`` from Python on ``sample_collection`` (immediately, or queued if ``delegate``);
-    returns the operator's result (the queued operation's document when delegated)."""
-    result = foo.execute_operator(
-        operator.uri, dict(view=sample_collection.view()), params=params, request_delegation=delegate
-    )
+    returns the operator's result (the queued operation's document when delegated).
+
+    A failed run raises FiftyOne's ``ExecutionError`` with the error's one-line message, as the
+    CLI and the App show it, instead of the traceback FiftyOne puts there (logged at debug level).
+    """
+    from fiftyone.operators.executor import ExecutionError
+
+    try:
+        result = foo.execute_operator(
+            operator.uri, dict(view=sample_collection.view()), params=params, request_delegation=delegate
+        )
+    except ExecutionError as error:
+        traceback_text = str(error)
+        logger.debug("%s failed:\n%s", operator.uri, traceback_text)
+        raise ExecutionError(one_line(traceback_text)) from None
     return result.result
+
+
+def one_line(error_text: str) -> str:
+    """The message of the exception at the end of a formatted traceback (``Type: message``), or the
+    text itself when it is not a traceback (FiftyOne's validation errors are one line already)."""
+    if not error_text.startswith("Traceback"):
+        return error_text
+    lines = error_text.rstrip().splitlines()
+    last_frame = max(i for i, line in enumerate(lines) if line.startswith("  File "))
+    exception = " ".join(line.strip() for line in lines[last_frame + 1 :] if not line.startswith("    "))
+    kind, colon, message = exception.partition(": ")
+    return message if colon and " " not in kind else exception

@@ -10,6 +10,7 @@ from .common import (
     bank_choice,
     call,
     check,
+    count_input,
     current,
     field_choice,
     finish,
@@ -62,7 +63,9 @@ class BuildMemoryBank(foo.Operator):
         if mode != "label_ids":
             inputs.str("tag", default=fa.DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
         inputs.list("classes", types.String(), label="Classes", description="Classes to include (empty: all)")
-        inputs.int("max_per_class", min=1, label="Max references per class", description="First ones in dataset order")
+        count_input(
+            ctx, fa, inputs, "max_per_class", "Max references per class", description="First ones in dataset order"
+        )
         key_prop = inputs.str("bank_key", default="references", label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
         model_inputs(inputs)
@@ -92,13 +95,15 @@ class BuildMemoryBank(foo.Operator):
 
     def _run(self, ctx, p: dict, progress) -> dict:
         fa = adapter()
-        segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
+        options = model_options(p)
+        encoder = fa.load_encoder_only(p["dinov2"] or None, **options)
         return fa.build_dataset_memory_bank(
             ctx.target_view(),
             p["bank_key"],
             p["gt_field"],
-            segmenter,
+            None,  # SAM2 is loaded only for references without a mask
             encoder,
+            load_segmenter=lambda: fa.load_segmenter_only(p["sam2"] or None, **options),
             mode=p["reference_mode"],
             tag=p.get("tag", fa.DEFAULT_REFERENCE_TAG),
             label_ids=selected_label_ids(ctx, p["gt_field"]),

@@ -10,6 +10,7 @@ from .common import (
     bank_choice,
     call,
     check,
+    count_input,
     current,
     field_choice,
     form,
@@ -33,6 +34,23 @@ def _target_problem(inputs, fa, target) -> None:
         return
     if note:
         inputs.view("target_note", types.Notice(label=note))
+
+
+def _shard_watch(ctx) -> dict:
+    """For a delegated shard: a unique label among re-runs of the shard, and the check that stops it
+    once its operation was marked failed (``segment_by_reference``'s ``should_stop``)."""
+    operation_id = getattr(ctx, "_delegated_operation_id", None)  # set by FiftyOne's delegated service
+    if not ctx.delegated or operation_id is None:
+        return {}
+    from ntt_core.shards import label_attempt, stopped_check
+
+    label_attempt(operation_id, lambda attempt: _shard_label(ctx.params, attempt))
+    return {"should_stop": stopped_check(operation_id)}
+
+
+def _shard_label(params: dict, attempt: int = 1) -> str:
+    again = f", attempt {attempt}" if attempt > 1 else ""
+    return f"Segment by reference ({params.get('pred_field')}, shard {params.get('shard')}{again})"
 
 
 class SegmentByReference(foo.Operator):
@@ -66,9 +84,15 @@ class SegmentByReference(foo.Operator):
         inputs.float(
             "score_threshold", min=0.0, max=1.0, default=0.0, label="Score threshold", description="0 as in the paper"
         )
-        inputs.int("max_detections", min=1, default=100, label="Max instances per image")
-        inputs.int(
-            "points_per_side", min=1, default=32, label="Prompt grid points per side", description="32 as in the paper"
+        count_input(ctx, fa, inputs, "max_detections", "Max instances per image", default=100)
+        count_input(
+            ctx,
+            fa,
+            inputs,
+            "points_per_side",
+            "Prompt grid points per side",
+            default=32,
+            description="32 as in the paper",
         )
         inputs.float(
             "sam_iou_threshold",
@@ -78,22 +102,25 @@ class SegmentByReference(foo.Operator):
             label="SAM2 IoU threshold",
             description="0.4 as in the paper",
         )
-        inputs.int("batch_size", min=1, default=1, label="Images per batch")
-        inputs.int(
+        count_input(ctx, fa, inputs, "batch_size", "Images per batch", default=1)
+        count_input(
+            ctx,
+            fa,
+            inputs,
             "num_shards",
-            min=1,
+            "Shards",
             default=1,
-            label="Shards",
             description="Above 1: queue that many delegated operations over fixed parts of the target for `fiftyone delegated launch` workers",
         )
         model_inputs(inputs)
         field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
-        skip = current(ctx, inputs, "skip_existing") or shard
+        shards = current(ctx, inputs, "num_shards")
+        planning = isinstance(shards, int) and shards > 1 and fa.planning_unfinished(ctx.dataset, field)
+        skip = current(ctx, inputs, "skip_existing") or shard or planning  # a planning step that died continues
         check(field_prop, lambda: fa.check_output_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip))
 
     def resolve_run_name(self, ctx):
-        shard = ctx.params.get("shard")
-        return f"{self.config.label} ({ctx.params.get('pred_field')}, shard {shard})" if shard else self.config.label
+        return _shard_label(ctx.params) if ctx.params.get("shard") else self.config.label
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)
@@ -114,13 +141,19 @@ class SegmentByReference(foo.Operator):
         if p.get("shard_sample_ids") is not None:
             target = ctx.dataset.select(p["shard_sample_ids"])
             return fa.segment_by_reference(
-                target, **run, batch_size=p["batch_size"], skip_existing=True, progress=progress
+                target, **run, batch_size=p["batch_size"], skip_existing=True, progress=progress, **_shard_watch(ctx)
             )
         flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
         if p["num_shards"] > 1:
-            shards = fa.start_sharded_prediction(ctx.target_view(), **run, num_shards=p["num_shards"], **flags)
+            from ntt_core.shards import live_shard_sample_ids
+
+            assigned = live_shard_sample_ids(ctx.dataset.name, p["pred_field"]) if not p["overwrite"] else set()
+            shards = fa.start_sharded_prediction(
+                ctx.target_view(), **run, num_shards=p["num_shards"], **flags, assigned=assigned
+            )
             queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
-            return {"field": p["pred_field"], "shards": queued}
+            fa.finish_planning(ctx.dataset, p["pred_field"])
+            return {"field": p["pred_field"], "shards": queued, "left_to_queued_shards": len(assigned)}
         return fa.segment_by_reference(ctx.target_view(), **run, batch_size=p["batch_size"], **flags, progress=progress)
 
     def _queue_shard(self, ctx, p: dict, sample_ids: list[str], index: int, count: int) -> dict:

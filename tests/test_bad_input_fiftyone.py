@@ -16,6 +16,7 @@ from fiftyone_scenes import field_documents, scenes_dataset
 from test_plugin import FAST, inputs_of, run, uri
 
 from ntt_core import fiftyone_adapter as fa
+from ntt_core.input_rules import InputError
 from ntt_core.memory_bank import ReferenceError
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
@@ -263,11 +264,11 @@ def test_fields_of_the_wrong_label_type_are_refused_as_inputs(dataset, models):
 
 def test_counts_out_of_range_are_refused(dataset, models):
     fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    with pytest.raises(fa.FiftyOneAdapterError, match=r"^batch size must be at least 1, got 0$"):
+    with pytest.raises(InputError, match=r"^batch_size must be at least 1, got 0$"):  # the forms' words
         fa.segment_by_reference(dataset, "bank", "pred", *models, batch_size=0)
-    with pytest.raises(fa.FiftyOneAdapterError, match=r"^number of shards must be at least 1, got 0$"):
+    with pytest.raises(InputError, match=r"^num_shards must be at least 1, got 0$"):
         fa.start_sharded_prediction(dataset, "bank", "pred", *models, num_shards=0)
-    with pytest.raises(fa.FiftyOneAdapterError, match=r"^max_per_class must be at least 1, got 0$"):
+    with pytest.raises(InputError, match=r"^max_per_class must be at least 1, got 0$"):
         fa.collect_references(dataset, "gt", max_per_class=0)
     assert not dataset.has_field("pred")
 
@@ -287,10 +288,16 @@ def plugin_dataset(tiny_models, tmp_path_factory):
     [
         (dict(score_threshold=-0.5), "Validation error. Path: score_threshold. Reason: Value must be greater than 0.0"),
         (dict(sam_iou_threshold=1.2), "Validation error. Path: sam_iou_threshold. Reason: Value must be less than 1.0"),
-        (dict(max_detections=0), "Validation error. Path: max_detections. Reason: Value must be greater than 1"),
-        (dict(points_per_side=0), "Validation error. Path: points_per_side. Reason: Value must be greater than 1"),
-        (dict(batch_size=0), "Validation error. Path: batch_size. Reason: Value must be greater than 1"),
-        (dict(num_shards=0), "Validation error. Path: num_shards. Reason: Value must be greater than 1"),
+        (
+            dict(max_detections=0),
+            "Validation error. Path: max_detections. Reason: max_detections must be at least 1, got 0",
+        ),
+        (
+            dict(points_per_side=0),
+            "Validation error. Path: points_per_side. Reason: points_per_side must be at least 1, got 0",
+        ),
+        (dict(batch_size=0), "Validation error. Path: batch_size. Reason: batch_size must be at least 1, got 0"),
+        (dict(num_shards=0), "Validation error. Path: num_shards. Reason: num_shards must be at least 1, got 0"),
         (dict(score_threshold=float("nan")), "Invalid settings: score_threshold=nan (must be in [0, 1])"),
     ],
 )

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ntt_core.cli import main
+from ntt_core.cli import EXIT_SOME_SKIPPED, main
 from ntt_core.memory_bank import MemoryBank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,7 +372,7 @@ def test_unknown_class(folder, tmp_path, capsys):
 def test_argument_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["sample-references", "--annotations", "a.json", "--shots", "0", "--seed", "1", "--out", "r.json"])
-    assert exit_.value.code == 2 and "0 is not a positive integer" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --shots: shots must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.bad_input
@@ -504,8 +504,8 @@ def test_unreadable_target_image_is_skipped_not_fatal(folder, tiny_models, tmp_p
         *models(tiny_models),
         *TINY,
     )
-    assert code == 0 and "for 1 images" in out
-    assert "ntt: warning: skipped" in err and "b.png: unreadable or corrupt image" in err
+    assert code == EXIT_SOME_SKIPPED == 3 and "for 1 images" in out
+    assert "ntt: warning: 1 of 2 images skipped: " in err and "b.png: unreadable or corrupt image" in err
     targets = json.loads((tmp_path / "r_targets.json").read_text())
     assert [(i["id"], i["file_name"]) for i in targets["images"]] == [(1, "a.png")]
 

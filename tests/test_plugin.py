@@ -400,7 +400,12 @@ BAD_PARAMS = [
         "tag",
         "no reference found: no label of 'gt' is tagged 'reference' among classes 'unicorn'",
     ),
-    ("build_memory_bank", dict(gt_field="gt", max_per_class=0), "max_per_class", "Value must be greater than 1"),
+    (
+        "build_memory_bank",
+        dict(gt_field="gt", max_per_class=0),
+        "max_per_class",
+        "max_per_class must be at least 1, got 0",
+    ),
     (
         "segment_by_reference",
         dict(bank_key="references", pred_field="gt"),

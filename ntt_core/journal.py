@@ -1,0 +1,111 @@
+"""A run's journal: each finished item recorded as it finishes, so a killed run resumes where it stopped.
+
+The journal is a text file of JSON lines kept next to a run's output until the output is complete.
+The first line identifies the run (``{"journal": 1, "run": {...}}``: bank, models, settings,
+inputs); every other line is one finished item (``{"index": i, ...}``). Lines are only ever
+appended, each with a single ``write`` and then flushed to disk (``fsync``) before the next item
+starts, so after a kill every line but perhaps the last is complete; a last line without its
+newline was cut by the kill and is dropped (its item runs again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+VERSION = 1
+SUFFIX = ".journal"
+
+
+class JournalError(ValueError):
+    """A journal that cannot be resumed: another run's, or damaged."""
+
+
+def journal_path(output: str | Path) -> Path:
+    """Where the journal of the run writing ``output`` lives: ``<output>.journal``."""
+    output = Path(output)
+    return output.with_name(output.name + SUFFIX)
+
+
+class Journal:
+    """The finished items of one run, ``records`` by item index, and the open file new ones go to."""
+
+    def __init__(self, path: Path, run: dict, records: dict[int, dict], handle) -> None:
+        self.path, self.run, self.records, self._handle = path, run, records, handle
+
+    @classmethod
+    def create(cls, path: str | Path, run: dict) -> Journal:
+        """A new journal for ``run`` (a JSON-able description that a resume must match); replaces
+        any journal at ``path``."""
+        path, run = Path(path), _as_json(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("w", encoding="utf-8")
+        journal = cls(path, run, {}, handle)
+        journal._append({"journal": VERSION, "run": run})
+        return journal
+
+    @classmethod
+    def resume(cls, path: str | Path, run: dict) -> Journal:
+        """The journal at ``path``, opened to take more records; raises :class:`JournalError` unless
+        it was written by a run described exactly like ``run``."""
+        path, run = Path(path), _as_json(run)
+        header, records, complete_bytes = read(path)
+        if header is None:  # killed while writing its first line: nothing finished
+            return cls.create(path, run)
+        if header["run"] != run:
+            differ = sorted(k for k in set(run) | set(header["run"]) if header["run"].get(k) != run.get(k))
+            raise JournalError(
+                f"{path}: the interrupted run used a different {', '.join(differ)}; resuming would mix results: "
+                "run with the same bank, models, settings and images, or start again with --overwrite"
+            )
+        with path.open("r+b") as handle:  # drop a last line cut by a kill
+            handle.truncate(complete_bytes)
+        return cls(path, run, records, path.open("a", encoding="utf-8"))
+
+    def append(self, record: dict) -> None:
+        """Record one finished item (``record["index"]``: its position in the run's inputs)."""
+        self._append(record)
+        self.records[record["index"]] = record
+
+    def _append(self, entry: dict) -> None:
+        self._handle.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def remove(self) -> None:
+        """Close and delete the journal (once the run's output is complete)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _as_json(value):
+    """``value`` as it reads back from JSON (tuples become lists), so descriptions compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def read(path: str | Path) -> tuple[dict | None, dict[int, dict], int]:
+    """(header, records by index, bytes of complete lines) of the journal at ``path``; a last line
+    without a newline is left out (header None when no line is complete); any other line that is
+    not a complete record is an error."""
+    path = Path(path)
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8", errors="replace").splitlines()
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise JournalError(f"{path}: line {number} is damaged; start again with --overwrite") from None
+    if not entries:
+        return None, {}, 0
+    if not isinstance(entries[0], dict) or entries[0].get("journal") != VERSION or "run" not in entries[0]:
+        raise JournalError(f"{path}: not a journal of this version; start again with --overwrite")
+    records = {}
+    for entry in entries[1:]:
+        records.setdefault(entry["index"], entry)
+    return entries[0], records, len(complete)
