@@ -12,7 +12,6 @@ decoding (CUDA allocator, or process RSS on CPU) and the largest difference betw
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -26,10 +25,11 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not ins
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import (
-    BenchmarkError,
     _positive,
     _status_mb,
     add_device_options,
+    add_run_options,
+    benchmark_main,
     device_and_dtype,
     device_sync,
     environment,
@@ -173,19 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=_positive, help="point prompts per image and call (default: 256; 64 on CPU)")
     parser.add_argument("--images", type=_positive, help="images per call (default: 4; 1 on CPU)")
     parser.add_argument("--repeats", type=_positive, help="timed calls of each decoder (default: 10; 3 on CPU)")
-    parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_run_options(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except BenchmarkError as error:
-        print(f"decoder.py: error: {error}", file=sys.stderr)
-        return 2
+def print_report(report: dict) -> None:
     print(
         f"device {report['device']} ({report['device_name']}), {report['dtype']}: "
         f"{report['images']} image(s) x {report['prompts']} prompts per call"
@@ -197,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         f"  speed-up {report['speedup']:.2f}x; largest logit difference {report['max_abs_logit_difference']:.2e} "
         f"(largest logit {report['max_abs_logit']:.2f})"
     )
-    if args.json:
-        print(json.dumps(report))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return benchmark_main("decoder.py", build_parser(), run, print_report, argv)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from speed import (
     BenchmarkError,
     _image_size,
     _positive,
+    add_run_options,
+    benchmark_main,
     blob_logits,
     dinov2_config,
     environment,
@@ -151,24 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--candidates", type=_positive, default=256, help="shared synthetic candidates")
     parser.add_argument("--classes", type=_positive, default=20, help="classes in the memory bank")
     parser.add_argument("--shots", type=_positive, default=10, help="references per class in the memory bank")
-    parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_run_options(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except BenchmarkError as error:
-        print(f"precision.py: error: {error}", file=sys.stderr)
-        return 2
+def print_report(report: dict) -> None:
     for stage in ("sam2", "dinov2", "shared_candidates", "end_to_end"):
         print(f"{stage}: {json.dumps(report[stage])}")
-    if args.json:
-        print(json.dumps(report))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return benchmark_main("precision.py", build_parser(), run, print_report, argv)
 
 
 if __name__ == "__main__":

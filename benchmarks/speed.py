@@ -476,10 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scaling", action="store_true", help=f"also rows of images/s for (classes, shots) in {list(SCALING)}"
     )
+    add_run_options(parser)
+    return parser
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--seed`` and ``--json``, shared by the benchmarks."""
     parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    return parser
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
@@ -633,17 +638,24 @@ def print_report(report: dict) -> None:
         print(f"memory bank 80 x 30 against 1 x 1: {100 * report['bank_overhead']:+.1f}% time per image")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def benchmark_main(name: str, parser, run, print_report, argv: list[str] | None, errors=(BenchmarkError,)) -> int:
+    """Parse ``argv``, run, print the report, and its JSON as the last line with ``--json``; one
+    line and exit code 2 on ``errors``."""
+    args = parser.parse_args(argv)
     try:
         report = run(args)
-    except (BenchmarkError, ModelNotFoundError, CheckpointError) as error:
-        print(f"speed.py: error: {error}", file=sys.stderr)
+    except errors as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 2
     print_report(report)
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    errors = (BenchmarkError, ModelNotFoundError, CheckpointError)
+    return benchmark_main("speed.py", build_parser(), run, print_report, argv, errors)
 
 
 if __name__ == "__main__":

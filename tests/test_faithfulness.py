@@ -160,3 +160,29 @@ def test_exif_rotated_jpeg_fiftyone_metadata_and_our_masks_share_one_frame(tmp_p
     upright = load_image(path)
     assert upright.shape == (60, 40, 3) and upright[:20, -10:].mean() > 200  # the block turned to the top right
     assert load_image(path, exif_orientation=False).shape == (40, 60, 3)
+
+
+def test_a_fiftyone_reference_crops_around_its_own_box_in_pixels():
+    """A label imported from a COCO bbox (10.7, 20.2, 40.2, 21.4) px in a 100 x 80 image gives that box
+    back in pixels, so the crop is the authors' (hand-computed above: 6, 6, 54, 54)."""
+    fo = pytest.importorskip("fiftyone")
+    from ntt_core.fiftyone_adapter import reference_instance
+
+    label = fo.Detection(label="thing", bounding_box=[10.7 / 100, 20.2 / 80, 40.2 / 100, 21.4 / 80])
+    instance, reason = reference_instance(label, (80, 100))
+    assert reason == "" and instance.box == (10.7, 20.2, 50.9, 41.6)
+    assert reference_crop_box(instance.box, (80, 100), 0.2) == (6, 6, 54, 54)
+
+
+def test_masks_are_upsampled_to_the_size_given_as_the_authors_take_it_from_the_json():
+    segmenter, encoder = ConnectedRegionSegmenter(input_size=96, mask_size=48), ColourStatsEncoder(42, grid_size=7)
+    image = np.zeros((60, 80, 3), dtype=np.uint8)
+    image[10:40, 20:50] = (200, 30, 30)
+    mask = np.zeros((60, 80), dtype=bool)
+    mask[10:40, 20:50] = True
+    settings = Settings(points_per_side=4)
+    bank = build_memory_bank([ReferenceImage(image, [ReferenceInstance("red", mask=mask)])], encoder, settings=settings)
+    predictor = Predictor(segmenter, encoder, bank, settings)
+    (own,), (given,) = predictor.predict([image]), predictor.predict([image], sizes=[(120, 160)])
+    assert own.image_size == (60, 80) and given.image_size == (120, 160)
+    assert len(given) and given.boxes[0].tolist() == [2 * v for v in own.boxes[0].tolist()]
