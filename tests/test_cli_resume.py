@@ -206,3 +206,15 @@ def test_journal_lines_survive_cuts_and_foreign_journals_are_refused(tmp_path):
         Journal.resume(path, {"bank": "x", "settings": {"a": [1, 2]}})
     path.write_bytes(b'{"journal": 1, "ru')  # killed while writing the header: nothing was finished
     assert Journal.resume(path, {"bank": "x"}).records == {}
+
+
+def test_ctrl_c_in_build_memory_is_one_line_and_exit_130(folder, tiny_models, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ntt_core.memory_bank.build_memory_bank", interrupted)
+    argv = ["build-memory", "--references", folder / "annotations.json", "--images", folder / "images"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "bank", *models(tiny_models), "--device", "cpu")
+    assert code == EXIT_INTERRUPTED and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "ntt: interrupted"
+    assert not (tmp_path / "bank").exists()
