@@ -31,6 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ntt_core.cli import seed_option, shots_option
 from ntt_core.coco import (
     CocoFormatError,
     evaluate,
@@ -278,11 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument(
         "--shots",
-        type=_positive,
+        type=shots_option,
         nargs="+",
         help=f"references per class, sampled (default: {COCO_SHOTS} for COCO; every reference as given otherwise)",
     )
-    protocol.add_argument("--seeds", type=int, nargs="+", default=[33], help="sampling seeds")
+    protocol.add_argument("--seeds", type=seed_option, nargs="+", default=[33], help="sampling seeds (integers >= 0)")
     protocol.add_argument("--all-seeds", action="store_true", help=f"the paper's ten seeds {list(PAPER_SEEDS)}")
     protocol.add_argument(
         "--seed-scope",

@@ -476,7 +476,7 @@ def _segment_into(journal, predictor, todo: list, total: int, args, device, stop
             if number == 0 and device.type == "cpu" and len(todo) > 1:
                 _estimate((time.perf_counter() - start) * (len(todo) - 1), f"the other {len(todo) - 1} images")
             for (index, (image_id, name, size)), output in zip(batch, outputs):
-                record = {"index": index, "file_name": name}
+                record, results = {"index": index, "file_name": name}, None
                 if isinstance(output, ImageError):
                     record["failed"] = str(output)
                 elif size is not None and tuple(output.image_size) != tuple(size):
@@ -486,8 +486,8 @@ def _segment_into(journal, predictor, todo: list, total: int, args, device, stop
                     )
                 else:
                     record["size"] = list(output.image_size)
-                    record["results"] = instances_to_coco_results(output, image_id, journal.run["category_ids"])
-                journal.append(record)
+                    results = instances_to_coco_results(output, image_id, journal.run["category_ids"])
+                journal.append(record, results)
             bar.update(len(batch))
 
 
@@ -500,8 +500,8 @@ def _finish_predict(journal, images: list, classes, out: Path, targets_path: Pat
         print(f"ntt: error: every image failed ({len(failed)}): {_first(failed)}", file=sys.stderr)
         return EXIT_ALL_FAILED
     with ResultsWriter(out) as writer:
-        for record in records:
-            writer.write(record.get("results", []))
+        for _, results in journal.payloads():  # in image order: images are done in order
+            writer.write(results or [])
     written = f"wrote {writer.count} results for {len(images) - len(failed)} images to {out}"
     if targets_path is not None:
         done = [(images[i][0], images[i][1], r["size"]) for i, r in enumerate(records) if "size" in r]

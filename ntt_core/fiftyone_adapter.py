@@ -457,6 +457,13 @@ def load_segmenter_only(sam2: str | None = None, device: str | None = "auto", dt
     return load_segmenter(sam2, device, dtype)
 
 
+def segmenter_source(sam2: str | None = None) -> str:
+    """The id a SAM2 loaded from ``sam2`` has (short names resolved; None: the paper's), without loading it."""
+    from .models import SAM2, resolve_model
+
+    return resolve_model(SAM2, sam2).model_id
+
+
 def load_encoder_only(
     dinov2: str | None = None, device: str | None = "auto", dtype: str | None = "auto", encoder_size: int | None = None
 ):
@@ -484,10 +491,13 @@ def build_dataset_memory_bank(
     overwrite: bool = False,
     progress: Progress | None = None,
     load_segmenter: Callable[[], object] | None = None,
+    segmenter_id: str = "",
 ) -> dict:
     """Collect references, describe them, store the bank as run ``key``; returns a report
     ``{"key", "classes", "counts", "skipped"}``. Without ``segmenter``, ``load_segmenter`` (if
-    given) loads SAM2 when some reference has no mask and needs a box prompt, and only then."""
+    given) loads SAM2 when some reference has no mask and needs a box prompt, and only then;
+    ``segmenter_id`` names the SAM2 chosen for the bank when none had to be loaded (the panel's
+    forms start with it)."""
     from .memory_bank import ReferenceError, build_memory_bank
 
     dataset = samples._root_dataset
@@ -512,6 +522,7 @@ def build_dataset_memory_bank(
         reasons = "; ".join(f"{s['reference_id']} ({s['class_name']}): {s['reason']}" for s in selection.skipped)
         raise ReferenceError(f"{error}. Unusable in '{gt_field}': {reasons}") from None
     bank.skipped = selection.skipped + bank.skipped
+    bank.segmenter_id = bank.segmenter_id or segmenter_id
     source = {
         "gt_field": gt_field,
         "reference_mode": mode,

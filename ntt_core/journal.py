@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 VERSION = 1
 SUFFIX = ".journal"
+PAYLOAD = "payload"  # the key of a record's payload on disk
 
 
 class JournalError(ValueError):
@@ -63,10 +65,20 @@ class Journal:
             handle.truncate(complete_bytes)
         return cls(path, run, records, path.open("a", encoding="utf-8"))
 
-    def append(self, record: dict) -> None:
-        """Record one finished item (``record["index"]``: its position in the run's inputs)."""
-        self._append(record)
+    def append(self, record: dict, payload=None) -> None:
+        """Record one finished item (``record["index"]``: its position in the run's inputs) with its
+        ``payload`` (its results), which is kept on disk only: see :meth:`payloads`."""
+        self._append({**record, PAYLOAD: payload})
         self.records[record["index"]] = record
+
+    def payloads(self) -> Iterator[tuple[int, object]]:
+        """(index, payload) of every recorded item, read back from disk in the order they were
+        recorded, so a long run's results are never all in memory."""
+        seen = set()
+        for _, entry in _entries(self.path):
+            if "index" in entry and entry["index"] not in seen:
+                seen.add(entry["index"])
+                yield entry["index"], entry[PAYLOAD]
 
     def _append(self, entry: dict) -> None:
         self._handle.write(json.dumps(entry, separators=(",", ":")) + "\n")
@@ -88,24 +100,31 @@ def _as_json(value):
 
 
 def read(path: str | Path) -> tuple[dict | None, dict[int, dict], int]:
-    """(header, records by index, bytes of complete lines) of the journal at ``path``; a last line
-    without a newline is left out (header None when no line is complete); any other line that is
-    not a complete record is an error."""
+    """(header, records by index without their payloads, bytes of complete lines) of the journal
+    at ``path``; a last line without a newline is left out (header None when no line is
+    complete); any other line that is not a complete record is an error."""
     path = Path(path)
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    lines = complete.decode("utf-8", errors="replace").splitlines()
-    entries = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise JournalError(f"{path}: line {number} is damaged; start again with --overwrite") from None
-    if not entries:
-        return None, {}, 0
-    if not isinstance(entries[0], dict) or entries[0].get("journal") != VERSION or "run" not in entries[0]:
-        raise JournalError(f"{path}: not a journal of this version; start again with --overwrite")
-    records = {}
-    for entry in entries[1:]:
-        records.setdefault(entry["index"], entry)
-    return entries[0], records, len(complete)
+    header, records, complete = None, {}, 0
+    for end, entry in _entries(path):
+        complete = end
+        if header is None:
+            if not isinstance(entry, dict) or entry.get("journal") != VERSION or "run" not in entry:
+                raise JournalError(f"{path}: not a journal of this version; start again with --overwrite")
+            header = entry
+        else:
+            records.setdefault(entry["index"], {k: v for k, v in entry.items() if k != PAYLOAD})
+    return header, records, complete
+
+
+def _entries(path: Path) -> Iterator[tuple[int, dict]]:
+    """(bytes up to the end of the line, parsed line) of every complete line of ``path``."""
+    end = 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                return  # cut by a kill
+            end += len(line)
+            try:
+                yield end, json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise JournalError(f"{path}: line {number} is damaged; start again with --overwrite") from None

@@ -104,6 +104,7 @@ class BuildMemoryBank(foo.Operator):
             None,  # SAM2 is loaded only for references without a mask
             encoder,
             load_segmenter=lambda: fa.load_segmenter_only(p["sam2"] or None, **options),
+            segmenter_id=fa.segmenter_source(p["sam2"] or None),
             mode=p["reference_mode"],
             tag=p.get("tag", fa.DEFAULT_REFERENCE_TAG),
             label_ids=selected_label_ids(ctx, p["gt_field"]),

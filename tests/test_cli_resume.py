@@ -187,17 +187,15 @@ def test_every_image_failing_exits_1_and_writes_nothing(folder, tiny_models, ban
 def test_journal_lines_survive_cuts_and_foreign_journals_are_refused(tmp_path):
     path = tmp_path / "r.json.journal"
     journal = Journal.create(path, {"bank": "x", "settings": {"a": (1, 2)}})
-    journal.append({"index": 0, "results": []})
+    journal.append({"index": 0}, [])
     journal.close()
-    path.write_bytes(path.read_bytes() + b'{"index": 1, "resu')
+    path.write_bytes(path.read_bytes() + b'{"index": 1, "payl')
     resumed = Journal.resume(path, {"bank": "x", "settings": {"a": [1, 2]}})  # tuples read back as lists
-    assert sorted(resumed.records) == [0]
-    resumed.append({"index": 1, "results": [{"score": 1.0}]})
+    assert resumed.records == {0: {"index": 0}}
+    resumed.append({"index": 1, "size": [2, 3]}, [{"score": 1.0}])
     resumed.close()
-    assert journal_module.read(path)[1] == {
-        0: {"index": 0, "results": []},
-        1: {"index": 1, "results": [{"score": 1.0}]},
-    }
+    assert journal_module.read(path)[1] == {0: {"index": 0}, 1: {"index": 1, "size": [2, 3]}}  # payloads: on disk
+    assert list(resumed.payloads()) == [(0, []), (1, [{"score": 1.0}])]
     with pytest.raises(JournalError, match="used a different bank; resuming would mix results"):
         Journal.resume(path, {"bank": "y", "settings": {"a": [1, 2]}})
     lines = path.read_text().splitlines()
@@ -206,3 +204,15 @@ def test_journal_lines_survive_cuts_and_foreign_journals_are_refused(tmp_path):
         Journal.resume(path, {"bank": "x", "settings": {"a": [1, 2]}})
     path.write_bytes(b'{"journal": 1, "ru')  # killed while writing the header: nothing was finished
     assert Journal.resume(path, {"bank": "x"}).records == {}
+
+
+def test_ctrl_c_in_build_memory_is_one_line_and_exit_130(folder, tiny_models, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ntt_core.memory_bank.build_memory_bank", interrupted)
+    argv = ["build-memory", "--references", folder / "annotations.json", "--images", folder / "images"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "bank", *models(tiny_models), "--device", "cpu")
+    assert code == EXIT_INTERRUPTED and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "ntt: interrupted"
+    assert not (tmp_path / "bank").exists()

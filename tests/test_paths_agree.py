@@ -190,7 +190,7 @@ def test_banks_of_masked_references_are_built_without_loading_sam2(folder, datas
     nowhere = str(tmp_path / "no_sam2")
     report = foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **{**tiny, "sam2": nowhere})["report"]
     assert report["counts"] and not report["skipped"]
-    assert fa.memory_bank_info(dataset, "references")["segmenter_id"] == ""
+    assert fa.memory_bank_info(dataset, "references")["segmenter_id"] == nowhere  # chosen, never loaded
 
     box_only = dataset.first()
     box_only.gt.detections[0].mask = None  # a reference label: it now needs SAM2's box prompt
