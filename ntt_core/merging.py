@@ -13,6 +13,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -171,11 +172,55 @@ def soft_merge_factors(
 
 def crop_masks(logits: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> list:
     """Full-resolution masks of ``logits`` ``[K, m, m]`` cropped to their end-exclusive ``boxes``
-    ``[K, 4]``, as bool numpy arrays (one window each, never the whole image)."""
+    ``[K, 4]``, as bool numpy arrays ``[y1 - y0, x1 - x0]`` (one window each, never the whole image).
+
+    The windows are upsampled in batches padded to the batch's largest window (tallest first, at most
+    ``CHUNK_ELEMENTS`` of scratch unless one window alone is larger), with one copy to the host per
+    batch, none per mask.
+    """
     height, width = image_size
-    rows, cols = taps(logits.shape[1], height, logits.device), taps(logits.shape[2], width, logits.device)
-    crops = []
-    for index, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        crop = upsample_window(logits[index : index + 1], rows, cols, y0, y1, x0, x1)[0] > 0
-        crops.append(crop.cpu().numpy())
+    count, mask_rows = logits.shape[0], logits.shape[1]
+    rows, cols = taps(mask_rows, height, logits.device), taps(logits.shape[2], width, logits.device)
+    bounds = boxes.to("cpu", torch.int64).reshape(-1, 4)
+    heights = (bounds[:, 3] - bounds[:, 1]).clamp(min=0).tolist()
+    widths = (bounds[:, 2] - bounds[:, 0]).clamp(min=0).tolist()
+    crops: list = [None] * count
+    order = sorted(range(count), key=lambda i: -heights[i])
+    start = 0
+    while start < count:
+        tallest, widest, end = heights[order[start]], widths[order[start]], start + 1
+        while (
+            end < count
+            and (end + 1 - start) * max(widest, widths[order[end]]) * (mask_rows + tallest) <= CHUNK_ELEMENTS
+        ):
+            widest, end = max(widest, widths[order[end]]), end + 1
+        members = order[start:end]
+        start = end
+        if tallest == 0 or widest == 0:
+            for i in members:
+                crops[i] = np.zeros((heights[i], widths[i]), dtype=bool)
+            continue
+        y = (bounds[members, 1:2] + torch.arange(tallest)).clamp(0, height - 1).to(logits.device)  # [G, tallest]
+        x = (bounds[members, 0:1] + torch.arange(widest)).clamp(0, width - 1).to(logits.device)  # [G, widest]
+        band = _gather_resample(logits[members], 2, cols.index[x], cols.weight[x])  # [G, m, widest]
+        padded = (_gather_resample(band, 1, rows.index[y], rows.weight[y]) > 0).cpu().numpy()  # [G, tallest, widest]
+        for crop, i in zip(padded, members):
+            crops[i] = np.ascontiguousarray(crop[: heights[i], : widths[i]])
     return crops
+
+
+def _gather_resample(values: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each item's own taps along ``dim`` (1 or 2) of ``values`` ``[G, A, B]``: index, weight ``[G, n, K]``
+    -> ``[G, n, B]`` (dim 1) or ``[G, A, n]`` (dim 2); the same sums, in the same order, as :func:`_resample`."""
+
+    def tap(k: int) -> torch.Tensor:
+        if dim == 1:
+            at = index[:, :, k, None].expand(-1, -1, values.shape[2])
+            return values.gather(1, at) * weight[:, :, k, None]
+        at = index[:, None, :, k].expand(-1, values.shape[1], -1)
+        return values.gather(2, at) * weight[:, None, :, k]
+
+    out = tap(0)
+    for k in range(1, index.shape[2]):  # over taps, a handful, never over masks
+        out = out + tap(k)
+    return out
