@@ -102,14 +102,19 @@ class PromptSegmenter(Protocol):
 
 
 def choose_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The given device; "auto" (or None): CUDA, else Apple MPS, else CPU."""
+    """The given device; "auto" (or None): CUDA, else Apple MPS, else CPU. A CUDA device always has
+    its index ("cuda" is the current one), so that "cuda" and "cuda:0" share one cached model."""
     if device is not None and str(device) != "auto":
         device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise RuntimeError(f"device '{device}' was requested but there are {torch.cuda.device_count()} GPU(s)")
+            return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
