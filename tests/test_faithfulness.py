@@ -210,3 +210,6 @@ def test_masks_are_upsampled_to_the_size_given_as_the_authors_take_it_from_the_j
     (own,), (given,) = predictor.predict([image]), predictor.predict([image], sizes=[(120, 160)])
     assert own.image_size == (60, 80) and given.image_size == (120, 160)
     assert len(given) and given.boxes[0].tolist() == [2 * v for v in own.boxes[0].tolist()]
+    for sizes in ([(120, 160), (120, 160)], [(0, 160)]):
+        with pytest.raises(ValueError, match=r"^sizes must be one \(height, width\) of positive integers per image"):
+            predictor.predict([image], sizes=sizes)
