@@ -303,7 +303,6 @@ def describe_references(
             else as_rgb_array(reference.image)
         )
         height, width = image.shape[:2]
-        pixels = None
         for instance in reference.instances:
             mask, reason = _reference_mask(instance, image, segmenter)
             if mask is None:
@@ -311,9 +310,7 @@ def describe_references(
                 continue
             box = mask_box(mask > 0) if instance.box is None else instance.box
             x0, y0, x1, y1 = reference_crop_box(box, (height, width), settings.context_ratio)
-            if pixels is None:
-                pixels = image_tensor(image)
-            crops.append(bicubic(pixels[:, :, y0:y1, x0:x1], (size, size))[0])
+            crops.append(bicubic(image_tensor(image[y0:y1, x0:x1]), (size, size))[0])  # only the crop in float
             crop_mask = torch.from_numpy(mask[y0:y1, x0:x1].astype(np.float32))[None, None]
             masks.append(F.interpolate(crop_mask, size=(size, size), mode="bilinear", align_corners=False)[0, 0])
             meta.append((instance, str(reference.image_id)))
@@ -393,10 +390,11 @@ def build_memory_bank(
 def _reference_mask(
     instance: ReferenceInstance, image: np.ndarray, segmenter: PromptSegmenter | None
 ) -> tuple[np.ndarray | None, str]:
-    """The instance's mask as ``[H, W]`` float32, or None and the reason it cannot be used."""
+    """The instance's mask ``[H, W]`` (bool or float, not copied to float: only its crop is), or None
+    and the reason it cannot be used."""
     height, width = image.shape[:2]
     if instance.mask is not None:
-        mask = np.asarray(instance.mask, dtype=np.float32)
+        mask = np.asarray(instance.mask)
         if mask.shape != (height, width):
             return None, f"mask shape {mask.shape} differs from the image size {(height, width)}"
         if not np.isfinite(mask).all() or not (mask > 0).any():
@@ -409,7 +407,7 @@ def _reference_mask(
         return None, f"box {list(instance.box)} is empty or outside the {width}x{height} image"
     if segmenter is None:
         return None, "box-only reference but no segmenter was given to turn the box into a mask"
-    return box_to_mask(segmenter, image, [instance.box])[0].astype(np.float32), ""
+    return box_to_mask(segmenter, image, [instance.box])[0], ""
 
 
 def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
