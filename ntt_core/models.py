@@ -365,10 +365,11 @@ def load_weights(source: ModelSource):
         raise CheckpointError(f"{error} ({source.kind.name}: {source.kind.option})") from None
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _model_on(source: ModelSource, device: torch.device):
     """(model, weights fingerprint) of ``source`` on ``device``: one module per (source, device), so
-    that no wrapper ever moves a module that another one uses. The fingerprint is taken on the CPU."""
+    that no wrapper ever moves a module that another one uses. The fingerprint is taken on the CPU.
+    Holds as many as the two wrapper caches below, so a cached wrapper's module is never loaded twice."""
     model = load_weights(source)
     fingerprint = (Sam2Segmenter if source.kind is SAM2 else Dinov2Encoder).fingerprint_of(model)
     return model.to(device), fingerprint
