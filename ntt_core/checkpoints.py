@@ -124,7 +124,7 @@ def cached_hub_file(repo_id: str, filename: str) -> Path | None:
 def hub_folder(repo_id: str, kind: ModelKind) -> Path:
     """The cached snapshot folder of a transformers repo: ``config.json`` and its safetensors weights
     (one ``model.safetensors``, or an index and its shards), downloaded when missing."""
-    config = hub_file(repo_id, CONFIG_NAME, kind)
+    hub_file(repo_id, CONFIG_NAME, kind)  # first: a missing repo fails before any large download
     try:
         hub_file(repo_id, WEIGHTS_NAME, kind)
     except MissingHubFile:
@@ -137,7 +137,9 @@ def hub_folder(repo_id: str, kind: ModelKind) -> Path:
             ) from None
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             hub_file(repo_id, shard, kind)
-    return config.parent
+    # Looked up again: a weights download of a newer revision lands in a new snapshot folder, which
+    # the config cached from an older one is not in.
+    return hub_file(repo_id, CONFIG_NAME, kind).parent
 
 
 # ---------------------------------------------------------------------------------------------

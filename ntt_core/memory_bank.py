@@ -303,18 +303,21 @@ def describe_references(
             else as_rgb_array(reference.image)
         )
         height, width = image.shape[:2]
-        pixels = None
         for instance in reference.instances:
-            mask, reason = _reference_mask(instance, image, segmenter)
-            if mask is None:
+            reason = _unusable(instance, (height, width), segmenter)
+            if reason:
                 skipped.append(skipped_instance(instance, reason))
                 continue
+            mask = None if instance.mask is None else np.asarray(instance.mask)
             box = mask_box(mask > 0) if instance.box is None else instance.box
-            x0, y0, x1, y1 = reference_crop_box(box, (height, width), settings.context_ratio)
-            if pixels is None:
-                pixels = image_tensor(image)
-            crops.append(bicubic(pixels[:, :, y0:y1, x0:x1], (size, size))[0])
-            crop_mask = torch.from_numpy(mask[y0:y1, x0:x1].astype(np.float32))[None, None]
+            window = reference_crop_box(box, (height, width), settings.context_ratio)
+            x0, y0, x1, y1 = window
+            if mask is None:  # box-only: SAM2's mask of the box, computed over the crop alone
+                mask_crop = box_mask_crops(segmenter, image, [instance.box], [window])[0]
+            else:
+                mask_crop = mask[y0:y1, x0:x1]
+            crops.append(bicubic(image_tensor(image[y0:y1, x0:x1]), (size, size))[0])  # only the crop in float
+            crop_mask = torch.from_numpy(mask_crop.astype(np.float32))[None, None]
             masks.append(F.interpolate(crop_mask, size=(size, size), mode="bilinear", align_corners=False)[0, 0])
             meta.append((instance, str(reference.image_id)))
         if progress is not None:
@@ -390,26 +393,24 @@ def build_memory_bank(
     )
 
 
-def _reference_mask(
-    instance: ReferenceInstance, image: np.ndarray, segmenter: PromptSegmenter | None
-) -> tuple[np.ndarray | None, str]:
-    """The instance's mask as ``[H, W]`` float32, or None and the reason it cannot be used."""
-    height, width = image.shape[:2]
+def _unusable(instance: ReferenceInstance, image_size: tuple[int, int], segmenter: PromptSegmenter | None) -> str:
+    """Why the instance cannot be used in an image of ``image_size`` (height, width), or ""."""
+    height, width = image_size
     if instance.mask is not None:
-        mask = np.asarray(instance.mask, dtype=np.float32)
+        mask = np.asarray(instance.mask)
         if mask.shape != (height, width):
-            return None, f"mask shape {mask.shape} differs from the image size {(height, width)}"
+            return f"mask shape {mask.shape} differs from the image size {(height, width)}"
         if not np.isfinite(mask).all() or not (mask > 0).any():
-            return None, "mask is empty"
-        return mask, ""
+            return "mask is empty"
+        return ""
     if instance.box is None:
-        return None, "neither a mask nor a box"
+        return "neither a mask nor a box"
     x0, y0, x1, y1 = (float(v) for v in instance.box)
     if not (x1 > x0 and y1 > y0) or x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        return None, f"box {list(instance.box)} is empty or outside the {width}x{height} image"
+        return f"box {list(instance.box)} is empty or outside the {width}x{height} image"
     if segmenter is None:
-        return None, "box-only reference but no segmenter was given to turn the box into a mask"
-    return box_to_mask(segmenter, image, [instance.box])[0].astype(np.float32), ""
+        return "box-only reference but no segmenter was given to turn the box into a mask"
+    return ""
 
 
 def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -423,18 +424,16 @@ def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[S
     return logits[0].float()
 
 
-def box_to_mask(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
-    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> ``[N, H, W]`` bool masks at image size."""
-    logits = _box_logits(segmenter, image, boxes)
-    full = F.interpolate(logits[:, None], image.shape[:2], mode="bilinear", align_corners=False, antialias=True)[:, 0]
-    return (full > 0).cpu().numpy()
-
-
 def box_mask_crops(
-    segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[tuple[int, int, int, int]]
+    segmenter: PromptSegmenter,
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    windows: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> list[np.ndarray]:
-    """SAM2 box prompts at integer end-exclusive boxes -> each mask cut to its own box, ``[y1 - y0, x1 - x0]``
-    bool: the pixels :func:`box_to_mask` gives inside the box, without any full-size mask."""
+    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> each full-resolution mask
+    (``F.interpolate(bilinear, antialias=True) > 0`` of its logits) cut to its window, integer
+    end-exclusive (default: its own box), ``[y1 - y0, x1 - x0]`` bool, without any full-size mask."""
     logits = _box_logits(segmenter, image, boxes)
-    windows = torch.as_tensor(np.asarray(boxes, dtype=np.int64).reshape(-1, 4), device=logits.device)
-    return crop_masks(logits, windows, image.shape[:2])
+    windows = boxes if windows is None else windows
+    bounds = torch.as_tensor(np.asarray(windows, dtype=np.int64).reshape(-1, 4), device=logits.device)
+    return crop_masks(logits, bounds, image.shape[:2])

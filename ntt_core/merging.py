@@ -13,6 +13,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -171,11 +172,67 @@ def soft_merge_factors(
 
 def crop_masks(logits: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> list:
     """Full-resolution masks of ``logits`` ``[K, m, m]`` cropped to their end-exclusive ``boxes``
-    ``[K, 4]``, as bool numpy arrays (one window each, never the whole image)."""
+    ``[K, 4]``, as bool numpy arrays ``[y1 - y0, x1 - x0]`` (one window each, never the whole image).
+
+    Windows of similar height are upsampled together, padded to the batch's largest (at most 1.5 x
+    the pixels they hold, and ``CHUNK_ELEMENTS`` unless one window alone is larger), each from only
+    the low-resolution rows it reads; one copy to the host per batch, none per mask.
+    """
     height, width = image_size
+    count = logits.shape[0]
     rows, cols = taps(logits.shape[1], height, logits.device), taps(logits.shape[2], width, logits.device)
-    crops = []
-    for index, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        crop = upsample_window(logits[index : index + 1], rows, cols, y0, y1, x0, x1)[0] > 0
-        crops.append(crop.cpu().numpy())
+    bounds = boxes.to("cpu", torch.int64).reshape(-1, 4)
+    heights = (bounds[:, 3] - bounds[:, 1]).clamp(min=0).tolist()
+    widths = (bounds[:, 2] - bounds[:, 0]).clamp(min=0).tolist()
+    crops: list = [np.zeros((h, w), dtype=bool) for h, w in zip(heights, widths)]
+    order = sorted((i for i in range(count) if heights[i] and widths[i]), key=lambda i: -heights[i])
+    start = 0
+    while start < len(order):
+        tallest, widest, pixels, end = heights[order[start]], widths[order[start]], 0, start
+        while end < len(order):
+            grown, area = max(widest, widths[order[end]]), heights[order[end]] * widths[order[end]]
+            padded = (end + 1 - start) * tallest * grown
+            if end > start and (padded > 1.5 * (pixels + area) or padded > CHUNK_ELEMENTS):
+                break
+            widest, pixels, end = grown, pixels + area, end + 1
+        members = order[start:end]
+        start = end
+        for crop, i in zip(_upsample_windows(logits, members, rows, cols, bounds[members], tallest, widest), members):
+            crops[i] = np.ascontiguousarray(crop[: heights[i], : widths[i]])
     return crops
+
+
+def _upsample_windows(
+    logits: torch.Tensor, members: list[int], rows: Taps, cols: Taps, bounds: torch.Tensor, tallest: int, widest: int
+) -> np.ndarray:
+    """Upsampled masks (logit > 0) of ``logits[members]`` (``logits`` ``[K, m, m]``, G members) over
+    their own windows ``bounds`` ``[G, 4]`` (CPU, non-empty), padded to ``[G, tallest, widest]`` bool (numpy)."""
+    device = logits.device
+    last_y, last_x = bounds[:, 3:4] - 1, bounds[:, 2:3] - 1
+    y = torch.minimum(bounds[:, 1:2] + torch.arange(tallest), last_y).to(device)  # [G, tallest]
+    x = torch.minimum(bounds[:, 0:1] + torch.arange(widest), last_x).to(device)  # [G, widest]
+    row_index = rows.index[y]  # [G, tallest, K]
+    low = rows.first[y[:, :1]]  # [G, 1]: the first low-resolution row each window reads
+    read = int((row_index.amax((1, 2)) - low[:, 0]).max()) + 1  # the most rows one window reads
+    band_rows = (low + torch.arange(read, device=device)).clamp(max=logits.shape[1] - 1)  # [G, read]
+    band = logits[torch.tensor(members, device=device)[:, None], band_rows]  # [G, read, m]
+    band = _gather_resample(band, 2, cols.index[x], cols.weight[x])  # [G, read, widest]
+    upsampled = _gather_resample(band, 1, row_index - low[:, :, None], rows.weight[y])  # [G, tallest, widest]
+    return (upsampled > 0).cpu().numpy()
+
+
+def _gather_resample(values: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each item's own taps along ``dim`` (1 or 2) of ``values`` ``[G, A, B]``: index, weight ``[G, n, K]``
+    -> ``[G, n, B]`` (dim 1) or ``[G, A, n]`` (dim 2); the same sums, in the same order, as :func:`_resample`."""
+
+    def tap(k: int) -> torch.Tensor:
+        if dim == 1:
+            at = index[:, :, k, None].expand(-1, -1, values.shape[2])
+            return values.gather(1, at) * weight[:, :, k, None]
+        at = index[:, None, :, k].expand(-1, values.shape[1], -1)
+        return values.gather(2, at) * weight[:, None, :, k]
+
+    out = tap(0)
+    for k in range(1, index.shape[2]):  # over taps, a handful, never over masks
+        out = out + tap(k)
+    return out

@@ -102,14 +102,19 @@ class PromptSegmenter(Protocol):
 
 
 def choose_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The given device; "auto" (or None): CUDA, else Apple MPS, else CPU."""
+    """The given device; "auto" (or None): CUDA, else Apple MPS, else CPU. A CUDA device always has
+    its index ("cuda" is the current one), so that "cuda" and "cuda:0" share one cached model."""
     if device is not None and str(device) != "auto":
         device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device '{device}' was requested but CUDA is not available")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise RuntimeError(f"device '{device}' was requested but there are {torch.cuda.device_count()} GPU(s)")
+            return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -360,10 +365,11 @@ def load_weights(source: ModelSource):
         raise CheckpointError(f"{error} ({source.kind.name}: {source.kind.option})") from None
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _model_on(source: ModelSource, device: torch.device):
     """(model, weights fingerprint) of ``source`` on ``device``: one module per (source, device), so
-    that no wrapper ever moves a module that another one uses. The fingerprint is taken on the CPU."""
+    that no wrapper ever moves a module that another one uses. The fingerprint is taken on the CPU.
+    Holds as many as the two wrapper caches below, so a cached wrapper's module is never loaded twice."""
     model = load_weights(source)
     fingerprint = (Sam2Segmenter if source.kind is SAM2 else Dinov2Encoder).fingerprint_of(model)
     return model.to(device), fingerprint

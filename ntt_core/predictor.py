@@ -60,6 +60,8 @@ class Predictor:
         if not arrays:
             return []
         sizes = [a.shape[:2] for a in arrays] if sizes is None else [tuple(int(v) for v in size) for size in sizes]
+        if len(sizes) != len(arrays) or any(len(size) != 2 or min(size) < 1 for size in sizes):
+            raise ValueError(f"sizes must be one (height, width) of positive integers per image, got {sizes}")
         frame, size = self.segmenter.input_size, self.encoder.input_size
         frames = torch.cat([square_frame(a, frame) for a in arrays]).to(self.segmenter.device)
         sam_features = self.segmenter.embed(frames)

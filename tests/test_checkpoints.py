@@ -357,6 +357,24 @@ def test_models_download_fills_the_standard_cache_and_the_defaults_load_from_it_
     assert encoder.fingerprint == load_encoder(str(tiny_models[1]), device="cpu").fingerprint
 
 
+def test_a_config_cached_from_an_older_revision_still_finds_the_new_weights(tiny_models, hub_endpoint, monkeypatch):
+    """config.json cached at one commit, the weights first fetched after the repo moved on: the weights
+    land in the new commit's snapshot folder, and the model is loaded from that folder."""
+    import standin_hub
+    from huggingface_hub import hf_hub_download
+
+    repo = "someone/dinov2-tiny"
+    files = {name: (tiny_models[1] / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    with StandinHub({repo: {"config.json": files["config.json"]}}) as hub:
+        cache = hub_endpoint(hub.url)
+        hf_hub_download(repo, "config.json")  # cached at COMMIT
+        hub.repos[repo] = files
+        monkeypatch.setattr(standin_hub, "COMMIT", "f" * 40)  # the repo's next commit
+        encoder = load_encoder(repo, device="cpu")
+    assert (cache / "models--someone--dinov2-tiny" / "snapshots" / ("f" * 40) / "model.safetensors").is_file()
+    assert encoder.fingerprint == load_encoder(str(tiny_models[1]), device="cpu").fingerprint
+
+
 def test_models_files_lists_the_exact_urls(hub_endpoint, capsys):
     hub_endpoint("http://127.0.0.1:1")
     assert main(["models", "files", "sam2-large", "dinov2-large", "sam2.1-tiny"]) == 0

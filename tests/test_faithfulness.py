@@ -141,6 +141,30 @@ def test_memory_fill_crops_around_the_given_box_and_resizes_by_bicubic_without_a
     assert expected.min() < 0 or expected.max() > 1  # noise overshoots: not clamped
 
 
+def test_reference_descriptor_weights_patches_by_the_bilinear_mask_crop_sampled_nearest():
+    """The authors resize the mask crop bilinearly to 518, sample it nearest at the patch grid and
+    average the patch features weighted by those values (their ``mem_feats_ins_avg``)."""
+    rng = np.random.default_rng(1)
+    image = (rng.random((80, 100, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((80, 100), dtype=bool)
+    mask[22:41, 13:47] = rng.random((19, 34)) > 0.3  # speckled: bilinear gives fractional weights
+    encoder = ColourStatsEncoder(input_size=42, grid_size=7)
+    bank = build_memory_bank(
+        [ReferenceImage(image, [ReferenceInstance("thing", mask=mask, box=(13, 22, 47, 41))])],
+        encoder,
+        settings=Settings(),
+    )
+    # side 34 x 1.2 = 40.8 around (30, 31.5): int(9.6), int(11.1), int(50.4), int(51.9)
+    x0, y0, x1, y1 = 9, 11, 50, 51
+    crop = F.interpolate(authors_tensor(image)[:, :, y0:y1, x0:x1], size=(42, 42), mode="bicubic", align_corners=False)
+    soft = F.interpolate(torch.from_numpy(mask[y0:y1, x0:x1]).float()[None, None], size=(42, 42), mode="bilinear")
+    weights = F.interpolate(soft, size=(7, 7), mode="nearest")[0, 0]
+    assert ((weights > 0) & (weights < 1)).any()  # a binary resize would weigh those patches 0 or 1
+    features = encoder.encode(crop)[0]  # [C, 7, 7]
+    expected = (features * weights).sum((1, 2)) / weights.sum()
+    assert torch.allclose(bank.descriptors[0], expected, atol=1e-6)
+
+
 # --- EXIF orientation ---
 
 
@@ -186,3 +210,6 @@ def test_masks_are_upsampled_to_the_size_given_as_the_authors_take_it_from_the_j
     (own,), (given,) = predictor.predict([image]), predictor.predict([image], sizes=[(120, 160)])
     assert own.image_size == (60, 80) and given.image_size == (120, 160)
     assert len(given) and given.boxes[0].tolist() == [2 * v for v in own.boxes[0].tolist()]
+    for sizes in ([(120, 160), (120, 160)], [(0, 160)]):
+        with pytest.raises(ValueError, match=r"^sizes must be one \(height, width\) of positive integers per image"):
+            predictor.predict([image], sizes=sizes)

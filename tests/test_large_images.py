@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ntt_core.coco import encode_crop, encode_mask
-from ntt_core.memory_bank import box_mask_crops, box_to_mask
+from ntt_core.memory_bank import _box_logits, box_mask_crops
 from ntt_core.standins import ConnectedRegionSegmenter
 from ntt_core.synthetic import make_scene
 
@@ -175,9 +176,14 @@ def test_box_masks_cut_to_their_boxes_equal_the_full_size_masks():
     scene = make_scene(np.random.default_rng(5), size=(90, 130))
     segmenter = ConnectedRegionSegmenter(input_size=64, mask_size=16)
     boxes = [tuple(int(v) for v in box) for box in scene.boxes] + [(0, 0, 130, 90), (129, 89, 130, 90)]
-    full = box_to_mask(segmenter, scene.image, boxes)
+    logits = _box_logits(segmenter, scene.image, boxes)  # [N, 16, 16]
+    full = F.interpolate(logits[:, None], (90, 130), mode="bilinear", align_corners=False, antialias=True)[:, 0] > 0
+    full = full.numpy()
     crops = box_mask_crops(segmenter, scene.image, boxes)
     assert len(crops) == len(boxes)
     for (x0, y0, x1, y1), mask, crop in zip(boxes, full, crops):
         assert np.array_equal(crop, mask[y0:y1, x0:x1])
     assert sum(crop.any() for crop in crops) >= len(scene)
+    windows = [(max(0, x0 - 7), max(0, y0 - 5), min(130, x1 + 9), min(90, y1 + 3)) for x0, y0, x1, y1 in boxes]
+    for (x0, y0, x1, y1), mask, crop in zip(windows, full, box_mask_crops(segmenter, scene.image, boxes, windows)):
+        assert np.array_equal(crop, mask[y0:y1, x0:x1])  # another window than the prompt box

@@ -85,7 +85,11 @@ def test_soft_merge_damps_a_part_inside_a_similar_better_ranked_whole():
     assert reversed_order[2].item() == pytest.approx((1 - 0.2 * 0.8) ** 0.5)  # 20/100 x cos 0.8
 
 
-def test_crop_masks_equal_full_masks_cut_to_their_boxes():
+@pytest.mark.parametrize("chunk", [1 << 26, 1])  # one batch of windows; one window per batch
+def test_crop_masks_equal_full_masks_cut_to_their_boxes(monkeypatch, chunk):
+    import ntt_core.merging as merging
+
+    monkeypatch.setattr(merging, "CHUNK_ELEMENTS", chunk)
     image_size = (40, 33)
     logits = random_logits(6, 16, 3)
     logits = logits[(logits > 0).flatten(1).any(1)]
@@ -125,3 +129,14 @@ def test_full_resolution_masks_are_antialiased_where_a_side_shrinks():
         authors[keep], crop_masks(logits[keep], boxes[keep], image_size), boxes[keep].tolist()
     ):
         assert torch.equal(torch.from_numpy(crop), mask[y0:y1, x0:x1]) and crop.sum() == mask.sum()
+
+
+def test_crop_masks_of_empty_and_clipped_boxes():
+    """A box of no pixels gives an empty crop; any box gives exactly its pixels of the full mask."""
+    logits = random_logits(2, 16, 5)
+    image_size = (30, 20)
+    full = upsampled(logits, image_size) > 0
+    boxes = torch.tensor([[3, 4, 9, 4], [0, 25, 20, 30]])  # no rows; the last rows, every column
+    empty, bottom = crop_masks(logits, boxes, image_size)
+    assert empty.shape == (0, 6) and empty.dtype == bool
+    assert torch.equal(torch.from_numpy(bottom), full[1, 25:30, 0:20])

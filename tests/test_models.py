@@ -107,6 +107,31 @@ def test_wrappers_of_one_source_keep_their_own_device_and_dtype(tiny_models):
     assert not torch.equal(bf16.segment_points(bf16.embed(images), points)[0], before[0])  # bf16 autocast
 
 
+def test_a_cached_wrappers_module_is_shared_after_other_models_were_loaded(tiny_models, tmp_path):
+    """A second dtype of a source still gets the first wrapper's module after four other sources
+    were loaded in between: the module cache holds at least as much as the wrapper caches."""
+    import shutil
+
+    first = load_encoder(str(tiny_models[1]), device="cpu")
+    for i in range(4):
+        load_encoder(str(shutil.copytree(tiny_models[1], tmp_path / f"copy{i}")), device="cpu")
+    assert load_encoder(str(tiny_models[1]), device="cpu", dtype="bfloat16").model is first.model
+
+
+def test_cuda_devices_are_named_with_their_index(monkeypatch):
+    """The names "cuda" and "cuda:0" are one device, hence one cache entry (one copy of the weights on the GPU);
+    torch.cuda is replaced by a one-GPU double, as this machine has none."""
+    from ntt_core.models import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert choose_device("cuda") == choose_device("cuda:0") == choose_device("auto") == torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match=r"^device 'cuda:1' was requested but there are 1 GPU\(s\)$"):
+        choose_device("cuda:1")
+
+
 def test_auto_dtype_is_float32_everywhere():
     from ntt_core.models import choose_dtype
 
