@@ -198,8 +198,9 @@ def references_from_coco(
     annotation's ``bbox`` as its box (x0, y0, x1, y1), which the reference crop follows, as the
     authors' crop does; annotations without a segmentation become box references (mask None);
     crowd annotations are skipped. ``exif_orientation`` says how the images will be read (see
-    :func:`ntt_core.images.load_image`; the authors do not apply EXIF orientation). ``classes`` picks categories by name (see :func:`resolve_classes`);
-    ``max_per_class`` keeps the first that many instances of each class, in file order.
+    :func:`ntt_core.images.load_image`; the authors do not apply EXIF orientation). ``classes``
+    picks categories by name (see :func:`resolve_classes`); ``max_per_class`` keeps the first that
+    many instances of each class, in file order.
     Images (loaded later, by the bank builder) are ``image_dir / file_name``.
     """
     from .memory_bank import ReferenceImage, ReferenceInstance

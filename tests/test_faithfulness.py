@@ -69,6 +69,18 @@ def test_pillow_bicubic_is_the_same_as_in_pillow_10_4(size):
     assert hashlib.sha256(resized.tobytes()).hexdigest() == PILLOW_10_4_SHA256[size]
 
 
+def test_normalisation_is_torchvisions_normalize_after_the_division_by_255():
+    """Their loader divides by 255 in float64, casts to float32, then applies torchvision's
+    ``Normalize`` (ImageNet mean and std) on float32: bit for bit what our models get."""
+    Normalize = pytest.importorskip("torchvision.transforms").Normalize
+    from ntt_core.images import image_tensor
+    from ntt_core.models import normalize
+
+    image = np.asarray(pattern(97, 61))
+    theirs = Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))(authors_tensor(image))
+    assert torch.equal(normalize(image_tensor(image)), theirs)
+
+
 # --- 2. DINOv2's input of the target ---
 
 
