@@ -79,7 +79,7 @@ FUNCTION_STAGES = {
 METHOD_STAGES = {
     ("segmenter", "embed"): "sam2_encoder",
     ("encoder", "encode"): "dinov2_encoder",
-    ("segmenter", "segment_points"): "prompt_decoding",
+    ("segmenter", "segment_best_points"): "prompt_decoding",
 }
 STAGES = (
     "decode",
