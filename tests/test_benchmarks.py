@@ -112,23 +112,30 @@ def test_random_dinov2_architectures_are_metas_official_sizes(size):
     assert count == sum(p.numel() for p in vit.parameters())
 
 
-def test_decoder_benchmark_times_both_decoders_on_the_same_inputs(monkeypatch, capsys):
-    """benchmarks/decoder.py: its JSON contract, and both decoders' outputs agree (tiny config)."""
+def test_decoder_benchmark_times_every_decoder_on_the_same_inputs(monkeypatch, capsys):
+    """benchmarks/decoder.py: its JSON contract, the forced pass rates, and this tree's kept masks agree
+    with transformers' after best-of-three and the filter (tiny config; the baseline is this commit's)."""
     from tiny_models import tiny_sam2_config
 
     decoder = _load("decoder")
     monkeypatch.setattr(decoder, "sam2_config", lambda arch: tiny_sam2_config())
-    assert decoder.main(["--device", "cpu", "--prompts", "5", "--images", "2", "--repeats", "1", "--json"]) == 0
+    argv = ["--device", "cpu", "--prompts", "5", "--images", "2", "--repeats", "1", "--baseline", "HEAD", "--json"]
+    assert decoder.main([*argv, "--pass-rates", "100", "50", "0"]) == 0
     report = _last_json(capsys)
     assert (report["images"], report["prompts"], report["dtype"], report["weights"]) == (2, 5, "float32", "random")
-    assert set(report["decoders"]) == {"transformers", "ours"}
-    for figures in report["decoders"].values():
-        assert figures["prompts_per_s"] == pytest.approx(10 / figures["median_s"])
-        assert figures["peak_mb"] is None or figures["peak_mb_per_prompt"] == pytest.approx(figures["peak_mb"] / 10)
-    medians = [report["decoders"][name]["median_s"] for name in ("transformers", "ours")]
-    assert report["speedup"] == pytest.approx(medians[0] / medians[1])
-    assert report["max_abs_logit"] > 0
-    assert report["max_abs_logit_difference"] <= 1e-5 * max(1.0, report["max_abs_logit"])
+    assert [row["pass_rate"] for row in report["rows"]] == [1.0, 0.5, 0.0]
+    assert [row["passed"] for row in report["rows"]] == [10, 5, 0]
+    for row in report["rows"]:
+        assert set(row["decoders"]) == {"transformers", "baseline", "ours"}
+        for figures in row["decoders"].values():
+            assert figures["prompts_per_s"] == pytest.approx(10 / figures["median_s"])
+            assert figures["peak_mb"] is None or figures["peak_mb_per_prompt"] == pytest.approx(figures["peak_mb"] / 10)
+        medians = {name: figures["median_s"] for name, figures in row["decoders"].items()}
+        assert row["speedup"] == pytest.approx(medians["transformers"] / medians["ours"])
+        assert row["speedup_vs_baseline"] == pytest.approx(medians["baseline"] / medians["ours"])
+        assert row["max_abs_logit_difference"] <= 1e-5 * max(1.0, row["max_abs_logit"])
+    assert report["rows"][0]["max_abs_logit"] > 0
+    assert report["decoders"] == report["rows"][0]["decoders"]
 
 
 def _check_speed_report(report: dict, images: int) -> None:
