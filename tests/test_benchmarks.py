@@ -163,7 +163,9 @@ def test_speed_random_weights(monkeypatch, capsys):
         "--image-size",
         "64x48",
         "--points-per-side",
-        "1",
+        "2",
+        "--prompt-batch-size",
+        "3",
         "--classes",
         "2",
         "--shots",
@@ -178,12 +180,39 @@ def test_speed_random_weights(monkeypatch, capsys):
     assert report["weights"] == "random"
     assert {m["weights"] for m in report["models"].values()} == {"random"}
     assert report["models"]["sam2"]["source"] == "sam2-tiny"
-    assert report["dtype"] == "float32" and report["prompts"] == 1
+    assert report["dtype"] == "float32" and report["prompts"] == 4
     assert report["image_size"] == {"height": 48, "width": 64}
     candidates = report["candidates"]
     assert candidates["proposed"] == 5
     assert candidates["output"] <= candidates["after_nms"] <= 5
     assert report["full_size_masks_mb"] == pytest.approx(candidates["after_nms"] * 48 * 64 / 2**20)
+    cost = report["cost"]  # one more image, counted: 4 prompts decoded 3 + 1
+    assert set(cost["flops_per_image"]) == set(cost["sync_calls_per_image"]) == STAGES - {"other"}
+    for stage in ("sam2_encoder", "dinov2_encoder", "prompt_decoding"):
+        assert cost["flops_per_image"][stage] > 0
+    assert cost["gflops_per_image"] == pytest.approx(sum(cost["flops_per_image"].values()) / 1e9)
+    assert cost["prompt_batches"] == 2
+    assert cost["sync_calls_per_image"]["prompt_decoding"] == 2  # the pass counts, once per prompt batch
+    assert cost["sync_calls_per_image"]["sam2_encoder"] == cost["sync_calls_per_image"]["dinov2_encoder"] == 0
+    assert cost["largest_tensors"]["prompt_decoding"][0]["mib"] > 0
+    assert cost["h100_compute_bound_s_per_image"] == pytest.approx(
+        cost["gflops_per_image"] * 1e9 / (cost["h100_peak_tflops"] * 1e12)
+    )
+
+
+def test_sync_counter_counts_the_calls_that_wait_for_a_device():
+    speed = _load("speed")
+    x = torch.arange(6.0)
+    counter = speed.SyncCounter()
+    with counter:
+        x[x > 2]  # boolean mask
+        x[1:3] + x[torch.tensor([0, 1])]  # slices and integer indices: no wait
+        x.sum().item()
+        x.tolist()
+        (x > 2).nonzero_static(size=3)  # a fixed output size: no wait
+        bool(x.any())
+    assert counter.kinds == {"boolean mask": 1, "item": 1, "tolist": 1, "__bool__": 1}
+    assert counter.total == 4
 
 
 def test_speed_draws_large_scenes_small_and_enlarges_them(tmp_path, monkeypatch):
