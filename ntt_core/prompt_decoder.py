@@ -63,7 +63,7 @@ def _token_pixel_scores(
         return scores(projection(pixels[:, 0] + positions))
     weight = projection.weight.unflatten(0, (heads, -1))  # [h, d, C]
     maps = torch.einsum("bphtd,hdc->bphtc", vectors, weight).reshape(batch * prompts, heads * tokens, -1)
-    return torch.baddbmm(scores(projection(positions)), maps, pixels.flatten(0, 1).transpose(1, 2))
+    return _baddbmm(scores(projection(positions)), maps, pixels.flatten(0, 1).transpose(1, 2))
 
 
 def _tokens_read_pixels(
@@ -100,7 +100,7 @@ def _pixels_read_tokens(
     value_maps = value_maps.reshape(batch * prompts, heads * tokens, channels)
     if pixels.shape[1] == 1:
         return _add((weights @ value_maps).unflatten(0, (batch, prompts)), pixels)
-    return torch.baddbmm(pixels.flatten(0, 1), weights, value_maps).unflatten(0, (batch, prompts))
+    return _baddbmm(pixels.flatten(0, 1), weights, value_maps).unflatten(0, (batch, prompts))
 
 
 def _two_way_transformer(
@@ -169,6 +169,13 @@ def _masks(
     logits = weights @ upscaled.transpose(1, 2)  # [n, k, 16hw] in order (y, x, i, j, k, l)
     logits = logits.unflatten(-1, (side, side, 2, 2, 2, 2)).permute(0, 1, 2, 4, 6, 3, 5, 7)
     return logits.reshape(*weights.shape[:2], 4 * side, 4 * side)
+
+
+def _baddbmm(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x + a @ b`` (batched), in place in ``x`` unless autocast or the dtypes ask for a new tensor."""
+    if torch.is_autocast_enabled(x.device.type) or not x.dtype == a.dtype == b.dtype:
+        return torch.baddbmm(x, a, b)
+    return x.baddbmm_(a, b)
 
 
 def _add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
