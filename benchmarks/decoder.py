@@ -214,10 +214,14 @@ def run(args: argparse.Namespace) -> dict:
 
     decoders = {"transformers": transformers_decoder}
     if args.baseline != "none":
-        baseline = baseline_decoder(args.baseline)
-        if baseline is None:
+        baseline = baseline_decoder(args.baseline or "main")
+        if baseline is not None:
+            decoders["baseline"] = baseline
+        elif args.baseline:
             raise BenchmarkError(f"--baseline {args.baseline}: git cannot show ntt_core/prompt_decoder.py there")
-        decoders["baseline"] = baseline
+        else:  # the default, on a copy without git history (e.g. a device machine): transformers only
+            print("decoder.py: no git revision 'main' here; timing without the baseline", file=sys.stderr)
+            args.baseline = "none"
     decoders["ours"] = our_decoder
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -234,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
         "images": args.images,
         "prompts": args.prompts,
         "repeats": args.repeats,
-        "baseline": None if args.baseline == "none" else args.baseline,
+        "baseline": None if args.baseline == "none" else args.baseline or "main",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "rows": rows,
         # the first row's figures, as before pass rates were rows
@@ -265,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows: the share of prompts that pass the IoU filter, forced by the threshold",
     )
     parser.add_argument(
-        "--baseline", default="main", help="git revision whose ntt_core decoder is timed too ('none': skip it)"
+        "--baseline",
+        help="git revision whose ntt_core decoder is timed too (default: main where git has it; 'none': skip it)",
     )
     parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)

@@ -232,7 +232,8 @@ def decode_best(
     side = image.shape[-1]
     chosen = []
     for index, count in enumerate(keep.sum(dim=1).tolist()):
-        rows = keep[index].nonzero_static(size=count)[:, 0] if count < keep.shape[1] else slice(None)
+        # the passing prompts in order, without a second sync (a stable sort puts them first; any device)
+        rows = keep[index].int().argsort(descending=True, stable=True)[:count] if count < keep.shape[1] else slice(None)
         logits = _masks(decoder, pixels[index, rows], coarse[index], fine[index], weights[index, rows], side)
         chosen.append((logits[:, 0], best_iou[index, rows]))
     return chosen
