@@ -43,6 +43,7 @@ from speed import (
     device_sync,
     environment,
     fill_defaults,
+    flop_counter,
     reset_peak_host,
     sam2_config,
 )
@@ -151,6 +152,14 @@ def peak_memory_mb(decode, model, inputs: dict, threshold: float, device: torch.
     return (peak - before) / 2**20
 
 
+def counted_flops(decode, model, inputs: dict, threshold: float, device: torch.device, dtype) -> int:
+    """FLOPs of one call as ``torch.utils.flop_counter`` counts them (speed.py's cost account)."""
+    counter = flop_counter()
+    with counter, autocast(device, dtype):
+        decode(model, inputs, threshold)
+    return counter.get_total_flops()
+
+
 def largest_difference(ours: list, reference: list) -> float | None:
     """Largest |logit| difference between two per-image lists of kept (logits, iou); None where
     different prompts were kept (a borderline IoU rounded across the threshold)."""
@@ -170,6 +179,7 @@ def measure_row(decoders: dict, model, inputs: dict, share: float, args, device,
     memory = {
         name: peak_memory_mb(decode, model, inputs, threshold, device, dtype) for name, decode in decoders.items()
     }
+    flops = {name: counted_flops(decode, model, inputs, threshold, device, dtype) for name, decode in decoders.items()}
     seconds: dict[str, list[float]] = {name: [] for name in decoders}
     cpu_seconds: dict[str, list[float]] = {name: [] for name in decoders}
     for _ in range(args.repeats):
@@ -191,6 +201,7 @@ def measure_row(decoders: dict, model, inputs: dict, share: float, args, device,
                 "median_s": statistics.median(times),
                 "median_cpu_s": statistics.median(cpu_seconds[name]),  # this process's CPU time: less load-bound
                 "prompts_per_s": decoded / statistics.median(times),
+                "gflops_per_prompt": flops[name] / decoded / 1e9,
                 "peak_mb": memory[name],
                 "peak_mb_per_prompt": None if memory[name] is None else memory[name] / decoded,
             }
@@ -295,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             memory = "n/a" if figures["peak_mb"] is None else f"{figures['peak_mb']:,.0f} MiB"
             print(
                 f"  {name:<13}{figures['median_s']:>9.4f} s ({figures['median_cpu_s']:.3f} s CPU)"
-                f"{figures['prompts_per_s']:>10,.0f} prompts/s  peak {memory}"
+                f"{figures['prompts_per_s']:>10,.0f} prompts/s  {figures['gflops_per_prompt']:.3f} GFLOP/prompt  peak {memory}"
             )
         against = (
             "" if row["speedup_vs_baseline"] is None else f", {row['speedup_vs_baseline']:.2f}x against the baseline"

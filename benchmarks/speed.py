@@ -470,6 +470,13 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the attention kernel torch uses on CPU."""
+    return FlopCounterMode(
+        display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    )
+
+
 def cost_account(predictor: Predictor, path: Path, survivors: torch.Tensor | None) -> dict:
     """One image through the instrumented predictor (untimed): FLOPs per stage (``FlopCounterMode``:
     matrix products, convolutions and attention; elementwise work is not counted), host-device sync

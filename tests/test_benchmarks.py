@@ -129,12 +129,15 @@ def test_decoder_benchmark_times_every_decoder_on_the_same_inputs(monkeypatch, c
         assert set(row["decoders"]) == {"transformers", "baseline", "ours"}
         for figures in row["decoders"].values():
             assert figures["prompts_per_s"] == pytest.approx(10 / figures["median_s"])
+            assert figures["gflops_per_prompt"] > 0
             assert figures["peak_mb"] is None or figures["peak_mb_per_prompt"] == pytest.approx(figures["peak_mb"] / 10)
         medians = {name: figures["median_s"] for name, figures in row["decoders"].items()}
         assert row["speedup"] == pytest.approx(medians["transformers"] / medians["ours"])
         assert row["speedup_vs_baseline"] == pytest.approx(medians["baseline"] / medians["ours"])
         assert row["max_abs_logit_difference"] <= 1e-5 * max(1.0, row["max_abs_logit"])
     assert report["rows"][0]["max_abs_logit"] > 0
+    flops = [row["decoders"]["ours"]["gflops_per_prompt"] for row in report["rows"]]
+    assert flops[0] > flops[1] > flops[2]  # masks are made only for the prompts that pass
     assert report["decoders"] == report["rows"][0]["decoders"]
 
 
