@@ -8,7 +8,9 @@ mean the same with any weights. ``--sam2`` / ``--dinov2`` load real weights inst
 
 Stages are timed by wrapping the public functions and model methods the predictor calls (the
 measured code is the predictor itself); on CUDA the device is synchronised around each stage here,
-never in the library. Does not need fiftyone.
+never in the library. A cost account follows on one more image (``"cost"``, skip with ``--no-cost``):
+FLOPs, calls that would sync a GPU with the host, and the largest tensors, per stage. Does not need
+fiftyone.
 
     python benchmarks/speed.py --device cpu --json            # small sizes, finishes in minutes
     python benchmarks/speed.py --device cuda --json           # the paper's settings
@@ -69,7 +71,7 @@ FUNCTION_STAGES = {
     "load_image": "decode",
     "image_tensor": "preprocess",
     "resize_image": "preprocess",
-    "propose": "mask_postprocess",  # best-of-3 and IoU filtering; the decoder calls inside are their own stage
+    "propose": "mask_postprocess",  # gathering the kept candidates; the decoder calls inside are their own stage
     "mask_boxes": "mask_postprocess",
     "pool_features": "matching",
     "score_classes": "matching",
