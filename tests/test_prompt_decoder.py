@@ -142,3 +142,27 @@ def test_segmenter_best_points_equal_best_of_three_of_all_outputs(segmenter):
         assert chosen.dtype == chosen_iou.dtype == torch.float32
         torch.testing.assert_close(chosen, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(chosen_iou, expected_iou)
+
+
+def test_best_outputs_under_bfloat16_autocast(segmenter):
+    """The GPU default through the path the predictor takes: chosen masks within bf16 rounding of
+    transformers' (every prompt passes, so the same prompts are compared)."""
+    features, sparse, dense = decoder_inputs(segmenter, 2, 5, seed=2)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        _, (reference_logits, reference_iou) = both_decoders(segmenter, features, sparse, dense)
+        with torch.no_grad():
+            chosen = decode_best(
+                segmenter.model.mask_decoder,
+                features.embeddings,
+                segmenter._positional,
+                features.high_resolution,
+                sparse,
+                dense,
+                0.0,
+            )
+    expected = best_of_three(reference_logits.float(), reference_iou.float(), 0.0)
+    scale = reference_logits.float().abs().max()
+    for (logits, iou), (reference, reference_iou) in zip(chosen, expected):
+        assert logits.shape == reference.shape == (5, 32, 32)
+        assert (logits.float() - reference).abs().max() < 0.02 * scale
+        assert (iou.float() - reference_iou).abs().max() < 0.02
