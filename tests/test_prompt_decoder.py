@@ -87,6 +87,19 @@ def test_matches_transformers_decoder_under_bfloat16_autocast(segmenter):
     assert (iou.float() - reference_iou.float()).abs().max() < 0.02
 
 
+def best_outputs(segmenter, features, sparse, dense, threshold: float):
+    with torch.no_grad():
+        return decode_best(
+            segmenter.model.mask_decoder,
+            features.embeddings,
+            segmenter._positional,
+            features.high_resolution,
+            sparse,
+            dense,
+            threshold,
+        )
+
+
 def split_threshold(iou: torch.Tensor) -> float:
     """A threshold in the widest gap between the prompts' best IoUs ranked in their middle half: about
     half pass and no prompt is borderline."""
@@ -106,16 +119,7 @@ def test_best_outputs_match_transformers_after_best_of_three_and_filter(segmente
     _, (reference_logits, reference_iou) = both_decoders(segmenter, features, sparse, dense)
     threshold = split_threshold(reference_iou) if share == "half" else {"all": 0.0, "none": 1.0}[share]
     expected = best_of_three(reference_logits, reference_iou, threshold)
-    with torch.no_grad():
-        chosen = decode_best(
-            segmenter.model.mask_decoder,
-            features.embeddings,
-            segmenter._positional,
-            features.high_resolution,
-            sparse,
-            dense,
-            threshold,
-        )
+    chosen = best_outputs(segmenter, features, sparse, dense, threshold)
     passed = [len(iou) for _, iou in expected]
     assert [len(iou) for _, iou in chosen] == passed
     if share == "half":
@@ -150,16 +154,7 @@ def test_best_outputs_under_bfloat16_autocast(segmenter):
     features, sparse, dense = decoder_inputs(segmenter, 2, 5, seed=2)
     with autocast(torch.device("cpu"), torch.bfloat16):
         _, (reference_logits, reference_iou) = both_decoders(segmenter, features, sparse, dense)
-        with torch.no_grad():
-            chosen = decode_best(
-                segmenter.model.mask_decoder,
-                features.embeddings,
-                segmenter._positional,
-                features.high_resolution,
-                sparse,
-                dense,
-                0.0,
-            )
+        chosen = best_outputs(segmenter, features, sparse, dense, 0.0)
     expected = best_of_three(reference_logits.float(), reference_iou.float(), 0.0)
     scale = reference_logits.float().abs().max()
     for (logits, iou), (reference, reference_iou) in zip(chosen, expected):
