@@ -8,7 +8,9 @@ mean the same with any weights. ``--sam2`` / ``--dinov2`` load real weights inst
 
 Stages are timed by wrapping the public functions and model methods the predictor calls (the
 measured code is the predictor itself); on CUDA the device is synchronised around each stage here,
-never in the library. Does not need fiftyone.
+never in the library. A cost account follows on one more image (``"cost"``, skip with ``--no-cost``):
+FLOPs, calls that would sync a GPU with the host, and the largest tensors, per stage. Does not need
+fiftyone.
 
     python benchmarks/speed.py --device cpu --json            # small sizes, finishes in minutes
     python benchmarks/speed.py --device cuda --json           # the paper's settings
@@ -22,18 +24,23 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import resource
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.ops import aten
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,7 +71,7 @@ FUNCTION_STAGES = {
     "load_image": "decode",
     "square_frame": "preprocess",
     "bicubic": "preprocess",
-    "propose": "mask_postprocess",  # best-of-3 and IoU filtering; the decoder calls inside are their own stage
+    "propose": "mask_postprocess",  # gathering the kept candidates; the decoder calls inside are their own stage
     "mask_boxes": "mask_postprocess",
     "pool_features": "matching",
     "score_classes": "matching",
@@ -79,7 +86,7 @@ FUNCTION_STAGES = {
 METHOD_STAGES = {
     ("segmenter", "embed"): "sam2_encoder",
     ("encoder", "encode"): "dinov2_encoder",
-    ("segmenter", "segment_points"): "prompt_decoding",
+    ("segmenter", "segment_best_points"): "prompt_decoding",
 }
 STAGES = (
     "decode",
@@ -247,34 +254,49 @@ def blob_logits(count: int, size: int, seed: int, device: torch.device) -> torch
 
 
 class StageTimer:
-    """Exclusive wall time per stage of wrapped callables (a nested stage's time is not its caller's);
+    """Exclusive totals per stage of wrapped callables (a nested stage's share is not its caller's):
+    wall time, and any other cumulative ``meters`` (name -> reading so far, e.g. FLOPs counted);
     ``sync`` runs before and after every timed call so asynchronous device work lands in its stage."""
 
-    def __init__(self, sync: Callable[[], None]) -> None:
+    def __init__(self, sync: Callable[[], None], meters: dict[str, Callable[[], float]] | None = None) -> None:
         self.sync = sync
-        self.seconds: dict[str, float] = defaultdict(float)
+        self.meters = {"seconds": time.perf_counter, **(meters or {})}
+        self.totals: dict[str, dict[str, float]] = {name: defaultdict(float) for name in self.meters}
         self.counts: dict[str, list[int]] = defaultdict(list)
-        self._children: list[float] = []
+        self.stack: list[str] = []  # the stages running now, innermost last
+        self._children: list[dict[str, float]] = []
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.totals["seconds"]
+
+    def _read(self) -> dict[str, float]:
+        return {name: read() for name, read in self.meters.items()}
 
     def wrap(self, stage: str, function: Callable) -> Callable:
         @functools.wraps(function)
         def timed(*args, **kwargs):
             self.sync()
-            start = time.perf_counter()
-            self._children.append(0.0)
+            start = self._read()
+            self._children.append(dict.fromkeys(self.meters, 0.0))
+            self.stack.append(stage)
             try:
                 return function(*args, **kwargs)
             finally:
                 self.sync()
-                elapsed = time.perf_counter() - start
-                self.seconds[stage] += elapsed - self._children.pop()
-                if self._children:
-                    self._children[-1] += elapsed
+                spent = {name: value - start[name] for name, value in self._read().items()}
+                children = self._children.pop()
+                self.stack.pop()
+                for name, value in spent.items():
+                    self.totals[name][stage] += value - children[name]
+                    if self._children:
+                        self._children[-1][name] += value
 
         return timed
 
     def reset(self) -> None:
-        self.seconds.clear()
+        for totals in self.totals.values():
+            totals.clear()
         self.counts.clear()
 
 
@@ -383,6 +405,112 @@ def measure(
     }
 
 
+# --- cost account ---
+
+#: Tensor methods and functions that make the host wait for the device when their tensor is on one
+#: (counted on CPU as calls: each would be one sync on a GPU). Indexing with a boolean mask is counted too.
+SYNC_CALLS = frozenset(
+    {"item", "cpu", "tolist", "nonzero", "argwhere", "masked_select", "unique", "__bool__", "__int__", "__float__"}
+)
+#: H100 SXM dense bfloat16 tensor-core peak (NVIDIA's datasheet; 1,979 TFLOP/s is with 2:4 sparsity).
+H100_PEAK_TFLOPS = 989.4
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts the calls in :data:`SYNC_CALLS` and boolean-mask indexing, in all and by kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: Counter = Counter()
+        self.total = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("__getitem__", "__setitem__") and _boolean_index(args[1]):
+            name = "boolean mask"
+        if name == "boolean mask" or name in SYNC_CALLS:
+            self.kinds[name] += 1
+            self.total += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _boolean_index(index) -> bool:
+    return any(
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (index if isinstance(index, tuple) else (index,))
+    )
+
+
+class LargestTensors(TorchDispatchMode):
+    """The largest tensors each stage's operations allocate (outputs that alias no input)."""
+
+    def __init__(self, timer: StageTimer) -> None:
+        super().__init__()
+        self.timer = timer
+        self.sizes: dict[str, dict[tuple[str, tuple[int, ...]], int]] = defaultdict(dict)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(result.alias_info for result in func._schema.returns):
+            stage = self.timer.stack[-1] if self.timer.stack else "other"
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    key = (func.overloadpacket.__name__, tuple(tensor.shape))
+                    self.sizes[stage][key] = tensor.numel() * tensor.element_size()
+        return out
+
+    def largest(self, count: int = 3) -> dict[str, list[dict]]:
+        return {
+            stage: [
+                {"op": op, "shape": list(shape), "mib": size / 2**20}
+                for (op, shape), size in sorted(sizes.items(), key=lambda item: -item[1])[:count]
+            ]
+            for stage, sizes in self.sizes.items()
+        }
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the attention kernel torch uses on CPU."""
+    return FlopCounterMode(
+        display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    )
+
+
+def cost_account(predictor: Predictor, path: Path, survivors: torch.Tensor | None) -> dict:
+    """One image through the instrumented predictor (untimed): FLOPs per stage (``FlopCounterMode``:
+    matrix products, convolutions and attention; elementwise work is not counted), host-device sync
+    calls per stage, and the largest tensors each stage allocates (prompt decoding: per prompt batch)."""
+    flops = FlopCounterMode(
+        display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    )
+    syncs = SyncCounter()
+    timer = StageTimer(lambda: None, {"flops": flops.get_total_flops, "sync_calls": lambda: syncs.total})
+    sizes = LargestTensors(timer)
+    category_ids = {name: i + 1 for i, name in enumerate(predictor.bank.classes)}
+    write = timer.wrap("writing", instances_to_coco_results)
+    with instrumented(predictor, timer, survivors), flops, sizes, syncs:
+        for result in predictor.predict_paths([path]):
+            write(result, 1, category_ids)
+    device_type = predictor.segmenter.device.type
+    per_stage = {
+        name: {stage: timer.totals[name].get(stage, 0.0) for stage in STAGES} for name in ("flops", "sync_calls")
+    }
+    total = sum(per_stage["flops"].values())
+    return {
+        "flops_per_image": {stage: int(value) for stage, value in per_stage["flops"].items()},
+        "gflops_per_image": total / 1e9,
+        "sync_calls_per_image": {stage: int(value) for stage, value in per_stage["sync_calls"].items()},
+        "sync_calls_by_kind": dict(syncs.kinds),
+        "prompt_batches": math.ceil(predictor.points.shape[0] / predictor.settings.prompt_batch(device_type)),
+        "largest_tensors": sizes.largest(),
+        "h100_peak_tflops": H100_PEAK_TFLOPS,
+        "h100_compute_bound_s_per_image": total / (H100_PEAK_TFLOPS * 1e12),
+    }
+
+
 def reset_peak_host() -> bool:
     """Restart the kernel's peak-RSS counter of this process (Linux); False where it cannot."""
     try:
@@ -475,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scaling", action="store_true", help=f"also rows of images/s for (classes, shots) in {list(SCALING)}"
+    )
+    parser.add_argument(
+        "--no-cost",
+        action="store_true",
+        help="skip the cost account (one more image, untimed: FLOPs, sync calls, largest tensors per stage)",
     )
     add_run_options(parser)
     return parser
@@ -576,6 +709,8 @@ def run(args: argparse.Namespace) -> dict:
         resettable = reset_peak_host()
         report["host_before_run_mb"] = _status_mb("VmRSS")
         report.update(measure(predictor, paths, args.batch_size, args.warmup, timer, first))
+        if not args.no_cost:
+            report["cost"] = cost_account(predictor, paths[0], first)
         report["peak_host_mb"] = peak_host_mb(since_reset=False)
         report["peak_host_run_mb"] = peak_host_mb(since_reset=True) if resettable else None
         height, width = args.image_size  # what the candidates of one image would take as full-size bool masks:
@@ -634,6 +769,19 @@ def print_report(report: dict) -> None:
         for row in report.get(key, []):
             what = str(row["survivors"]) if key == "survivor_rows" else f"{row['classes']} x {row['shots']}"
             print(f"{label} {what}: {row['images_per_s']:.3f} images/s, {row['candidates']['after_nms']:.0f} after NMS")
+    if "cost" in report:
+        cost = report["cost"]
+        gflops = {stage: flops / 1e9 for stage, flops in cost["flops_per_image"].items() if flops}
+        print(
+            f"cost account: {cost['gflops_per_image']:,.0f} GFLOP per image ({', '.join(f'{k} {v:,.1f}' for k, v in gflops.items())})"
+        )
+        print(
+            f"  at the H100's {cost['h100_peak_tflops']} TFLOP/s (bf16, dense): {1e3 * cost['h100_compute_bound_s_per_image']:.2f} ms/image; "
+            f"sync calls per image {sum(cost['sync_calls_per_image'].values())} "
+            f"(prompt decoding {cost['sync_calls_per_image']['prompt_decoding']} over {cost['prompt_batches']} prompt batches)"
+        )
+        for tensor in cost["largest_tensors"].get("prompt_decoding", []):
+            print(f"  prompt decoding tensor {tensor['op']} {tensor['shape']}: {tensor['mib']:,.0f} MiB")
     if "bank_overhead" in report:
         print(f"memory bank 80 x 30 against 1 x 1: {100 * report['bank_overhead']:+.1f}% time per image")
 

@@ -29,7 +29,7 @@ from .checkpoints import (
     load_pretrained,
 )
 from .meta_checkpoints import CheckpointError
-from .prompt_decoder import decode_multimask
+from .prompt_decoder import decode_best, decode_multimask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +93,15 @@ class PromptSegmenter(Protocol):
     def segment_points(self, features: object, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One positive point per prompt, ``[B, P, 2]`` (x, y) in frame pixels ->
         mask logits ``[B, P, 3, m, m]`` and predicted IoUs ``[B, P, 3]`` (float32)."""
+        ...
+
+    def segment_best_points(
+        self, features: object, points: torch.Tensor, iou_threshold: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`segment_points` followed by the method's best-of-three choice and IoU filter
+        (:func:`ntt_core.proposals.best_of_three`): per image, the chosen output's logits ``[n, m, m]``
+        and predicted IoU ``[n]`` (float32) of the n prompts whose best IoU exceeds ``iou_threshold``,
+        in prompt order. A segmenter may skip the work of the outputs it does not return."""
         ...
 
     def segment_boxes(self, features: object, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,18 +208,39 @@ class Sam2Segmenter:
         ]
         return Sam2Features(embeddings=maps[-1], high_resolution=(maps[0], maps[1]))
 
-    @torch.inference_mode()
-    def segment_points(self, features: Sam2Features, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _point_prompts(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, P, 2]`` positive points -> SAM2's sparse ``[B, P, 2, C]`` and dense prompt embeddings."""
         points = points.to(self.device, torch.float32)[:, :, None, :]  # [B, P, 1, 2]
         labels = torch.ones(points.shape[:3], dtype=torch.int32, device=self.device)
+        return self.model.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
+
+    @torch.inference_mode()
+    def segment_points(self, features: Sam2Features, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.dtype):
-            sparse, dense = self.model.prompt_encoder(
-                input_points=points, input_labels=labels, input_boxes=None, input_masks=None
-            )
             logits, iou = decode_multimask(
-                self.model.mask_decoder, features.embeddings, self._positional, features.high_resolution, sparse, dense
+                self.model.mask_decoder,
+                features.embeddings,
+                self._positional,
+                features.high_resolution,
+                *self._point_prompts(points),
             )
         return logits.float(), iou.float()
+
+    @torch.inference_mode()
+    def segment_best_points(
+        self, features: Sam2Features, points: torch.Tensor, iou_threshold: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Only the chosen output of the passing prompts is upscaled (:func:`decode_best`)."""
+        with autocast(self.device, self.dtype):
+            chosen = decode_best(
+                self.model.mask_decoder,
+                features.embeddings,
+                self._positional,
+                features.high_resolution,
+                *self._point_prompts(points),
+                iou_threshold,
+            )
+        return [(logits.float(), iou.float()) for logits, iou in chosen]
 
     @torch.inference_mode()
     def segment_boxes(self, features: Sam2Features, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

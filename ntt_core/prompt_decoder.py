@@ -1,13 +1,20 @@
-"""SAM2's mask decoder for many prompts on the same image, with the image's share of the work done once.
+"""SAM2's mask decoder for many prompts on the same image, with no work that the output does not use.
 
 ``transformers.Sam2MaskDecoder`` copies the image embedding, its positional embedding and both
-high-resolution skip levels once per prompt before it starts. This module computes the same function
-with the same weights (multimask outputs only, as the point grid uses them) but keeps per-image
-tensors per image: the first layer's image projections are computed once per image and every
-prompt's tokens attend to them as one long query sequence, skip levels are broadcast rather than
-copied, and only the three multimask outputs are upscaled and read. Equal to the transformers forward
-up to float rounding (tests/test_prompt_decoder.py); on CPU it decodes 1.8x faster with 28 instead of
-40 MiB of scratch per prompt (benchmarks/decoder.py, benchmarks/RESULTS.md).
+high-resolution skip levels once per prompt and upscales all four outputs of every prompt. This
+module computes the same function with the same weights, in three ways cheaper:
+
+- per-image tensors stay per image: the first layer's image projections are computed once per image,
+  skip levels are shared by the prompts of an image, positional projections are made once per image;
+- attention between a prompt's few tokens (T = 8) and its 4096 pixels never projects the pixels:
+  ``q . (Wk p + bk) = (Wk^T q) . p + q . bk`` and ``A (Wv p + bv) = (A p) Wv^T + bv`` for tokens reading
+  pixels, ``o_proj(A V) = sum_h A_h (V_h Wo_h^T) + bo`` for pixels reading tokens, so each pixel
+  meets ``heads x T`` token vectors (64) instead of the internal width twice (2 x 128);
+- :func:`decode_best` reads SAM2's IoU head (which needs no upscaling) first, then upscales and
+  predicts a mask only for the prompts that pass the IoU filter and only for their chosen output.
+
+Equal to the transformers forward up to float rounding (tests/test_prompt_decoder.py); costs and
+speed in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -40,9 +47,156 @@ def attend(attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return attention.o_proj(out.transpose(-3, -2).flatten(-2))
 
 
+def _token_pixel_scores(
+    vectors: torch.Tensor, projection, pixels: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Dot products of per-head token vectors ``[B, P, h, T, d]`` with ``projection(pixels + positions)``
+    (pixels ``[B, 1 or P, N, C]``, positions ``[1 or B, N, C]``) -> ``[B * P, h * T, N]``. Per-prompt
+    pixels are not projected: ``v . (W p + b) = (W^T v) . p + v . b`` per head."""
+    batch, prompts, heads, tokens, _ = vectors.shape
+
+    def scores(projected: torch.Tensor) -> torch.Tensor:  # [1 or B, N, h * d] -> [B * P, h * T, N]
+        projected = projected.unflatten(-1, (heads, -1)).expand(batch, -1, -1, -1)
+        return torch.einsum("bphtd,bnhd->bphtn", vectors, projected).reshape(batch * prompts, heads * tokens, -1)
+
+    if pixels.shape[1] == 1:  # image-wide pixels: project them once
+        return scores(projection(pixels[:, 0] + positions))
+    weight = projection.weight.unflatten(0, (heads, -1))  # [h, d, C]
+    maps = torch.einsum("bphtd,hdc->bphtc", vectors, weight).reshape(batch * prompts, heads * tokens, -1)
+    return _baddbmm(scores(projection(positions)), maps, pixels.flatten(0, 1).transpose(1, 2))
+
+
+def _tokens_read_pixels(
+    attention, queries: torch.Tensor, pixels: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """``attention(queries, pixels + positions, pixels)``: tokens ``[B, P, T, C]`` read pixels
+    ``[B, 1 or P, N, C]`` (positions ``[1 or B, N, C]``) -> ``[B, P, T, C]``."""
+    if pixels.shape[1] == 1:  # image-wide pixels: project them once, as the first layer does
+        return attend(attention, queries, pixels + positions[:, None], pixels)
+    heads = attention.num_attention_heads
+    batch, prompts, tokens, _ = queries.shape
+    q = _split_heads(attention.q_proj(queries), heads) * attention.scaling  # [B, P, h, T, d]
+    weights = _token_pixel_scores(q, attention.k_proj, pixels, positions).softmax(dim=-1)  # [B * P, h * T, N]
+    read = (weights @ pixels.flatten(0, 1)).unflatten(1, (heads, tokens))  # [B * P, h, T, C]
+    value_weight = attention.v_proj.weight.unflatten(0, (heads, -1))  # [h, d, C]
+    out = torch.einsum("bhtc,hdc->bthd", read, value_weight) + attention.v_proj.bias.unflatten(0, (heads, -1))
+    return attention.o_proj(out.flatten(-2).unflatten(0, (batch, prompts)))
+
+
+def _pixels_read_tokens(
+    attention, pixels: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """``pixels + attention(pixels + positions, keys, values)``: pixels ``[B, 1 or P, N, C]``
+    (positions ``[1 or B, N, C]``) read tokens ``[B, P, T, C]`` -> ``[B, P, N, C]``."""
+    heads = attention.num_attention_heads
+    batch, prompts, tokens, channels = keys.shape
+    k = _split_heads(attention.k_proj(keys), heads) * attention.scaling  # [B, P, h, T, d]
+    v = _split_heads(attention.v_proj(values), heads)
+    scores = _token_pixel_scores(k, attention.q_proj, pixels, positions).unflatten(1, (heads, tokens))
+    weights = scores.softmax(dim=2).flatten(1, 2).transpose(1, 2)  # [B * P, N, h * T], softmax over each head's T
+    output_weight = attention.o_proj.weight.unflatten(1, (heads, -1))  # [C, h, d]
+    # each head's weights sum to 1, so o_proj's bias spreads evenly over the h * T token rows
+    value_maps = torch.einsum("bphtd,chd->bphtc", v, output_weight) + attention.o_proj.bias / heads
+    value_maps = value_maps.reshape(batch * prompts, heads * tokens, channels)
+    if pixels.shape[1] == 1:
+        return _add((weights @ value_maps).unflatten(0, (batch, prompts)), pixels)
+    return _baddbmm(pixels.flatten(0, 1), weights, value_maps).unflatten(0, (batch, prompts))
+
+
+def _two_way_transformer(
+    decoder, image: torch.Tensor, positional: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM2's two-way transformer -> output tokens ``[B, P, T, C]`` and pixels ``[B, P, hw, C]``."""
+    batch = image.shape[0]
+    prompts = sparse.shape[1]
+    output_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
+    prompt_tokens = torch.cat([output_tokens.expand(batch, prompts, -1, -1), sparse.to(output_tokens.dtype)], dim=2)
+    tokens = prompt_tokens  # [B, P, T, C]
+    pixels = (image + dense).flatten(2).transpose(1, 2)[:, None]  # [B, 1, hw, C] until the first layer's end
+    positions = positional.flatten(2).transpose(1, 2)  # [1 or B, hw, C]
+    transformer = decoder.transformer
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            tokens = attend(layer.self_attn, tokens, tokens, tokens)
+        else:
+            query = tokens + prompt_tokens
+            tokens = tokens + attend(layer.self_attn, query, query, tokens)
+        tokens = layer.layer_norm1(tokens)
+        read = _tokens_read_pixels(layer.cross_attn_token_to_image, tokens + prompt_tokens, pixels, positions)
+        tokens = layer.layer_norm2(tokens + read)
+        tokens = layer.layer_norm3(tokens + layer.mlp(tokens))
+        pixels = _pixels_read_tokens(layer.cross_attn_image_to_token, pixels, positions, tokens + prompt_tokens, tokens)
+        pixels = layer.layer_norm4(pixels)  # [B, P, hw, C] from here on
+    final = _tokens_read_pixels(transformer.final_attn_token_to_image, tokens + prompt_tokens, pixels, positions)
+    return transformer.layer_norm_final_attn(tokens + final), pixels
+
+
+def _multimask_heads(decoder, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output tokens ``[B, P, T, C]`` -> the three multimask outputs' predicted IoUs ``[B, P, 3]`` and
+    hypernetwork weights ``[B, P, 3, C/8]`` (output 0, the single mask, is not used)."""
+    mask_tokens = tokens[:, :, 3 : 2 + decoder.num_mask_tokens]
+    hypernetworks = decoder.output_hypernetworks_mlps[1:]
+    weights = torch.stack([mlp(mask_tokens[:, :, i]) for i, mlp in enumerate(hypernetworks)], dim=2)
+    return decoder.iou_prediction_head(tokens[:, :, 1])[..., 1:], weights
+
+
+def _blocked_skips(decoder, high_resolution: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skip levels ``([B, C/8, 4h, 4w], [B, C/4, 2h, 2w])`` plus the upscaling convs' biases, in the
+    order :func:`_masks` makes its pixels: coarse ``[B, hw, 4 * C/4]`` (pixel (2y + i, 2x + j) at
+    row y * w + x, columns (i, j, channel)) and fine ``[B, 4hw, 4 * C/8]`` likewise one level down."""
+    fine, coarse = high_resolution
+    batch, quarter, height, width = coarse.shape
+    height, width = height // 2, width // 2
+    coarse = coarse.view(batch, quarter, height, 2, width, 2).permute(0, 2, 4, 3, 5, 1)  # [B, y, x, i, j, c]
+    fine = fine.view(batch, -1, height, 2, 2, width, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)  # [B, y, x, i, j, k, l, c]
+    coarse = (coarse + decoder.upscale_conv1.bias).reshape(batch, height * width, -1)
+    return coarse, (fine + decoder.upscale_conv2.bias).reshape(batch, 4 * height * width, -1)
+
+
+def _masks(
+    decoder, pixels: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, weights: torch.Tensor, side: int
+) -> torch.Tensor:
+    """Upscale pixels ``[n, hw, C]`` of prompts of one image (its :func:`_blocked_skips` ``[hw, ...]``,
+    ``[4hw, ...]``) and dot them with hypernetwork weights ``[n, k, C/8]`` -> logits ``[n, k, 4h, 4w]``
+    (h = w = side). The two stride-2 transposed convolutions are matrix products whose output pixels
+    stay in block order until the final masks are reordered."""
+    upscaled = pixels @ decoder.upscale_conv1.weight.permute(0, 2, 3, 1).flatten(1)  # [n, hw, 4 * C/4]
+    norm = decoder.upscale_layer_norm  # channels-first in transformers; here the channels are last
+    upscaled = _add(upscaled, coarse).unflatten(-1, (4, -1))  # [n, hw, 4, C/4]
+    upscaled = _activate(decoder, F.layer_norm(upscaled, upscaled.shape[-1:], norm.weight, norm.bias, norm.eps))
+    upscaled = upscaled.flatten(1, 2) @ decoder.upscale_conv2.weight.permute(0, 2, 3, 1).flatten(1)
+    upscaled = _activate(decoder, _add(upscaled, fine)).unflatten(-1, (4, -1)).flatten(1, 2)  # [n, 16hw, C/8]
+    logits = weights @ upscaled.transpose(1, 2)  # [n, k, 16hw] in order (y, x, i, j, k, l)
+    logits = logits.unflatten(-1, (side, side, 2, 2, 2, 2)).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    return logits.reshape(*weights.shape[:2], 4 * side, 4 * side)
+
+
+def _activate(decoder, x: torch.Tensor) -> torch.Tensor:
+    """``decoder.activation(x)`` for a tensor ``x`` of this module's own, in place where it is a GELU
+    (no second large allocation: 20 % faster upscaling on CPU, fewer page faults)."""
+    activation = decoder.activation
+    if isinstance(activation, torch.nn.GELU):
+        return torch.ops.aten.gelu_(x, approximate=activation.approximate)
+    return activation(x)
+
+
+def _baddbmm(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x + a @ b`` (batched), in place in ``x`` unless autocast or the dtypes ask for a new tensor."""
+    if torch.is_autocast_enabled(x.device.type) or not x.dtype == a.dtype == b.dtype:
+        return torch.baddbmm(x, a, b)
+    return x.baddbmm_(a, b)
+
+
 def _add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + y`` (``y`` broadcast), in place where that keeps the dtype ``x + y`` would have."""
     return x.add_(y) if torch.result_type(x, y) == x.dtype else x + y
+
+
+def choose_outputs(iou: torch.Tensor, iou_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The method's best-of-three rule: predicted IoUs ``[B, P, 3]`` -> each prompt's highest IoU
+    ``[B, P]``, the output that has it ``[B, P]``, and whether that IoU exceeds ``iou_threshold`` ``[B, P]``."""
+    best_iou, best = iou.max(dim=2)
+    return best_iou, best, best_iou.float() > iou_threshold  # in float32 whatever the compute dtype
 
 
 def decode_multimask(
@@ -59,40 +213,36 @@ def decode_multimask(
     [B, C/4, 2h, 2w])``, sparse prompt embeddings ``[B, P, S, C]``, dense ``[B, C, h, w]`` ->
     mask logits ``[B, P, 3, 4h, 4w]`` and predicted IoUs ``[B, P, 3]``.
     """
-    batch, channels, height, width = image.shape
-    prompts = sparse.shape[1]
-    output_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
-    prompt_tokens = torch.cat([output_tokens.expand(batch, prompts, -1, -1), sparse.to(output_tokens.dtype)], dim=2)
-    tokens = prompt_tokens  # [B, P, T, C]
-    pixels = (image + dense).flatten(2).transpose(1, 2)[:, None]  # [B, 1, hw, C] until the first layer's end
-    pixel_positions = positional.flatten(2).transpose(1, 2)[:, None]
-    transformer = decoder.transformer
-    for layer in transformer.layers:
-        if layer.skip_first_layer_pe:
-            tokens = attend(layer.self_attn, tokens, tokens, tokens)
-        else:
-            query = tokens + prompt_tokens
-            tokens = tokens + attend(layer.self_attn, query, query, tokens)
-        tokens = layer.layer_norm1(tokens)
-        keys = pixels + pixel_positions
-        tokens = layer.layer_norm2(
-            tokens + attend(layer.cross_attn_token_to_image, tokens + prompt_tokens, keys, pixels)
-        )
-        tokens = layer.layer_norm3(tokens + layer.mlp(tokens))
-        image_update = attend(layer.cross_attn_image_to_token, keys, tokens + prompt_tokens, tokens)
-        pixels = layer.layer_norm4(pixels + image_update)  # [B, P, hw, C] from here on
-    final = attend(transformer.final_attn_token_to_image, tokens + prompt_tokens, pixels + pixel_positions, pixels)
-    tokens = transformer.layer_norm_final_attn(tokens + final)
+    tokens, pixels = _two_way_transformer(decoder, image, positional, sparse, dense)
+    iou, weights = _multimask_heads(decoder, tokens)
+    coarse, fine = _blocked_skips(decoder, high_resolution)
+    side = image.shape[-1]
+    logits = [_masks(decoder, *per_image, side) for per_image in zip(pixels, coarse, fine, weights)]
+    return torch.stack(logits), iou
 
-    skip_fine, skip_coarse = high_resolution
-    per_prompt = pixels.reshape(batch * prompts, height, width, channels).permute(0, 3, 1, 2)  # channels-last view
-    upscaled = _add(decoder.upscale_conv1(per_prompt).unflatten(0, (batch, prompts)), skip_coarse[:, None])
-    upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled.flatten(0, 1)))
-    upscaled = _add(decoder.upscale_conv2(upscaled).unflatten(0, (batch, prompts)), skip_fine[:, None])
-    upscaled = decoder.activation(upscaled)  # [B, P, C/8, 4h, 4w]
-    mask_tokens = tokens[:, :, 3 : 2 + decoder.num_mask_tokens]  # the three multimask tokens (0 is single-mask)
-    hypernetworks = decoder.output_hypernetworks_mlps[1:]
-    weights = torch.stack([mlp(mask_tokens[:, :, i]) for i, mlp in enumerate(hypernetworks)], dim=2)  # [B, P, 3, C/8]
-    logits = (weights @ upscaled.flatten(-2)).unflatten(-1, upscaled.shape[-2:])
-    iou = decoder.iou_prediction_head(tokens[:, :, 1])[..., 1:]
-    return logits, iou
+
+def decode_best(
+    decoder,
+    image: torch.Tensor,
+    positional: torch.Tensor,
+    high_resolution: tuple[torch.Tensor, torch.Tensor],
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    iou_threshold: float,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`decode_multimask` followed by :func:`choose_outputs`, with only the chosen output of the
+    prompts that pass upscaled: inputs as there -> per image, the chosen logits ``[n, 4h, 4w]`` and IoUs
+    ``[n]`` of its n passing prompts, in prompt order. One host sync per call (the pass counts)."""
+    tokens, pixels = _two_way_transformer(decoder, image, positional, sparse, dense)
+    iou, weights = _multimask_heads(decoder, tokens)
+    best_iou, best, keep = choose_outputs(iou, iou_threshold)
+    weights = weights.gather(2, best[:, :, None, None].expand(-1, -1, 1, weights.shape[-1]))  # [B, P, 1, C/8]
+    coarse, fine = _blocked_skips(decoder, high_resolution)
+    side = image.shape[-1]
+    chosen = []
+    for index, count in enumerate(keep.sum(dim=1).tolist()):
+        # the passing prompts in order, without a second sync (a stable sort puts them first; any device)
+        rows = keep[index].int().argsort(descending=True, stable=True)[:count] if count < keep.shape[1] else slice(None)
+        logits = _masks(decoder, pixels[index, rows], coarse[index], fine[index], weights[index, rows], side)
+        chosen.append((logits[:, 0], best_iou[index, rows]))
+    return chosen

@@ -8,6 +8,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from .models import PromptSegmenter
+from .prompt_decoder import choose_outputs
 
 
 @dataclass
@@ -37,7 +38,8 @@ def propose(
     iou_threshold: float,
 ) -> list[Candidates]:
     """Decode every point prompt for each image of the batch; keep, per prompt, the one of SAM2's three
-    outputs with the highest predicted IoU, and only if that IoU exceeds ``iou_threshold``.
+    outputs with the highest predicted IoU, and only if that IoU exceeds ``iou_threshold``
+    (:func:`best_of_three`, computed by the segmenter so that it can skip what is dropped).
 
     points ``[P, 2]`` in frame pixels -> one :class:`Candidates` per image (all prompts decoded,
     including a last partial batch).
@@ -45,16 +47,24 @@ def propose(
     kept_logits: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     kept_iou: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     for start in range(0, points.shape[0], prompt_batch_size):
-        chunk = points[start : start + prompt_batch_size]
-        logits, iou = segmenter.segment_points(features, chunk[None].expand(batch_size, -1, -1))  # [B,p,3,m,m], [B,p,3]
-        best_iou, best = iou.max(dim=2)  # [B, p]
-        index = best[:, :, None, None, None].expand(-1, -1, 1, *logits.shape[-2:])
-        best_logits = logits.gather(2, index)[:, :, 0]  # [B, p, m, m]
-        keep = best_iou > iou_threshold
-        for image in range(batch_size):
-            kept_logits[image].append(best_logits[image][keep[image]])
-            kept_iou[image].append(best_iou[image][keep[image]])
+        chunk = points[start : start + prompt_batch_size][None].expand(batch_size, -1, -1)
+        for image, (logits, iou) in enumerate(segmenter.segment_best_points(features, chunk, iou_threshold)):
+            kept_logits[image].append(logits)
+            kept_iou[image].append(iou)
     return [Candidates(torch.cat(logits), torch.cat(iou)) for logits, iou in zip(kept_logits, kept_iou)]
+
+
+def best_of_three(
+    logits: torch.Tensor, iou: torch.Tensor, iou_threshold: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The method's choice among SAM2's three outputs of each prompt, for segmenters that compute
+    them all: logits ``[B, P, 3, m, m]``, predicted IoUs ``[B, P, 3]`` -> per image, the logits
+    ``[n, m, m]`` and IoU ``[n]`` of the output with the highest predicted IoU, for the n prompts
+    where that IoU exceeds ``iou_threshold``, in prompt order."""
+    best_iou, best, keep = choose_outputs(iou, iou_threshold)
+    index = best[:, :, None, None, None].expand(-1, -1, 1, *logits.shape[-2:])
+    best_logits = logits.gather(2, index)[:, :, 0]  # [B, P, m, m]
+    return [(chosen[passed], ious[passed]) for chosen, ious, passed in zip(best_logits, best_iou, keep)]
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:

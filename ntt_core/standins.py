@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .proposals import best_of_three
+
 
 def _fingerprint(*values) -> str:
     return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
@@ -198,6 +200,12 @@ class ConnectedRegionSegmenter:
             logits.append(variants[index[:, None], order])  # [P, 3, m, m]
             ious.append(scores[index[:, None], order])
         return torch.stack(logits), torch.stack(ious)
+
+    def segment_best_points(
+        self, features: RegionFeatures, points: torch.Tensor, iou_threshold: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`segment_points` followed by :func:`~ntt_core.proposals.best_of_three`."""
+        return best_of_three(*self.segment_points(features, points), iou_threshold)
 
     def _outputs(self, labels: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """Labels ``[S, S]``, region indices ``[U]`` -> logits ``[U, 3, m, m]`` of the region, the

@@ -112,23 +112,33 @@ def test_random_dinov2_architectures_are_metas_official_sizes(size):
     assert count == sum(p.numel() for p in vit.parameters())
 
 
-def test_decoder_benchmark_times_both_decoders_on_the_same_inputs(monkeypatch, capsys):
-    """benchmarks/decoder.py: its JSON contract, and both decoders' outputs agree (tiny config)."""
+def test_decoder_benchmark_times_every_decoder_on_the_same_inputs(monkeypatch, capsys):
+    """benchmarks/decoder.py: its JSON contract, the forced pass rates, and this tree's kept masks agree
+    with transformers' after best-of-three and the filter (tiny config; the baseline is this commit's)."""
     from tiny_models import tiny_sam2_config
 
     decoder = _load("decoder")
     monkeypatch.setattr(decoder, "sam2_config", lambda arch: tiny_sam2_config())
-    assert decoder.main(["--device", "cpu", "--prompts", "5", "--images", "2", "--repeats", "1", "--json"]) == 0
+    argv = ["--device", "cpu", "--prompts", "5", "--images", "2", "--repeats", "1", "--baseline", "HEAD", "--json"]
+    assert decoder.main([*argv, "--pass-rates", "100", "50", "0"]) == 0
     report = _last_json(capsys)
     assert (report["images"], report["prompts"], report["dtype"], report["weights"]) == (2, 5, "float32", "random")
-    assert set(report["decoders"]) == {"transformers", "ours"}
-    for figures in report["decoders"].values():
-        assert figures["prompts_per_s"] == pytest.approx(10 / figures["median_s"])
-        assert figures["peak_mb"] is None or figures["peak_mb_per_prompt"] == pytest.approx(figures["peak_mb"] / 10)
-    medians = [report["decoders"][name]["median_s"] for name in ("transformers", "ours")]
-    assert report["speedup"] == pytest.approx(medians[0] / medians[1])
-    assert report["max_abs_logit"] > 0
-    assert report["max_abs_logit_difference"] <= 1e-5 * max(1.0, report["max_abs_logit"])
+    assert [row["pass_rate"] for row in report["rows"]] == [1.0, 0.5, 0.0]
+    assert [row["passed"] for row in report["rows"]] == [10, 5, 0]
+    for row in report["rows"]:
+        assert set(row["decoders"]) == {"transformers", "baseline", "ours"}
+        for figures in row["decoders"].values():
+            assert figures["prompts_per_s"] == pytest.approx(10 / figures["median_s"])
+            assert figures["gflops_per_prompt"] > 0
+            assert figures["peak_mb"] is None or figures["peak_mb_per_prompt"] == pytest.approx(figures["peak_mb"] / 10)
+        medians = {name: figures["median_s"] for name, figures in row["decoders"].items()}
+        assert row["speedup"] == pytest.approx(medians["transformers"] / medians["ours"])
+        assert row["speedup_vs_baseline"] == pytest.approx(medians["baseline"] / medians["ours"])
+        assert row["max_abs_logit_difference"] <= 1e-5 * max(1.0, row["max_abs_logit"])
+    assert report["rows"][0]["max_abs_logit"] > 0
+    flops = [row["decoders"]["ours"]["gflops_per_prompt"] for row in report["rows"]]
+    assert flops[0] > flops[1] > flops[2]  # masks are made only for the prompts that pass
+    assert report["decoders"] == report["rows"][0]["decoders"]
 
 
 def _check_speed_report(report: dict, images: int) -> None:
@@ -156,7 +166,9 @@ def test_speed_random_weights(monkeypatch, capsys):
         "--image-size",
         "64x48",
         "--points-per-side",
-        "1",
+        "2",
+        "--prompt-batch-size",
+        "3",
         "--classes",
         "2",
         "--shots",
@@ -171,12 +183,39 @@ def test_speed_random_weights(monkeypatch, capsys):
     assert report["weights"] == "random"
     assert {m["weights"] for m in report["models"].values()} == {"random"}
     assert report["models"]["sam2"]["source"] == "sam2-tiny"
-    assert report["dtype"] == "float32" and report["prompts"] == 1
+    assert report["dtype"] == "float32" and report["prompts"] == 4
     assert report["image_size"] == {"height": 48, "width": 64}
     candidates = report["candidates"]
     assert candidates["proposed"] == 5
     assert candidates["output"] <= candidates["after_nms"] <= 5
     assert report["full_size_masks_mb"] == pytest.approx(candidates["after_nms"] * 48 * 64 / 2**20)
+    cost = report["cost"]  # one more image, counted: 4 prompts decoded 3 + 1
+    assert set(cost["flops_per_image"]) == set(cost["sync_calls_per_image"]) == STAGES - {"other"}
+    for stage in ("sam2_encoder", "dinov2_encoder", "prompt_decoding"):
+        assert cost["flops_per_image"][stage] > 0
+    assert cost["gflops_per_image"] == pytest.approx(sum(cost["flops_per_image"].values()) / 1e9)
+    assert cost["prompt_batches"] == 2
+    assert cost["sync_calls_per_image"]["prompt_decoding"] == 2  # the pass counts, once per prompt batch
+    assert cost["sync_calls_per_image"]["sam2_encoder"] == cost["sync_calls_per_image"]["dinov2_encoder"] == 0
+    assert cost["largest_tensors"]["prompt_decoding"][0]["mib"] > 0
+    assert cost["h100_compute_bound_s_per_image"] == pytest.approx(
+        cost["gflops_per_image"] * 1e9 / (cost["h100_peak_tflops"] * 1e12)
+    )
+
+
+def test_sync_counter_counts_the_calls_that_wait_for_a_device():
+    speed = _load("speed")
+    x = torch.arange(6.0)
+    counter = speed.SyncCounter()
+    with counter:
+        x[x > 2]  # boolean mask
+        x[1:3] + x[torch.tensor([0, 1])]  # slices and integer indices: no wait
+        x.sum().item()
+        x.tolist()
+        (x > 2).nonzero_static(size=3)  # a fixed output size: no wait
+        bool(x.any())
+    assert counter.kinds == {"boolean mask": 1, "item": 1, "tolist": 1, "__bool__": 1}
+    assert counter.total == 4
 
 
 def test_speed_draws_large_scenes_small_and_enlarges_them(tmp_path, monkeypatch):

@@ -113,11 +113,11 @@ def test_default_prompt_batch_is_the_papers_on_an_accelerator_and_64_on_cpu(pred
     assert Settings(prompt_batch_size=7).prompt_batch("cuda") == Settings(prompt_batch_size=7).prompt_batch("cpu") == 7
     segmenter, decoded = predictor.segmenter, []
 
-    def counting(features, points):
+    def counting(features, points, iou_threshold):
         decoded.append(points.shape[1])
-        return type(segmenter).segment_points(segmenter, features, points)
+        return type(segmenter).segment_best_points(segmenter, features, points, iou_threshold)
 
-    monkeypatch.setattr(segmenter, "segment_points", counting)
+    monkeypatch.setattr(segmenter, "segment_best_points", counting)
     settings = SETTINGS.replace(points_per_side=9, prompt_batch_size=None)  # 81 prompts on this CPU predictor
     Predictor(segmenter, predictor.encoder, predictor.bank, settings).predict(images()[:1])
     assert decoded == [64, 17]

@@ -3,7 +3,7 @@
 import torch
 from torchvision.ops import masks_to_boxes
 
-from ntt_core.proposals import class_nms, mask_boxes, point_grid, propose
+from ntt_core.proposals import best_of_three, class_nms, mask_boxes, point_grid, propose
 
 
 def test_point_grid_is_linspace_plus_half_pixel():
@@ -34,6 +34,9 @@ class RecordingSegmenter:
         if len(self.seen) == 1:
             iou[0, 1, :] = 0.4  # prompt 1 of image 0: best IoU exactly 0.4 -> dropped (<= threshold)
         return logits, iou
+
+    def segment_best_points(self, features, points, iou_threshold):
+        return best_of_three(*self.segment_points(features, points), iou_threshold)
 
 
 def test_propose_decodes_every_prompt_including_the_remainder_and_filters():
