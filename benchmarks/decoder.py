@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not ins
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import (
+    BenchmarkError,
     _positive,
     _status_mb,
     add_device_options,
