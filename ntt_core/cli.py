@@ -391,7 +391,7 @@ def run_predict(args: argparse.Namespace) -> int:
     :mod:`ntt_core.journal`); the results (and targets) files are written from it at the end."""
     from tqdm import tqdm
 
-    from .journal import Journal, journal_path
+    from .journal import Journal, check_resumable, journal_path
     from .memory_bank import MANIFEST_NAME, MemoryBank
     from .predictor import Predictor
     from .settings import MEMORY_ONLY
@@ -426,19 +426,23 @@ def run_predict(args: argparse.Namespace) -> int:
         raise CocoFormatError(f"{args.targets or args.images}: no images to segment")
 
     settings = _settings(args)
-    device = _device(args.device)
-    segmenter = _segmenter(args, device, settings)
-    encoder = _encoder(args, device, settings.encoder_size or bank.encoder_input_size)
-    predictor = Predictor(segmenter, encoder, bank, settings)
-
-    run = {
+    run = {  # what a resumed run must share with the interrupted one; the models' part once loaded
         "bank": hashlib.sha256((args.memory / MANIFEST_NAME).read_bytes()).hexdigest(),
-        "segmenter": segmenter.fingerprint,
-        "encoder": encoder.fingerprint,
         "settings": {name: value for name, value in settings.to_dict().items() if name not in MEMORY_ONLY},
         "images": [str(args.images.resolve()), images],
         "category_ids": category_ids,
     }
+    if resuming:
+        check_resumable(journal_file, run)  # before the models load
+    device = _device(args.device)
+    segmenter = _segmenter(args, device, settings)
+    encoder = _encoder(args, device, settings.encoder_size or bank.encoder_input_size)
+    predictor = Predictor(segmenter, encoder, bank, settings)
+    run.update(
+        segmenter=segmenter.fingerprint,
+        encoder=encoder.fingerprint,
+        dtype=[str(segmenter.dtype), str(encoder.dtype)],  # bfloat16 results differ from float32 ones
+    )
     journal = Journal.resume(journal_file, run) if resuming else Journal.create(journal_file, run)
     if resuming:
         tqdm.write(f"ntt: resuming: {len(journal.records)} of {len(images)} images already done", file=sys.stderr)
