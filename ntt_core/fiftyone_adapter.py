@@ -656,8 +656,9 @@ def segment_by_reference(
     Each batch is written as soon as it is done, one atomic update per sample, so a run that
     dies keeps its finished samples; re-running with ``skip_existing=True`` finishes the rest
     (only samples whose field is still empty are processed). Unreadable images stay empty and
-    are reported. ``should_stop`` is asked before each batch; when it says so the run stops with
-    an error (a delegated shard whose operation was marked failed). Returns ``{"field",
+    are reported. ``should_stop`` is asked before each batch is written (one call a batch); when it
+    says so the run stops with an error, writing nothing more (a delegated shard whose operation
+    was marked failed). Returns ``{"field",
     "processed", "instances", "skipped_existing", "failed", "note"}``.
     """
     from .predictor import Predictor
@@ -685,11 +686,6 @@ def segment_by_reference(
         "note": note,
     }
     for start in range(0, len(ids), batch_size):
-        if should_stop is not None and should_stop():
-            raise FiftyOneAdapterError(
-                f"stopped after {start} of {len(ids)} samples: this run's operation is no longer running "
-                f"(marked failed or taken over); the finished samples are saved in '{pred_field}'"
-            )
         batch_ids, batch_paths = ids[start : start + batch_size], paths[start : start + batch_size]
         try:
             results = predictor.predict_paths(batch_paths)
@@ -699,6 +695,11 @@ def segment_by_reference(
                 f"The finished samples are saved "
                 f"in '{pred_field}'; run again with skip_existing to finish the rest"
             ) from error
+        if should_stop is not None and should_stop():  # asked just before writing: a failed shard writes nothing more
+            raise FiftyOneAdapterError(
+                f"stopped after {start} of {len(ids)} samples: this run's operation is no longer running "
+                f"(marked failed or taken over); the finished samples are saved in '{pred_field}'"
+            )
         values = {}
         for sample_id, result in zip(batch_ids, results):
             if isinstance(result, Exception):

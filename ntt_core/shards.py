@@ -4,8 +4,8 @@ A sharded *Segment by reference* is N+1 delegated operations: the planning one (
 field and queues the shards) and one per shard, each over fixed sample ids. A running shard
 reports its progress after every batch; FiftyOne stores it with its time, which is the shard's
 heartbeat: a RUNNING shard whose heartbeat is old is stale (its worker died). A shard whose
-operation was marked failed (``fiftyone delegated fail``) stops before its next batch, so a
-re-run copy and the old worker never write the same samples.
+operation was marked failed (``fiftyone delegated fail``) writes nothing more (it asks before
+writing each batch), so a re-run copy and the old worker never write the same samples.
 """
 
 from __future__ import annotations
