@@ -578,6 +578,11 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
     exists = check_output_field(dataset, name, overwrite=overwrite, skip_existing=skip_existing)
     if name == record.get("gt_field"):
         raise FiftyOneAdapterError(f"'{name}' is the memory bank's ground-truth field: it is never written")
+    if exists and overwrite and prediction_record(dataset, name) is None:
+        raise FiftyOneAdapterError(
+            f"field '{name}' was not written by segment-by-reference (no run record): it may be ground truth, "
+            "so it is never overwritten; choose another field"
+        )
     key = prediction_run_key(name)
     if exists and not overwrite:
         existing = prediction_record(dataset, name)

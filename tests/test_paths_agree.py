@@ -70,6 +70,30 @@ def test_no_way_of_writing_predictions_modifies_ground_truth(dataset):
     assert {field: field_documents(dataset, field) for field in ("gt", "truth")} == snapshot
 
 
+@pytest.mark.bad_input
+def test_a_field_not_written_by_us_is_never_overwritten(dataset):
+    """Ground truth that no bank or evaluation names yet (a bank imported from a folder records no field)."""
+    models = ConnectedRegionSegmenter(), ColourStatsEncoder()
+    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    dataset.clone_sample_field("gt", "labels")
+    snapshot = field_documents(dataset, "labels")
+    message = (
+        "field 'labels' was not written by segment-by-reference (no run record): it may be ground truth, "
+        "so it is never overwritten; choose another field"
+    )
+    writers = (
+        lambda: fa.segment_by_reference(dataset, "bank", "labels", *models, settings=SETTINGS, overwrite=True),
+        lambda: fa.start_sharded_prediction(dataset, "bank", "labels", *models, 2, overwrite=True),
+        lambda: fa.apply_reference_model(dataset, "bank", "labels", *models, settings=SETTINGS, overwrite=True),
+    )
+    for write in writers:
+        with pytest.raises(fa.FiftyOneAdapterError, match=f"^{re.escape(message)}$"):
+            write()
+    assert field_documents(dataset, "labels") == snapshot
+    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS, overwrite=True)  # ours: replaced
+
+
 def test_apply_reference_model_writes_what_the_operator_path_writes(dataset):
     models = ConnectedRegionSegmenter(), ColourStatsEncoder()
     fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
