@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_cli import TINY, build_one_shot_bank, error_line, folder, models, run  # noqa: F401 (folder: a fixture)
+from test_cli import TINY, build_one_shot_bank, error_line, models, run
 
 from ntt_core import cli
 from ntt_core import journal as journal_module
