@@ -248,3 +248,17 @@ def test_form_counts_accept_one(dataset, models):
         assert not props["max_per_class"].invalid
     props = inputs_of("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=-2))
     assert props["max_per_class"].error_message == "max_per_class must be at least 1, got -2"
+
+
+def test_one_line_is_the_message_of_the_last_exception_of_a_traceback():
+    from plugin.common import one_line
+
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "a.py", line 1, in <module>\n'
+        "    run()\n"
+        "ntt_core.fiftyone_adapter.FiftyOneAdapterError: field 'x' already exists\n"
+    )
+    assert one_line(traceback) == "field 'x' already exists"
+    assert one_line("Traceback (most recent call last):\nKeyError: 'x'") == "'x'"  # no frame: still one line
+    assert one_line("Value must be at least 1") == "Value must be at least 1"  # FiftyOne's own: kept
