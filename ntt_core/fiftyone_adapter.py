@@ -39,7 +39,7 @@ PREDICTION_RUN_PREFIX = "ntt_predictions_"
 REFERENCE_MODES = ("label_tag", "sample_tag", "label_ids")
 DEFAULT_REFERENCE_TAG = "reference"
 #: Keys of a prediction record that must agree before ``skip_existing`` may resume a field.
-RECORD_MATCH_KEYS = ("bank_key", "bank_sha256", "segmenter_fingerprint", "encoder_fingerprint", "settings")
+RECORD_MATCH_KEYS = ("bank_key", "bank_sha256", "segmenter_fingerprint", "encoder_fingerprint", "dtype", "settings")
 #: pycocotools figures stored on an evaluation as custom metrics (key -> (iou type, metric)).
 PYCOCOTOOLS_METRICS = {"pycocotools_segm_AP": ("segm", "AP"), "pycocotools_bbox_AP": ("bbox", "AP")}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -563,6 +563,7 @@ def make_prediction_record(dataset, field_name: str, bank_key: str, segmenter, e
         "segmenter_fingerprint": segmenter.fingerprint,
         "encoder_id": encoder.model_id,
         "encoder_fingerprint": encoder.fingerprint,
+        "dtype": [str(getattr(model, "dtype", None)) for model in (segmenter, encoder)],  # bfloat16 is not float32
         "settings": settings.to_dict(),
     }
 

@@ -262,3 +262,15 @@ def test_one_line_is_the_message_of_the_last_exception_of_a_traceback():
     assert one_line(traceback) == "field 'x' already exists"
     assert one_line("Traceback (most recent call last):\nKeyError: 'x'") == "'x'"  # no frame: still one line
     assert one_line("Value must be at least 1") == "Value must be at least 1"  # FiftyOne's own: kept
+
+
+@pytest.mark.bad_input
+def test_resuming_a_field_in_another_dtype_is_refused(dataset, models):
+    float32 = fa.load_models(models["sam2"], models["dinov2"], device="cpu", dtype="float32")
+    bfloat16 = fa.load_models(models["sam2"], models["dinov2"], device="cpu", dtype="bfloat16")
+    fa.build_dataset_memory_bank(dataset, "bank", "gt", *float32)
+    fa.segment_by_reference(dataset.limit(1), "bank", "pred", *float32, settings=Settings(**FAST))
+    with pytest.raises(fa.FiftyOneAdapterError, match="written with a different dtype: resuming would mix results"):
+        fa.segment_by_reference(dataset, "bank", "pred", *bfloat16, settings=Settings(**FAST), skip_existing=True)
+    report = fa.segment_by_reference(dataset, "bank", "pred", *float32, settings=Settings(**FAST), skip_existing=True)
+    assert report["skipped_existing"] == 1 and report["processed"] == len(dataset) - 1
