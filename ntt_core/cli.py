@@ -401,7 +401,8 @@ def run_predict(args: argparse.Namespace) -> int:
     resuming = args.resume and journal_file.is_file()
     outputs = [("--out", args.out), ("the targets file", targets_path)]
     check_outputs([(what, path) for what, path in outputs if path is not None], args.overwrite or resuming)
-    check_outputs([("the journal", journal_file)], True)
+    partials = [("a temporary file", path.with_name(path.name + ".partial")) for _, path in outputs if path is not None]
+    check_outputs([("the journal", journal_file), *partials], True)  # ours: replaced, unless a folder is there
     if journal_file.exists() and not (args.resume or args.overwrite):
         raise CliError(
             f"{journal_file}: an interrupted run into {args.out} exists: add --resume to finish it "

@@ -127,7 +127,9 @@ def test_existing_or_unwritable_outputs_are_refused_before_any_compute(folder, t
     (tmp_path / "s_targets.json").write_text("{}")
     (tmp_path / "folder.json").mkdir()
     (tmp_path / "file").write_text("")
+    (tmp_path / "p.json.partial").mkdir()  # where the results are written before taking their name
     cases = [
+        ("p.json", f"a temporary file {tmp_path / 'p.json.partial'} is a folder: give a file name"),
         ("r.json", f"--out {tmp_path / 'r.json'} exists: add --overwrite to replace it"),
         ("s.json", f"the targets file {tmp_path / 's_targets.json'} exists: add --overwrite to replace it"),
         ("folder.json", f"--out {tmp_path / 'folder.json'} is a folder: give a file name"),
