@@ -568,6 +568,18 @@ def make_prediction_record(dataset, field_name: str, bank_key: str, segmenter, e
     }
 
 
+def check_prediction_field(dataset, name: str, overwrite: bool = False, skip_existing: bool = False) -> bool:
+    """:func:`check_output_field` for predictions: an existing field is overwritten only if this tool
+    wrote it (it has a run record); any other may be ground truth that no bank or evaluation names yet."""
+    exists = check_output_field(dataset, name, overwrite=overwrite, skip_existing=skip_existing)
+    if exists and overwrite and prediction_record(dataset, name) is None:
+        raise FiftyOneAdapterError(
+            f"field '{name}' was not written by segment-by-reference (no run record): it may be ground truth, "
+            "so it is never overwritten; choose another field"
+        )
+    return exists
+
+
 def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, skip_existing: bool = False) -> None:
     """Create the prediction field and its run record, or check an existing one.
 
@@ -576,14 +588,9 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
     """
     dataset = dataset._root_dataset
     name = record["pred_field"]
-    exists = check_output_field(dataset, name, overwrite=overwrite, skip_existing=skip_existing)
+    exists = check_prediction_field(dataset, name, overwrite=overwrite, skip_existing=skip_existing)
     if name == record.get("gt_field"):
         raise FiftyOneAdapterError(f"'{name}' is the memory bank's ground-truth field: it is never written")
-    if exists and overwrite and prediction_record(dataset, name) is None:
-        raise FiftyOneAdapterError(
-            f"field '{name}' was not written by segment-by-reference (no run record): it may be ground truth, "
-            "so it is never overwritten; choose another field"
-        )
     key = prediction_run_key(name)
     if exists and not overwrite:
         existing = prediction_record(dataset, name)
@@ -675,7 +682,7 @@ def segment_by_reference(
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
-    check_output_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
+    check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     bank = load_memory_bank(dataset, bank_key)
     predictor = Predictor(segmenter, encoder, bank, settings=settings)
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
@@ -747,7 +754,7 @@ def start_sharded_prediction(
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
     _check_shard_count(num_shards)
     skip_existing = skip_existing or (planning_unfinished(dataset, pred_field) and not overwrite)
-    check_output_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
+    check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     load_memory_bank(dataset, bank_key).check_encoder(encoder)
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
     prepare_prediction_field(dataset, {**record, "planning": True}, overwrite=overwrite, skip_existing=skip_existing)
@@ -854,7 +861,7 @@ def apply_reference_model(
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
-    check_output_field(dataset, label_field, overwrite=overwrite)
+    check_prediction_field(dataset, label_field, overwrite=overwrite)
     model = reference_model(dataset, bank_key, segmenter, encoder, settings=settings)  # checks the encoder
     record = make_prediction_record(dataset, label_field, bank_key, segmenter, encoder, settings)
     prepare_prediction_field(dataset, record, overwrite=overwrite)

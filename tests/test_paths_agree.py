@@ -116,6 +116,11 @@ def test_the_operators_refuse_ground_truth_on_every_route(dataset, models):
     with pytest.raises(ExecutionError, match="Path: out_field. Reason: 'gt' is a ground-truth field"):
         run_operator("boxes_to_masks", dataset, dict(in_field="gt", out_field="gt", overwrite=True, **models))
     assert field_documents(dataset, "gt") == before
+    dataset.clone_sample_field("gt", "labels")  # ground truth no bank or evaluation names: a form error too
+    with pytest.raises(ExecutionError, match="Path: pred_field. Reason: field 'labels' was not written by segment-by"):
+        params = dict(bank_key="references", pred_field="labels", overwrite=True, **FAST, **models)
+        run_operator("segment_by_reference", dataset, params)
+    assert field_documents(dataset, "labels") == field_documents(dataset, "gt")
 
 
 # --- 4. one rule per input ---
