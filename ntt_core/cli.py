@@ -190,15 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument(
         "--overwrite", action="store_true", help="replace existing results (and an interrupted run's journal)"
     )
-    predict.add_argument("--batch-size", default=1, type=_positive_int, help="images per forward pass")
+    predict.add_argument("--batch-size", default=1, type=count_option("batch_size"), help="images per forward pass")
     _add_model_options(predict)
     for option, kind, text in (
-        ("--points-per-side", _positive_int, "point-prompt grid side"),
-        ("--prompt-batch-size", _positive_int, "point prompts decoded at once (default: 256 on a GPU, 64 on CPU)"),
+        ("--points-per-side", count_option("points_per_side"), "point-prompt grid side"),
+        (
+            "--prompt-batch-size",
+            count_option("prompt_batch_size"),
+            "point prompts decoded at once (default: 256 on a GPU, 64 on CPU)",
+        ),
         ("--sam-iou-threshold", _fraction, "drop candidates whose SAM2 predicted IoU is at or below this"),
         ("--nms-iou-threshold", _fraction, "box NMS IoU"),
-        ("--pre-merge-keep", _positive_int, "candidates kept after NMS"),
-        ("--max-detections", _positive_int, "instances kept per image"),
+        ("--pre-merge-keep", count_option("pre_merge_keep"), "candidates kept after NMS"),
+        ("--max-detections", count_option("max_detections"), "instances kept per image"),
         ("--score-threshold", _fraction, "drop instances scoring below this"),
     ):
         predict.add_argument(option, type=kind, default=getattr(PAPER, option[2:].replace("-", "_")), help=text)
@@ -258,20 +262,23 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="compute dtype (auto: float32, as the authors ran; bfloat16 is faster on GPUs, unmeasured for accuracy)",
     )
     group.add_argument(
-        "--encoder-size", type=_positive_int, help="DINOv2 input side in pixels (default: the model's, 518)"
+        "--encoder-size",
+        type=count_option("encoder_size"),
+        help="DINOv2 input side in pixels (default: the model's, 518)",
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
+def count_option(name: str):
+    """An argparse type for a count of at least 1: the library's rule (:func:`ntt_core.input_rules.check_count`)
+    with its message about ``name``, the parameter's name in the Python API and the App's forms."""
+
+    def count(text: str) -> int:
+        return _ruled(lambda value: check_count(value, name), text)
+
+    return count
 
 
-def shots_option(text: str) -> int:
-    """``--shots``: the library's rule (:func:`ntt_core.input_rules.check_count`), as an argparse type."""
-    return _ruled(lambda value: check_count(value, "shots"), text)
+shots_option = count_option("shots")
 
 
 def seed_option(text: str) -> int:

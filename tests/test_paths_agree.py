@@ -178,6 +178,13 @@ def test_counts_have_one_bound_and_one_wording_on_every_path(dataset, models, ca
         run_operator("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=0, **models))
     report = run_operator("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=1, **models)).result
     assert set(report["report"]["counts"].values()) == {1}  # 1 is a valid number of shots
+    for option in ("batch-size", "max-detections", "points-per-side"):  # the CLI's words are the forms' words
+        name = option.replace("-", "_")
+        with pytest.raises(SystemExit):
+            main(["predict", "--memory", "b", "--images", "i", "--out", "r.json", f"--{option}", "0"])
+        assert f"argument --{option}: {name} must be at least 1, got 0" in capsys.readouterr().err
+        with pytest.raises(ExecutionError, match=f"Path: {name}. Reason: {name} must be at least 1, got 0$"):
+            run_operator("segment_by_reference", dataset, dict(bank_key="references", **{**FAST, name: 0}, **models))
 
 
 @pytest.mark.bad_input
