@@ -752,7 +752,7 @@ def start_sharded_prediction(
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
-    _check_shard_count(num_shards)
+    check_count(num_shards, "num_shards")
     skip_existing = skip_existing or (planning_unfinished(dataset, pred_field) and not overwrite)
     check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     load_memory_bank(dataset, bank_key).check_encoder(encoder)
@@ -776,14 +776,10 @@ def finish_planning(dataset, pred_field: str) -> None:
         dataset.register_run(prediction_run_key(pred_field), config, overwrite=True)
 
 
-def _check_shard_count(num_shards: int) -> None:
-    check_count(num_shards, "num_shards")
-
-
 def plan_shards(samples, pred_field: str, num_shards: int) -> list[list[str]]:
     """Split the samples of ``samples`` still lacking ``pred_field`` into up to ``num_shards``
     contiguous lists of sample ids (none empty)."""
-    _check_shard_count(num_shards)
+    check_count(num_shards, "num_shards")
     samples, _ = image_collection(samples)
     todo = samples.exists(pred_field, False) if samples.has_field(pred_field) else samples
     ids = todo.values("id")
