@@ -67,6 +67,16 @@ def live_shard_sample_ids(dataset_name: str, pred_field: str) -> set[str]:
     return {i for row in shard_operations(dataset_name, pred_field) if row["state"] in live for i in row["sample_ids"]}
 
 
+def check_no_live_shards(dataset_name: str, pred_field: str) -> None:
+    """Raise unless no shard of ``pred_field`` is queued or running: overwriting the field under them
+    would mix their results (of the settings they were queued with) into the new run's."""
+    if live_shard_sample_ids(dataset_name, pred_field):
+        raise ValueError(
+            f"shards of a run into '{pred_field}' are still queued or running: let them finish, or fail them "
+            "(`ntt shards` lists them), before overwriting the field"
+        )
+
+
 def stopped_check(operation_id):
     """A test for the running shard ``operation_id``: true once its operation is no longer RUNNING
     (marked failed, or taken over), read from the database each time."""

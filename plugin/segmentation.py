@@ -130,6 +130,10 @@ class SegmentByReference(foo.Operator):
 
     def _run(self, ctx, p: dict, progress) -> dict:
         fa = adapter()
+        if p["overwrite"] and p.get("shard_sample_ids") is None:
+            from ntt_core.shards import check_no_live_shards
+
+            check_no_live_shards(ctx.dataset.name, p["pred_field"])
         segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
         settings = fa.Settings(
             points_per_side=p["points_per_side"],

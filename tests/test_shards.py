@@ -123,3 +123,15 @@ def test_a_re_run_shard_has_its_own_label(dataset, params):
         "Segment by reference (pred, shard 2/2)",
     ]
     assert len(dataset.exists("pred")) == len(dataset)
+
+
+def test_a_field_is_not_overwritten_under_its_live_shards(dataset, params):
+    plan(dataset, params)  # two shards queued
+    for shards in (1, 2):
+        with pytest.raises(Exception, match="shards of a run into 'pred' are still queued or running: let them finish"):
+            foo.get_operator(uri("segment_by_reference"))(
+                dataset, **params, **FAST, device="cpu", num_shards=shards, overwrite=True
+            )
+    results = DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    assert [r.error for r in results] == [None, None]
+    foo.get_operator(uri("segment_by_reference"))(dataset, **params, **FAST, device="cpu", overwrite=True)
