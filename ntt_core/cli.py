@@ -468,7 +468,13 @@ def run_predict(args: argparse.Namespace) -> int:
             f"{len(journal.records)} of {len(images)} images done, kept in {journal_file}; "
             "run the same command with --resume to finish"
         )
-    return _finish_predict(journal, images, bank.classes, args.out, targets_path)
+    try:
+        return _finish_predict(journal, images, bank.classes, args.out, targets_path)
+    except KeyboardInterrupt:  # the journal is complete: a resume only writes the results
+        raise Interrupted(
+            f"all {len(images)} images done, kept in {journal_file}; run the same command with --resume "
+            "to write the results"
+        ) from None
 
 
 def _segment_into(journal, predictor, todo: list, total: int, args, device, stop_requested) -> None:

@@ -101,6 +101,21 @@ def test_a_record_cut_by_a_kill_is_redone_and_nothing_else(predict, uninterrupte
     assert outputs(out) == uninterrupted
 
 
+def test_ctrl_c_while_writing_the_results_keeps_the_journal(predict, uninterrupted, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.json"
+    with monkeypatch.context() as patch:
+
+        def interrupted(self, results):
+            raise KeyboardInterrupt
+
+        patch.setattr(cli.ResultsWriter, "write", interrupted)
+        code, _, err = predict(capsys, out)
+    assert code == EXIT_INTERRUPTED and "run the same command with --resume to write the results" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json.journal"]  # no partial results file
+    assert predict(capsys, out, "--resume")[0] == 0
+    assert outputs(out) == uninterrupted
+
+
 @pytest.mark.bad_input
 def test_resuming_with_other_settings_is_refused(predict, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
