@@ -7,8 +7,9 @@ per trial, a run is started, killed (SIGKILL) or interrupted (SIGINT) at a rando
 random number of finished images, during segmentation or while writing the results), and resumed with
 ``--resume`` until it finishes. Per trial the final results are compared image by image with the
 uninterrupted run's: an image is *lost* when it has no results, *duplicated* when its results
-appear more than once, *half-written* when they differ otherwise (or a file is not valid JSON).
-Goal: 0 / 0 / 0.
+appear more than once, *half-written* when they differ otherwise (or a file is not valid JSON);
+and the whole file is compared byte for byte (the order of the results included).
+Goal: 0 / 0 / 0, and every file identical.
 
     python benchmarks/kill_predict.py --json
     python benchmarks/kill_predict.py --trials 3 --images 8 --json
@@ -180,6 +181,7 @@ def main(argv=None) -> dict:
                 out.parent.mkdir()
                 result = trial(predict, out, kind, args.images, loop_seconds / args.images, rng)
                 result.update(compare(expected, by_image(out), image_ids))
+                result["identical_file"] = out.read_bytes() == reference.read_bytes()  # order included
                 for name in totals[kind]:
                     totals[kind][name] += result[name]
                 trials.append(result)
@@ -191,6 +193,7 @@ def main(argv=None) -> dict:
         "totals": totals,
         "exit_codes": {kind: sorted({t["exit"] for t in trials if t["signal"] == kind}) for kind in SIGNALS},
         "finished_at_kill": {kind: [t["finished_at_kill"] for t in trials if t["signal"] == kind] for kind in SIGNALS},
+        "files_not_identical": sum(not t["identical_file"] for t in trials),
         "sigint_tracebacks": sum(t["traceback"] for t in trials if t["signal"] == "SIGINT"),
         "left_behind": sorted({name for t in trials for name in t["left_behind"]}),
     }

@@ -190,15 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument(
         "--overwrite", action="store_true", help="replace existing results (and an interrupted run's journal)"
     )
-    predict.add_argument("--batch-size", default=1, type=_positive_int, help="images per forward pass")
+    predict.add_argument("--batch-size", default=1, type=count_option("batch_size"), help="images per forward pass")
     _add_model_options(predict)
     for option, kind, text in (
-        ("--points-per-side", _positive_int, "point-prompt grid side"),
-        ("--prompt-batch-size", _positive_int, "point prompts decoded at once (default: 256 on a GPU, 64 on CPU)"),
+        ("--points-per-side", count_option("points_per_side"), "point-prompt grid side"),
+        (
+            "--prompt-batch-size",
+            count_option("prompt_batch_size"),
+            "point prompts decoded at once (default: 256 on a GPU, 64 on CPU)",
+        ),
         ("--sam-iou-threshold", _fraction, "drop candidates whose SAM2 predicted IoU is at or below this"),
         ("--nms-iou-threshold", _fraction, "box NMS IoU"),
-        ("--pre-merge-keep", _positive_int, "candidates kept after NMS"),
-        ("--max-detections", _positive_int, "instances kept per image"),
+        ("--pre-merge-keep", count_option("pre_merge_keep"), "candidates kept after NMS"),
+        ("--max-detections", count_option("max_detections"), "instances kept per image"),
         ("--score-threshold", _fraction, "drop instances scoring below this"),
     ):
         predict.add_argument(option, type=kind, default=getattr(PAPER, option[2:].replace("-", "_")), help=text)
@@ -258,20 +262,23 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="compute dtype (auto: float32, as the authors ran; bfloat16 is faster on GPUs, unmeasured for accuracy)",
     )
     group.add_argument(
-        "--encoder-size", type=_positive_int, help="DINOv2 input side in pixels (default: the model's, 518)"
+        "--encoder-size",
+        type=count_option("encoder_size"),
+        help="DINOv2 input side in pixels (default: the model's, 518)",
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
+def count_option(name: str):
+    """An argparse type for a count of at least 1: the library's rule (:func:`ntt_core.input_rules.check_count`)
+    with its message about ``name``, the parameter's name in the Python API and the App's forms."""
+
+    def count(text: str) -> int:
+        return _ruled(lambda value: check_count(value, name), text)
+
+    return count
 
 
-def shots_option(text: str) -> int:
-    """``--shots``: the library's rule (:func:`ntt_core.input_rules.check_count`), as an argparse type."""
-    return _ruled(lambda value: check_count(value, "shots"), text)
+shots_option = count_option("shots")
 
 
 def seed_option(text: str) -> int:
@@ -391,7 +398,7 @@ def run_predict(args: argparse.Namespace) -> int:
     :mod:`ntt_core.journal`); the results (and targets) files are written from it at the end."""
     from tqdm import tqdm
 
-    from .journal import Journal, journal_path
+    from .journal import Journal, check_resumable, journal_path
     from .memory_bank import MANIFEST_NAME, MemoryBank
     from .predictor import Predictor
     from .settings import MEMORY_ONLY
@@ -401,7 +408,8 @@ def run_predict(args: argparse.Namespace) -> int:
     resuming = args.resume and journal_file.is_file()
     outputs = [("--out", args.out), ("the targets file", targets_path)]
     check_outputs([(what, path) for what, path in outputs if path is not None], args.overwrite or resuming)
-    check_outputs([("the journal", journal_file)], True)
+    partials = [("a temporary file", path.with_name(path.name + ".partial")) for _, path in outputs if path is not None]
+    check_outputs([("the journal", journal_file), *partials], True)  # ours: replaced, unless a folder is there
     if journal_file.exists() and not (args.resume or args.overwrite):
         raise CliError(
             f"{journal_file}: an interrupted run into {args.out} exists: add --resume to finish it "
@@ -426,19 +434,23 @@ def run_predict(args: argparse.Namespace) -> int:
         raise CocoFormatError(f"{args.targets or args.images}: no images to segment")
 
     settings = _settings(args)
-    device = _device(args.device)
-    segmenter = _segmenter(args, device, settings)
-    encoder = _encoder(args, device, settings.encoder_size or bank.encoder_input_size)
-    predictor = Predictor(segmenter, encoder, bank, settings)
-
-    run = {
+    run = {  # what a resumed run must share with the interrupted one; the models' part once loaded
         "bank": hashlib.sha256((args.memory / MANIFEST_NAME).read_bytes()).hexdigest(),
-        "segmenter": segmenter.fingerprint,
-        "encoder": encoder.fingerprint,
         "settings": {name: value for name, value in settings.to_dict().items() if name not in MEMORY_ONLY},
         "images": [str(args.images.resolve()), images],
         "category_ids": category_ids,
     }
+    if resuming:
+        check_resumable(journal_file, run)  # before the models load
+    device = _device(args.device)
+    segmenter = _segmenter(args, device, settings)
+    encoder = _encoder(args, device, settings.encoder_size or bank.encoder_input_size)
+    predictor = Predictor(segmenter, encoder, bank, settings)
+    run.update(
+        segmenter=segmenter.fingerprint,
+        encoder=encoder.fingerprint,
+        dtype=[str(segmenter.dtype), str(encoder.dtype)],  # bfloat16 results differ from float32 ones
+    )
     journal = Journal.resume(journal_file, run) if resuming else Journal.create(journal_file, run)
     if resuming:
         tqdm.write(f"ntt: resuming: {len(journal.records)} of {len(images)} images already done", file=sys.stderr)
@@ -456,7 +468,13 @@ def run_predict(args: argparse.Namespace) -> int:
             f"{len(journal.records)} of {len(images)} images done, kept in {journal_file}; "
             "run the same command with --resume to finish"
         )
-    return _finish_predict(journal, images, bank.classes, args.out, targets_path)
+    try:
+        return _finish_predict(journal, images, bank.classes, args.out, targets_path)
+    except KeyboardInterrupt:  # the journal is complete: a resume only writes the results
+        raise Interrupted(
+            f"all {len(images)} images done, kept in {journal_file}; run the same command with --resume "
+            "to write the results"
+        ) from None
 
 
 def _segment_into(journal, predictor, todo: list, total: int, args, device, stop_requested) -> None:

@@ -56,7 +56,7 @@ OFFLINE_BANNER = """\
 
 def add_parser(commands, formatter) -> None:
     """The ``demo`` subcommand of ``ntt``."""
-    from .cli import _classes, _positive_int, seed_option, shots_option
+    from .cli import _classes, count_option, seed_option, shots_option
 
     demo = commands.add_parser(
         "demo",
@@ -81,7 +81,9 @@ def add_parser(commands, formatter) -> None:
         f"offline {','.join(OFFLINE_CLASSES)}; with --coco-dir all)",
     )
     demo.add_argument("--shots", type=shots_option, help="references per class, K (default: 3; offline 1)")
-    demo.add_argument("--max-samples", type=_positive_int, help="images to load (default: 50; offline 12)")
+    demo.add_argument(
+        "--max-samples", type=count_option("max_samples"), help="images to load (default: 50; offline 12)"
+    )
     demo.add_argument(
         "--seed", type=seed_option, default=0, help="seed of the reference choice (and of the scenes), an integer >= 0"
     )
@@ -97,10 +99,12 @@ def add_parser(commands, formatter) -> None:
     demo.add_argument("--dinov2", help="DINOv2 hub id, short name or local folder (default: the paper's ViT-L/14)")
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="compute device")
     demo.add_argument(
-        "--points-per-side", type=_positive_int, help="point-prompt grid side (default: the paper's 32; offline 16)"
+        "--points-per-side",
+        type=count_option("points_per_side"),
+        help="point-prompt grid side (default: the paper's 32; offline 16)",
     )
     demo.add_argument("--no-app", action="store_true", help="do not open the App at the end")
-    demo.add_argument("--port", type=_positive_int, help="App port (default: FiftyOne's, 5151)")
+    demo.add_argument("--port", type=count_option("port"), help="App port (default: FiftyOne's, 5151)")
     demo.set_defaults(command=run_demo)
 
 

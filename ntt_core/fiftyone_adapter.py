@@ -39,7 +39,7 @@ PREDICTION_RUN_PREFIX = "ntt_predictions_"
 REFERENCE_MODES = ("label_tag", "sample_tag", "label_ids")
 DEFAULT_REFERENCE_TAG = "reference"
 #: Keys of a prediction record that must agree before ``skip_existing`` may resume a field.
-RECORD_MATCH_KEYS = ("bank_key", "bank_sha256", "segmenter_fingerprint", "encoder_fingerprint", "settings")
+RECORD_MATCH_KEYS = ("bank_key", "bank_sha256", "segmenter_fingerprint", "encoder_fingerprint", "dtype", "settings")
 #: pycocotools figures stored on an evaluation as custom metrics (key -> (iou type, metric)).
 PYCOCOTOOLS_METRICS = {"pycocotools_segm_AP": ("segm", "AP"), "pycocotools_bbox_AP": ("bbox", "AP")}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -568,8 +568,21 @@ def make_prediction_record(dataset, field_name: str, bank_key: str, segmenter, e
         "segmenter_fingerprint": segmenter.fingerprint,
         "encoder_id": encoder.model_id,
         "encoder_fingerprint": encoder.fingerprint,
+        "dtype": [str(getattr(model, "dtype", None)) for model in (segmenter, encoder)],  # bfloat16 is not float32
         "settings": settings.to_dict(),
     }
+
+
+def check_prediction_field(dataset, name: str, overwrite: bool = False, skip_existing: bool = False) -> bool:
+    """:func:`check_output_field` for predictions: an existing field is overwritten only if this tool
+    wrote it (it has a run record); any other may be ground truth that no bank or evaluation names yet."""
+    exists = check_output_field(dataset, name, overwrite=overwrite, skip_existing=skip_existing)
+    if exists and overwrite and prediction_record(dataset, name) is None:
+        raise FiftyOneAdapterError(
+            f"field '{name}' was not written by segment-by-reference (no run record): it may be ground truth, "
+            "so it is never overwritten; choose another field"
+        )
+    return exists
 
 
 def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, skip_existing: bool = False) -> None:
@@ -580,7 +593,7 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
     """
     dataset = dataset._root_dataset
     name = record["pred_field"]
-    exists = check_output_field(dataset, name, overwrite=overwrite, skip_existing=skip_existing)
+    exists = check_prediction_field(dataset, name, overwrite=overwrite, skip_existing=skip_existing)
     if name == record.get("gt_field"):
         raise FiftyOneAdapterError(f"'{name}' is the memory bank's ground-truth field: it is never written")
     key = prediction_run_key(name)
@@ -661,8 +674,9 @@ def segment_by_reference(
     Each batch is written as soon as it is done, one atomic update per sample, so a run that
     dies keeps its finished samples; re-running with ``skip_existing=True`` finishes the rest
     (only samples whose field is still empty are processed). Unreadable images stay empty and
-    are reported. ``should_stop`` is asked before each batch; when it says so the run stops with
-    an error (a delegated shard whose operation was marked failed). Returns ``{"field",
+    are reported. ``should_stop`` is asked before each batch is written (one call a batch); when it
+    says so the run stops with an error, writing nothing more (a delegated shard whose operation
+    was marked failed). Returns ``{"field",
     "processed", "instances", "skipped_existing", "failed", "note"}``.
     """
     from .predictor import Predictor
@@ -673,7 +687,7 @@ def segment_by_reference(
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
-    check_output_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
+    check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     bank = load_memory_bank(dataset, bank_key)
     predictor = Predictor(segmenter, encoder, bank, settings=settings)
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
@@ -690,11 +704,6 @@ def segment_by_reference(
         "note": note,
     }
     for start in range(0, len(ids), batch_size):
-        if should_stop is not None and should_stop():
-            raise FiftyOneAdapterError(
-                f"stopped after {start} of {len(ids)} samples: this run's operation is no longer running "
-                f"(marked failed or taken over); the finished samples are saved in '{pred_field}'"
-            )
         batch_ids, batch_paths = ids[start : start + batch_size], paths[start : start + batch_size]
         try:
             results = predictor.predict_paths(batch_paths)
@@ -704,6 +713,11 @@ def segment_by_reference(
                 f"The finished samples are saved "
                 f"in '{pred_field}'; run again with skip_existing to finish the rest"
             ) from error
+        if should_stop is not None and should_stop():  # asked just before writing: a failed shard writes nothing more
+            raise FiftyOneAdapterError(
+                f"stopped after {start} of {len(ids)} samples: this run's operation is no longer running "
+                f"(marked failed or taken over); the finished samples are saved in '{pred_field}'"
+            )
         values = {}
         for sample_id, result in zip(batch_ids, results):
             if isinstance(result, Exception):
@@ -743,9 +757,9 @@ def start_sharded_prediction(
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
-    _check_shard_count(num_shards)
+    check_count(num_shards, "num_shards")
     skip_existing = skip_existing or (planning_unfinished(dataset, pred_field) and not overwrite)
-    check_output_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
+    check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     load_memory_bank(dataset, bank_key).check_encoder(encoder)
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
     prepare_prediction_field(dataset, {**record, "planning": True}, overwrite=overwrite, skip_existing=skip_existing)
@@ -767,14 +781,10 @@ def finish_planning(dataset, pred_field: str) -> None:
         dataset.register_run(prediction_run_key(pred_field), config, overwrite=True)
 
 
-def _check_shard_count(num_shards: int) -> None:
-    check_count(num_shards, "num_shards")
-
-
 def plan_shards(samples, pred_field: str, num_shards: int) -> list[list[str]]:
     """Split the samples of ``samples`` still lacking ``pred_field`` into up to ``num_shards``
     contiguous lists of sample ids (none empty)."""
-    _check_shard_count(num_shards)
+    check_count(num_shards, "num_shards")
     samples, _ = image_collection(samples)
     todo = samples.exists(pred_field, False) if samples.has_field(pred_field) else samples
     ids = todo.values("id")
@@ -852,7 +862,7 @@ def apply_reference_model(
     dataset = samples._root_dataset
     if len(samples) == 0:
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
-    check_output_field(dataset, label_field, overwrite=overwrite)
+    check_prediction_field(dataset, label_field, overwrite=overwrite)
     model = reference_model(dataset, bank_key, segmenter, encoder, settings=settings)  # checks the encoder
     record = make_prediction_record(dataset, label_field, bank_key, segmenter, encoder, settings)
     prepare_prediction_field(dataset, record, overwrite=overwrite)

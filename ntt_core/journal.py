@@ -55,12 +55,7 @@ class Journal:
         header, records, complete_bytes = read(path)
         if header is None:  # killed while writing its first line: nothing finished
             return cls.create(path, run)
-        if header["run"] != run:
-            differ = sorted(k for k in set(run) | set(header["run"]) if header["run"].get(k) != run.get(k))
-            raise JournalError(
-                f"{path}: the interrupted run used a different {', '.join(differ)}; resuming would mix results: "
-                "run with the same bank, models, settings and images, or start again with --overwrite"
-            )
+        _check_same_run(path, header["run"], run, set(run) | set(header["run"]))
         with path.open("r+b") as handle:  # drop a last line cut by a kill
             handle.truncate(complete_bytes)
         return cls(path, run, records, path.open("a", encoding="utf-8"))
@@ -94,6 +89,33 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
+def check_resumable(path: str | Path, known: dict) -> None:
+    """Raise :class:`JournalError` unless the journal at ``path`` was written by a run that agrees
+    with ``known`` (part of a run's description, e.g. all but the models) on each of its keys; only
+    the journal's first line is read. Lets a run refuse a foreign journal before any slow work."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        first = handle.readline()
+    if not first.endswith(b"\n"):  # killed while writing its first line: nothing to disagree with
+        return
+    try:
+        header = json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict) or header.get("journal") != VERSION or not isinstance(header.get("run"), dict):
+        raise JournalError(f"{path}: not a journal of this version; start again with --overwrite")
+    _check_same_run(path, header["run"], _as_json(known), set(known))
+
+
+def _check_same_run(path: Path, recorded: dict, run: dict, keys) -> None:
+    differ = sorted(k for k in keys if recorded.get(k) != run.get(k))
+    if differ:
+        raise JournalError(
+            f"{path}: the interrupted run used a different {', '.join(differ)}; resuming would mix results: "
+            "run with the same bank, models, settings and images, or start again with --overwrite"
+        )
+
+
 def _as_json(value):
     """``value`` as it reads back from JSON (tuples become lists), so descriptions compare equal."""
     return json.loads(json.dumps(value))
@@ -111,8 +133,10 @@ def read(path: str | Path) -> tuple[dict | None, dict[int, dict], int]:
             if not isinstance(entry, dict) or entry.get("journal") != VERSION or "run" not in entry:
                 raise JournalError(f"{path}: not a journal of this version; start again with --overwrite")
             header = entry
-        else:
+        elif isinstance(entry, dict) and isinstance(entry.get("index"), int):
             records.setdefault(entry["index"], {k: v for k, v in entry.items() if k != PAYLOAD})
+        else:
+            raise JournalError(f"{path}: a record without its item index; start again with --overwrite")
     return header, records, complete
 
 

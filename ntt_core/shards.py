@@ -4,8 +4,8 @@ A sharded *Segment by reference* is N+1 delegated operations: the planning one (
 field and queues the shards) and one per shard, each over fixed sample ids. A running shard
 reports its progress after every batch; FiftyOne stores it with its time, which is the shard's
 heartbeat: a RUNNING shard whose heartbeat is old is stale (its worker died). A shard whose
-operation was marked failed (``fiftyone delegated fail``) stops before its next batch, so a
-re-run copy and the old worker never write the same samples.
+operation was marked failed (``fiftyone delegated fail``) writes nothing more (it asks before
+writing each batch), so a re-run copy and the old worker never write the same samples.
 """
 
 from __future__ import annotations
@@ -65,6 +65,16 @@ def live_shard_sample_ids(dataset_name: str, pred_field: str) -> set[str]:
 
     live = (ExecutionRunState.QUEUED, ExecutionRunState.SCHEDULED, ExecutionRunState.RUNNING)
     return {i for row in shard_operations(dataset_name, pred_field) if row["state"] in live for i in row["sample_ids"]}
+
+
+def check_no_live_shards(dataset_name: str, pred_field: str) -> None:
+    """Raise unless no shard of ``pred_field`` is queued or running: overwriting the field under them
+    would mix their results (of the settings they were queued with) into the new run's."""
+    if live_shard_sample_ids(dataset_name, pred_field):
+        raise ValueError(
+            f"shards of a run into '{pred_field}' are still queued or running: let them finish, or fail them "
+            "(`ntt shards` lists them), before overwriting the field"
+        )
 
 
 def stopped_check(operation_id):

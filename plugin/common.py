@@ -293,7 +293,7 @@ def one_line(error_text: str) -> str:
     if not error_text.startswith("Traceback"):
         return error_text
     lines = error_text.rstrip().splitlines()
-    last_frame = max(i for i, line in enumerate(lines) if line.startswith("  File "))
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith("  File ")), default=0)
     exception = " ".join(line.strip() for line in lines[last_frame + 1 :] if not line.startswith("    "))
     kind, colon, message = exception.partition(": ")
     return message if colon and " " not in kind else exception

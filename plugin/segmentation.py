@@ -117,7 +117,9 @@ class SegmentByReference(foo.Operator):
         shards = current(ctx, inputs, "num_shards")
         planning = isinstance(shards, int) and shards > 1 and fa.planning_unfinished(ctx.dataset, field)
         skip = current(ctx, inputs, "skip_existing") or shard or planning  # a planning step that died continues
-        check(field_prop, lambda: fa.check_output_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip))
+        check(
+            field_prop, lambda: fa.check_prediction_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip)
+        )
 
     def resolve_run_name(self, ctx):
         return _shard_label(ctx.params) if ctx.params.get("shard") else self.config.label
@@ -128,6 +130,10 @@ class SegmentByReference(foo.Operator):
 
     def _run(self, ctx, p: dict, progress) -> dict:
         fa = adapter()
+        if p["overwrite"] and p.get("shard_sample_ids") is None:
+            from ntt_core.shards import check_no_live_shards
+
+            check_no_live_shards(ctx.dataset.name, p["pred_field"])
         segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
         settings = fa.Settings(
             points_per_side=p["points_per_side"],

@@ -100,3 +100,27 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
     from tiny_models import save_tiny_models
 
     return save_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A tiny COCO folder (see coco_folder.py): four images, ``images/`` and ``annotations.json``."""
+    from coco_folder import write_coco_folder
+
+    return write_coco_folder(tmp_path_factory.mktemp("coco"))
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models) -> dict:
+    """The tiny models as operator parameters, on CPU."""
+    return dict(sam2=str(tiny_models[0]), dinov2=str(tiny_models[1]), device="cpu")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Three scenes (see fiftyone_scenes.py) in a new FiftyOne dataset, deleted afterwards."""
+    from fiftyone_scenes import scenes_dataset
+
+    dataset = scenes_dataset(tmp_path, count=3, size=(64, 80))
+    yield dataset
+    dataset.delete()

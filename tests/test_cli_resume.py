@@ -9,8 +9,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_cli import TINY, build_one_shot_bank, error_line, folder, models, run  # noqa: F401 (folder: a fixture)
+from test_cli import TINY, build_one_shot_bank, error_line, models, run
 
+from ntt_core import cli
 from ntt_core import journal as journal_module
 from ntt_core.cli import EXIT_ALL_FAILED, EXIT_INTERRUPTED, main
 from ntt_core.journal import Journal, JournalError, journal_path
@@ -100,6 +101,21 @@ def test_a_record_cut_by_a_kill_is_redone_and_nothing_else(predict, uninterrupte
     assert outputs(out) == uninterrupted
 
 
+def test_ctrl_c_while_writing_the_results_keeps_the_journal(predict, uninterrupted, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.json"
+    with monkeypatch.context() as patch:
+
+        def interrupted(self, results):
+            raise KeyboardInterrupt
+
+        patch.setattr(cli.ResultsWriter, "write", interrupted)
+        code, _, err = predict(capsys, out)
+    assert code == EXIT_INTERRUPTED and "run the same command with --resume to write the results" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json.journal"]  # no partial results file
+    assert predict(capsys, out, "--resume")[0] == 0
+    assert outputs(out) == uninterrupted
+
+
 @pytest.mark.bad_input
 def test_resuming_with_other_settings_is_refused(predict, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
@@ -107,8 +123,12 @@ def test_resuming_with_other_settings_is_refused(predict, tmp_path, capsys, monk
         interrupt_after(patch, 1)
         assert predict(capsys, out)[0] == EXIT_INTERRUPTED
     before = journal_path(out).read_bytes()
-    code, _, err = predict(capsys, out, "--resume", "--max-detections", "3")
+    with monkeypatch.context() as patch:  # refused before the models load
+        patch.setattr(cli, "_segmenter", lambda *args: pytest.fail("models loaded for a foreign journal"))
+        code, _, err = predict(capsys, out, "--resume", "--max-detections", "3")
     assert code == 2 and "the interrupted run used a different settings; resuming would mix results" in error_line(err)
+    code, _, err = predict(capsys, out, "--resume", "--dtype", "bfloat16")  # other numbers than float32's
+    assert code == 2 and "the interrupted run used a different dtype; resuming would mix results" in error_line(err)
     assert journal_path(out).read_bytes() == before  # kept for a resume with the right settings
     code, _, _ = predict(capsys, out, "--overwrite", "--max-detections", "3")
     assert code == 0 and not journal_path(out).exists()
@@ -122,7 +142,9 @@ def test_existing_or_unwritable_outputs_are_refused_before_any_compute(folder, t
     (tmp_path / "s_targets.json").write_text("{}")
     (tmp_path / "folder.json").mkdir()
     (tmp_path / "file").write_text("")
+    (tmp_path / "p.json.partial").mkdir()  # where the results are written before taking their name
     cases = [
+        ("p.json", f"a temporary file {tmp_path / 'p.json.partial'} is a folder: give a file name"),
         ("r.json", f"--out {tmp_path / 'r.json'} exists: add --overwrite to replace it"),
         ("s.json", f"the targets file {tmp_path / 's_targets.json'} exists: add --overwrite to replace it"),
         ("folder.json", f"--out {tmp_path / 'folder.json'} is a folder: give a file name"),
@@ -201,6 +223,12 @@ def test_journal_lines_survive_cuts_and_foreign_journals_are_refused(tmp_path):
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "{damaged", lines[2]]) + "\n")
     with pytest.raises(JournalError, match="line 2 is damaged; start again with --overwrite"):
+        Journal.resume(path, {"bank": "x", "settings": {"a": [1, 2]}})
+    journal_module.check_resumable(path, {"bank": "x"})  # only the first line is read
+    with pytest.raises(JournalError, match="used a different bank; resuming would mix results"):
+        journal_module.check_resumable(path, {"bank": "y"})
+    path.write_text("\n".join([lines[0], "5"]) + "\n")  # JSON, but not a record
+    with pytest.raises(JournalError, match="a record without its item index; start again with --overwrite"):
         Journal.resume(path, {"bank": "x", "settings": {"a": [1, 2]}})
     path.write_bytes(b'{"journal": 1, "ru')  # killed while writing the header: nothing was finished
     assert Journal.resume(path, {"bank": "x"}).records == {}

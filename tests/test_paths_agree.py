@@ -10,10 +10,9 @@ import fiftyone.operators as foo
 import pytest
 from fiftyone.operators.executor import ExecutionError
 from fiftyone_scenes import field_documents
-from test_cli import error_line, folder, run  # noqa: F401 (folder: a fixture)
+from test_cli import error_line, run
 from test_cli import models as cli_models
-from test_plugin import FAST, dataset, uri  # noqa: F401 (dataset: a fixture)
-from test_plugin import models as tiny  # noqa: F401 (a fixture: the tiny models as operator parameters)
+from test_plugin import FAST, uri
 from test_plugin import run as run_operator
 
 from ntt_core import fiftyone_adapter as fa
@@ -70,6 +69,30 @@ def test_no_way_of_writing_predictions_modifies_ground_truth(dataset):
     assert {field: field_documents(dataset, field) for field in ("gt", "truth")} == snapshot
 
 
+@pytest.mark.bad_input
+def test_a_field_not_written_by_us_is_never_overwritten(dataset):
+    """Ground truth that no bank or evaluation names yet (a bank imported from a folder records no field)."""
+    models = ConnectedRegionSegmenter(), ColourStatsEncoder()
+    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    dataset.clone_sample_field("gt", "labels")
+    snapshot = field_documents(dataset, "labels")
+    message = (
+        "field 'labels' was not written by segment-by-reference (no run record): it may be ground truth, "
+        "so it is never overwritten; choose another field"
+    )
+    writers = (
+        lambda: fa.segment_by_reference(dataset, "bank", "labels", *models, settings=SETTINGS, overwrite=True),
+        lambda: fa.start_sharded_prediction(dataset, "bank", "labels", *models, 2, overwrite=True),
+        lambda: fa.apply_reference_model(dataset, "bank", "labels", *models, settings=SETTINGS, overwrite=True),
+    )
+    for write in writers:
+        with pytest.raises(fa.FiftyOneAdapterError, match=f"^{re.escape(message)}$"):
+            write()
+    assert field_documents(dataset, "labels") == snapshot
+    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS, overwrite=True)  # ours: replaced
+
+
 def test_apply_reference_model_writes_what_the_operator_path_writes(dataset):
     models = ConnectedRegionSegmenter(), ColourStatsEncoder()
     fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
@@ -84,15 +107,20 @@ def test_apply_reference_model_writes_what_the_operator_path_writes(dataset):
 
 
 @pytest.mark.bad_input
-def test_the_operators_refuse_ground_truth_on_every_route(dataset, tiny):
-    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **tiny)
+def test_the_operators_refuse_ground_truth_on_every_route(dataset, models):
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
     before = field_documents(dataset, "gt")
     for params in (dict(pred_field="gt"), dict(pred_field="gt", num_shards=2), dict(pred_field="gt", overwrite=True)):
         with pytest.raises(ExecutionError, match="Path: pred_field. Reason: 'gt' is a ground-truth field"):
-            run_operator("segment_by_reference", dataset, dict(bank_key="references", **params, **FAST, **tiny))
+            run_operator("segment_by_reference", dataset, dict(bank_key="references", **params, **FAST, **models))
     with pytest.raises(ExecutionError, match="Path: out_field. Reason: 'gt' is a ground-truth field"):
-        run_operator("boxes_to_masks", dataset, dict(in_field="gt", out_field="gt", overwrite=True, **tiny))
+        run_operator("boxes_to_masks", dataset, dict(in_field="gt", out_field="gt", overwrite=True, **models))
     assert field_documents(dataset, "gt") == before
+    dataset.clone_sample_field("gt", "labels")  # ground truth no bank or evaluation names: a form error too
+    with pytest.raises(ExecutionError, match="Path: pred_field. Reason: field 'labels' was not written by segment-by"):
+        params = dict(bank_key="references", pred_field="labels", overwrite=True, **FAST, **models)
+        run_operator("segment_by_reference", dataset, params)
+    assert field_documents(dataset, "labels") == field_documents(dataset, "gt")
 
 
 # --- 4. one rule per input ---
@@ -140,30 +168,37 @@ def test_negative_seeds_are_refused_everywhere_with_one_message(folder, capsys):
 
 
 @pytest.mark.bad_input
-def test_counts_have_one_bound_and_one_wording_on_every_path(dataset, tiny, capsys):
+def test_counts_have_one_bound_and_one_wording_on_every_path(dataset, models, capsys):
     with pytest.raises(SystemExit):
         main(["sample-references", "--annotations", "a.json", "--shots", "0", "--seed", "1", "--out", "r.json"])
     assert "argument --shots: shots must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(InputError, match=r"^max_per_class must be at least 1, got 0$"):
         fa.collect_references(dataset, "gt", max_per_class=0)
     with pytest.raises(ExecutionError, match=r"Path: max_per_class. Reason: max_per_class must be at least 1, got 0$"):
-        run_operator("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=0, **tiny))
-    report = run_operator("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=1, **tiny)).result
+        run_operator("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=0, **models))
+    report = run_operator("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=1, **models)).result
     assert set(report["report"]["counts"].values()) == {1}  # 1 is a valid number of shots
+    for option in ("batch-size", "max-detections", "points-per-side"):  # the CLI's words are the forms' words
+        name = option.replace("-", "_")
+        with pytest.raises(SystemExit):
+            main(["predict", "--memory", "b", "--images", "i", "--out", "r.json", f"--{option}", "0"])
+        assert f"argument --{option}: {name} must be at least 1, got 0" in capsys.readouterr().err
+        with pytest.raises(ExecutionError, match=f"Path: {name}. Reason: {name} must be at least 1, got 0$"):
+            run_operator("segment_by_reference", dataset, dict(bank_key="references", **{**FAST, name: 0}, **models))
 
 
 @pytest.mark.bad_input
 def test_an_encoder_mismatch_is_the_same_one_line_from_the_cli_python_and_the_operators(
     folder,
     dataset,
-    tiny,
+    models,
     tiny_models,
     other_dinov2,
     tmp_path,
     capsys,
 ):
-    other = {**tiny, "dinov2": str(other_dinov2)}
-    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **tiny)
+    other = {**models, "dinov2": str(other_dinov2)}
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
     with pytest.raises(MemoryBankError) as python_error:
         fa.load_memory_bank(dataset, "references").check_encoder(load_encoder(str(other_dinov2), device="cpu"))
     message = str(python_error.value)
@@ -176,7 +211,7 @@ def test_an_encoder_mismatch_is_the_same_one_line_from_the_cli_python_and_the_op
     argv = ["build-memory", "--references", folder / "annotations.json", "--images", folder / "images", "--shots", 1]
     assert run(capsys, *argv, "--out", tmp_path / "bank", *cli_models(tiny_models), "--device", "cpu")[0] == 0
     predict = ["predict", "--memory", tmp_path / "bank", "--images", folder / "images", "--out", tmp_path / "r.json"]
-    code, _, err = run(capsys, *predict, "--sam2", tiny["sam2"], "--dinov2", other_dinov2, "--device", "cpu")
+    code, _, err = run(capsys, *predict, "--sam2", models["sam2"], "--dinov2", other_dinov2, "--device", "cpu")
     expected = MemoryBank.load(tmp_path / "bank")
     with pytest.raises(MemoryBankError) as cli_expected:
         expected.check_encoder(load_encoder(str(other_dinov2), device="cpu"))
@@ -186,9 +221,11 @@ def test_an_encoder_mismatch_is_the_same_one_line_from_the_cli_python_and_the_op
 # --- 5. no SAM2 when every reference has a mask ---
 
 
-def test_banks_of_masked_references_are_built_without_loading_sam2(folder, dataset, tiny, tmp_path, capsys):
-    nowhere = str(tmp_path / "no_sam2")
-    report = foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **{**tiny, "sam2": nowhere})["report"]
+def test_banks_of_masked_references_are_built_without_loading_sam2(folder, dataset, models, tmp_path, capsys):
+    nowhere = tmp_path / "no_sam2"  # a folder without weights: a valid choice that cannot load
+    nowhere.mkdir()
+    nowhere = str(nowhere)
+    report = foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **{**models, "sam2": nowhere})["report"]
     assert report["counts"] and not report["skipped"]
     assert fa.memory_bank_info(dataset, "references")["segmenter_id"] == nowhere  # chosen, never loaded
 
@@ -196,7 +233,7 @@ def test_banks_of_masked_references_are_built_without_loading_sam2(folder, datas
     box_only.gt.detections[0].mask = None  # a reference label: it now needs SAM2's box prompt
     box_only.save()
     with pytest.raises(ExecutionError) as error:
-        foo.get_operator(uri("build_memory_bank"))(dataset, "gt", bank_key="boxes", **{**tiny, "sam2": nowhere})
+        foo.get_operator(uri("build_memory_bank"))(dataset, "gt", bank_key="boxes", **{**models, "sam2": nowhere})
     assert str(error.value).startswith(f"SAM2 model '{nowhere}' could not be loaded")
 
     coco = json.loads((folder / "annotations.json").read_text())
@@ -211,11 +248,11 @@ def test_banks_of_masked_references_are_built_without_loading_sam2(folder, datas
         "--out",
         tmp_path / "b",
     ]
-    code, out, _ = run(capsys, *argv, "--dinov2", tiny["dinov2"], "--sam2", nowhere, "--device", "cpu")
+    code, out, _ = run(capsys, *argv, "--dinov2", models["dinov2"], "--sam2", nowhere, "--device", "cpu")
     assert code == 0 and "wrote a memory bank of 4 references (red: 4)" in out
 
 
-def test_form_counts_accept_one(dataset, tiny):
+def test_form_counts_accept_one(dataset, models):
     from test_plugin import inputs_of
 
     for params in (dict(max_per_class=1), dict(max_per_class=None)):
@@ -223,3 +260,29 @@ def test_form_counts_accept_one(dataset, tiny):
         assert not props["max_per_class"].invalid
     props = inputs_of("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=-2))
     assert props["max_per_class"].error_message == "max_per_class must be at least 1, got -2"
+
+
+def test_one_line_is_the_message_of_the_last_exception_of_a_traceback():
+    from plugin.common import one_line
+
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "a.py", line 1, in <module>\n'
+        "    run()\n"
+        "ntt_core.fiftyone_adapter.FiftyOneAdapterError: field 'x' already exists\n"
+    )
+    assert one_line(traceback) == "field 'x' already exists"
+    assert one_line("Traceback (most recent call last):\nKeyError: 'x'") == "'x'"  # no frame: still one line
+    assert one_line("Value must be at least 1") == "Value must be at least 1"  # FiftyOne's own: kept
+
+
+@pytest.mark.bad_input
+def test_resuming_a_field_in_another_dtype_is_refused(dataset, models):
+    float32 = fa.load_models(models["sam2"], models["dinov2"], device="cpu", dtype="float32")
+    bfloat16 = fa.load_models(models["sam2"], models["dinov2"], device="cpu", dtype="bfloat16")
+    fa.build_dataset_memory_bank(dataset, "bank", "gt", *float32)
+    fa.segment_by_reference(dataset.limit(1), "bank", "pred", *float32, settings=Settings(**FAST))
+    with pytest.raises(fa.FiftyOneAdapterError, match="written with a different dtype: resuming would mix results"):
+        fa.segment_by_reference(dataset, "bank", "pred", *bfloat16, settings=Settings(**FAST), skip_existing=True)
+    report = fa.segment_by_reference(dataset, "bank", "pred", *float32, settings=Settings(**FAST), skip_existing=True)
+    assert report["skipped_existing"] == 1 and report["processed"] == len(dataset) - 1

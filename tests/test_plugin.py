@@ -40,18 +40,6 @@ def uri(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models) -> dict:
-    return dict(sam2=str(tiny_models[0]), dinov2=str(tiny_models[1]), device="cpu")
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    dataset = scenes_dataset(tmp_path, count=3, size=(64, 80))
-    yield dataset
-    dataset.delete()
-
-
-@pytest.fixture(scope="module")
 def segmented(models, tmp_path_factory):
     """A dataset with a memory bank and predictions, for tests that only read."""
     dataset = scenes_dataset(tmp_path_factory.mktemp("segmented"), count=3, size=(64, 80))

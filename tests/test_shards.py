@@ -69,7 +69,7 @@ def test_heartbeats_tell_stale_shards_from_live_ones(dataset, params, capsys):
     assert capsys.readouterr().out == f"no sharded run on '{dataset.name}' into 'other'\n"
 
 
-def test_a_shard_marked_failed_stops_at_the_next_batch(dataset, params, monkeypatch):
+def test_a_shard_marked_failed_writes_nothing_more(dataset, params, monkeypatch):
     plan(dataset, params)
     service = DelegatedOperationService()
     real, failed = Predictor.predict_paths, []
@@ -84,8 +84,8 @@ def test_a_shard_marked_failed_stops_at_the_next_batch(dataset, params, monkeypa
     monkeypatch.setattr(Predictor, "predict_paths", fail_while_running)
     (result,) = run_one(dataset)
     assert result.error == "Operation state changed externally during execution."  # FiftyOne's words
-    assert len(failed) == 1  # stopped before its second batch ...
-    assert len(dataset.select(failed[0]["sample_ids"]).exists("pred")) == 1  # ... so nothing was written after the fail
+    assert len(failed) == 1  # stopped before writing the batch in flight, so nothing was written after the fail
+    assert len(dataset.select(failed[0]["sample_ids"]).exists("pred")) == 0
     assert service.get(ObjectId(failed[0]["id"])).run_state == ExecutionRunState.FAILED
 
 
@@ -123,3 +123,15 @@ def test_a_re_run_shard_has_its_own_label(dataset, params):
         "Segment by reference (pred, shard 2/2)",
     ]
     assert len(dataset.exists("pred")) == len(dataset)
+
+
+def test_a_field_is_not_overwritten_under_its_live_shards(dataset, params):
+    plan(dataset, params)  # two shards queued
+    for shards in (1, 2):
+        with pytest.raises(Exception, match="shards of a run into 'pred' are still queued or running: let them finish"):
+            foo.get_operator(uri("segment_by_reference"))(
+                dataset, **params, **FAST, device="cpu", num_shards=shards, overwrite=True
+            )
+    results = DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    assert [r.error for r in results] == [None, None]
+    foo.get_operator(uri("segment_by_reference"))(dataset, **params, **FAST, device="cpu", overwrite=True)
