@@ -458,15 +458,10 @@ def load_segmenter_only(sam2: str | None = None, device: str | None = "auto", dt
 
 
 def segmenter_source(sam2: str | None = None) -> str:
-    """The id a SAM2 loaded from ``sam2`` would have (short names resolved; None: the paper's), without
-    loading it; a choice that does not resolve is recorded as given (it is only checked when used)."""
-    from .checkpoints import CheckpointError, ModelNotFoundError
+    """The id a SAM2 loaded from ``sam2`` has (short names resolved; None: the paper's), without loading it."""
     from .models import SAM2, resolve_model
 
-    try:
-        return resolve_model(SAM2, sam2).model_id
-    except (CheckpointError, ModelNotFoundError):
-        return str(sam2)
+    return resolve_model(SAM2, sam2).model_id
 
 
 def load_encoder_only(
