@@ -41,7 +41,7 @@ from speed import (
     synthetic_bank,
 )
 
-from ntt_core.images import bicubic, square_frame
+from ntt_core.frames import bicubic, square_frame
 from ntt_core.matching import pool_features, score_classes
 from ntt_core.models import Dinov2Encoder, Sam2Segmenter, choose_device, load_encoder, load_segmenter
 from ntt_core.predictor import Predictor

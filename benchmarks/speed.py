@@ -47,7 +47,8 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not ins
 
 from ntt_core import predictor as predictor_module
 from ntt_core.coco import instances_to_coco_results
-from ntt_core.images import ImageError, image_tensor
+from ntt_core.frames import image_tensor
+from ntt_core.images import ImageError
 from ntt_core.memory_bank import MemoryBank
 from ntt_core.meta_checkpoints import DINOV2_HEADS, HIERA_SIZES, CheckpointError
 from ntt_core.models import (

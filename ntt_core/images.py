@@ -1,13 +1,13 @@
-"""Reading images into RGB uint8 arrays, whatever their mode, bit depth or EXIF orientation, and the
-authors' resampling of them for the models (see README, "Faithfulness")."""
+"""Reading images into RGB uint8 arrays, whatever their mode, bit depth or EXIF orientation.
+
+Nothing here imports torch (the FiftyOne side reads images through this module while the App lists and
+resolves forms); the models' input frames are in :mod:`ntt_core.frames`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -73,24 +73,3 @@ def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
         return np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
     raise ImageError(f"{name}: unsupported pixel type {array.dtype}")
-
-
-def image_tensor(image: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` uint8 -> ``[1, 3, H, W]`` float32 in [0, 1]."""
-    if not image.flags.writeable:
-        image = image.copy()
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
-
-
-def square_frame(image: np.ndarray, side: int) -> torch.Tensor:
-    """SAM2's input frame: ``[H, W, 3]`` uint8 -> ``[1, 3, side, side]`` float32 in [0, 1], resized by
-    Pillow's bicubic filter on the uint8 image (the aspect ratio is not kept), as the authors'
-    loader (Meta's ``sam2/utils/misc.py``) does."""
-    resized = Image.fromarray(np.ascontiguousarray(image)).resize((side, side), Image.BICUBIC)
-    return image_tensor(np.asarray(resized))
-
-
-def bicubic(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[B, 3, H, W]`` -> ``[B, 3, *size]`` by torch bicubic, without antialiasing or clamping (values
-    slightly outside [0, 1] stay), as the authors resize DINOv2's inputs."""
-    return F.interpolate(images, size=size, mode="bicubic", align_corners=False)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .images import as_rgb_array, bicubic, image_tensor, load_image, square_frame
+from .frames import bicubic, image_tensor, square_frame
+from .images import as_rgb_array, load_image
 from .merging import crop_masks
 from .models import FeatureEncoder, PromptSegmenter
 from .settings import Settings

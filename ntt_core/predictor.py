@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import ImageError, as_rgb_array, bicubic, load_image, square_frame
+from .frames import bicubic, square_frame
+from .images import ImageError, as_rgb_array, load_image
 from .instances import Instances
 from .matching import best_references, pool_features, score_classes
 from .memory_bank import MemoryBank

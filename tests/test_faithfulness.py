@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ntt_core.images import load_image, square_frame
+from ntt_core.frames import square_frame
+from ntt_core.images import load_image
 from ntt_core.memory_bank import ReferenceImage, ReferenceInstance, build_memory_bank, reference_crop_box
 from ntt_core.predictor import Predictor
 from ntt_core.settings import Settings
@@ -73,7 +74,7 @@ def test_normalisation_is_torchvisions_normalize_after_the_division_by_255():
     """Their loader divides by 255 in float64, casts to float32, then applies torchvision's
     ``Normalize`` (ImageNet mean and std) on float32: bit for bit what our models get."""
     Normalize = pytest.importorskip("torchvision.transforms").Normalize
-    from ntt_core.images import image_tensor
+    from ntt_core.frames import image_tensor
     from ntt_core.models import normalize
 
     image = np.asarray(pattern(97, 61))

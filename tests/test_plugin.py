@@ -90,6 +90,20 @@ def inputs_of(name: str, collection, params: dict | None = None) -> dict:
     return prop.type.properties
 
 
+def test_the_library_the_forms_use_imports_no_torch():
+    """Forms resolve in the App server before any run: the FiftyOne side of the library they call must
+    not bring torch in (a run imports it; the browser tests check the same in the App)."""
+    code = (
+        "import sys\nfrom plugin.common import adapter, fiftyone_review\nadapter(), fiftyone_review()\n"
+        "print([m for m in ('torch', 'torchvision', 'transformers') if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_the_plugin_lists_without_importing_torch():
     code = (
         "import sys, fiftyone.operators as foo\n"
