@@ -2,7 +2,7 @@
 removing references (positive or negative), and thumbnails of reference instances.
 
 Every function takes and returns plain :class:`~ntt_core.memory_bank.MemoryBank` objects; the
-dataset side lives in :mod:`ntt_core.fiftyone_review`.
+dataset side lives in :mod:`ntt_core.fiftyone.review`.
 """
 
 from __future__ import annotations

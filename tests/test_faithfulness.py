@@ -202,7 +202,7 @@ def test_a_fiftyone_reference_crops_around_its_own_box_in_pixels():
     """A label imported from a COCO bbox (10.7, 20.2, 40.2, 21.4) px in a 100 x 80 image gives that box
     back in pixels, so the crop is the authors' (hand-computed above: 6, 6, 54, 54)."""
     fo = pytest.importorskip("fiftyone")
-    from ntt_core.fiftyone_adapter import reference_instance
+    from ntt_core.fiftyone.references import reference_instance
 
     label = fo.Detection(label="thing", bounding_box=[10.7 / 100, 20.2 / 80, 40.2 / 100, 21.4 / 80])
     instance, reason = reference_instance(label, (80, 100))
