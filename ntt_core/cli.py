@@ -41,6 +41,7 @@ from .coco import (
     sample_references,
     write_json,
 )
+from .errors import NttError
 from .images import ImageError
 from .input_rules import CROWD_REASON, InputError, check_count, check_seed, is_crowd
 from .settings import Settings
@@ -50,7 +51,7 @@ PAPER = Settings()  # the paper's defaults
 logger = logging.getLogger("ntt_core.cli")
 
 
-class CliError(ValueError):
+class CliError(NttError):
     """A command-line input the commands cannot use (e.g. an unavailable device)."""
 
 
@@ -78,33 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, KeyboardInterrupt) as stop:
         print(f"ntt: interrupted{': ' + str(stop) if str(stop) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as error:
-        if not isinstance(error, _user_errors()):
-            raise
+    except (NttError, OSError) as error:  # bad input: one line, nothing done
         reason = " ".join(str(error).split())
         print(f"ntt: error: {reason}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The error types that mean bad input (printed as one line), imported when needed."""
-    from .journal import JournalError
-    from .memory_bank import MemoryBankError, ReferenceError
-    from .meta_checkpoints import CheckpointError
-    from .models import ModelNotFoundError
-
-    return (
-        CliError,
-        InputError,
-        CocoFormatError,
-        ImageError,
-        ReferenceError,
-        MemoryBankError,
-        ModelNotFoundError,
-        CheckpointError,
-        JournalError,
-        OSError,
-    )
 
 
 # --- argument parsing ---

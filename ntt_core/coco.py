@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .errors import NttError
 from .input_rules import check_count, check_seed, is_crowd
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ _STAT_INDEX = (0, 1, 2, 3, 4, 5, 8)  # positions of METRIC_NAMES in COCOeval.sta
 IOU_TYPES = ("bbox", "segm")
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(NttError):
     """A COCO json (annotations, targets or results) that is malformed; the message names the file
     and the problem."""
 

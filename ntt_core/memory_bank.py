@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .errors import NttError
 from .images import as_rgb_array, bicubic, image_tensor, load_image, square_frame
 from .merging import crop_masks
 from .models import FeatureEncoder, PromptSegmenter
@@ -26,11 +27,11 @@ MANIFEST_NAME = "manifest.json"
 TENSORS_NAME = "features.safetensors"
 
 
-class ReferenceError(ValueError):
+class InvalidReferenceError(NttError):
     """References that cannot make a memory bank; the message says which and why."""
 
 
-class MemoryBankError(ValueError):
+class MemoryBankError(NttError):
     """A memory bank file or payload that is invalid, tampered with, or made for other models."""
 
 
@@ -374,7 +375,7 @@ def build_memory_bank(
     if missing or not class_names:
         reasons = "; ".join(f"{s['reference_id'] or '?'} ({s['class_name']}): {s['reason']}" for s in skipped)
         what = f"no usable reference for class(es) {', '.join(missing)}" if missing else "no usable reference at all"
-        raise ReferenceError(what + (f". Skipped: {reasons}" if reasons else ""))
+        raise InvalidReferenceError(what + (f". Skipped: {reasons}" if reasons else ""))
     kept = [row for row, instance in enumerate(instances) if instance.class_name in class_names]
     lookup = {name: i for i, name in enumerate(class_names)}
     return MemoryBank(

@@ -82,11 +82,14 @@ def params_with_defaults(operator, ctx) -> dict:
 
 
 def check(prop, test: Callable[[], object]):
-    """Run ``test``; a ``ValueError`` or a missing library marks ``prop`` invalid with its message.
-    Returns what ``test`` returned, or None when it failed."""
+    """Run ``test`` (in a form, once the library is importable); a library error
+    (:class:`~ntt_core.errors.NttError`) marks ``prop`` invalid with its message. Returns what
+    ``test`` returned, or None when it failed."""
+    from ntt_core.errors import NttError
+
     try:
         return test()
-    except (ValueError, LibraryMissingError) as error:
+    except (NttError, LibraryMissingError) as error:
         invalid(prop, str(error))
         return None
 

@@ -109,13 +109,20 @@ class MemoryBanksPanel(foo.Panel):
     def show_matched_reference(self, ctx):
         try:
             require_library()
-            from ntt_core.fiftyone.review import matched_reference
+        except LibraryMissingError as error:
+            ctx.panel.state.message = f"Show matched reference: {error}"
+            return
+        from ntt_core.errors import NttError
+        from ntt_core.fiftyone.review import matched_reference
 
-            found = selected_prediction(ctx)
-            if found is None:
-                raise ValueError("select a prediction of a 'Segment by reference' field first (in the sample modal)")
+        found = selected_prediction(ctx)
+        if found is None:
+            message = "select a prediction of a 'Segment by reference' field first (in the sample modal)"
+            ctx.panel.state.message = f"Show matched reference: {message}"
+            return
+        try:
             self._show(ctx, matched_reference(ctx.dataset, *found))
-        except (ValueError, LibraryMissingError) as error:
+        except NttError as error:
             ctx.panel.state.message = f"Show matched reference: {error}"
 
     def open_reference(self, ctx):
@@ -173,12 +180,13 @@ class MemoryBanksPanel(foo.Panel):
         return types.Property(panel, view=types.GridView(orientation="vertical"))
 
     def _render_bank(self, ctx, panel, name: str, key: str) -> None:
+        from ntt_core.errors import NttError
         from ntt_core.fiftyone.bank_runs import memory_bank_info
 
         try:
             sha256 = memory_bank_info(ctx.dataset, key)["sha256"]
             overview = cached_overview(ctx.dataset.name, key, sha256)
-        except (ValueError, LibraryMissingError) as error:  # a damaged bank: say so, offer deletion
+        except NttError as error:  # a damaged bank: say so, offer deletion
             panel.view(
                 f"{name}_error", types.Error(label=f"Memory bank '{key}' cannot be read", description=str(error))
             )

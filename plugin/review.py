@@ -114,6 +114,7 @@ class _AddReferences(foo.Operator):
         raise NotImplementedError
 
     def _form(self, ctx, inputs):
+        from ntt_core.errors import NttError
         from ntt_core.fiftyone.bank_runs import list_memory_banks, memory_bank_info
         from ntt_core.fiftyone.fields import check_detections_field
 
@@ -123,7 +124,7 @@ class _AddReferences(foo.Operator):
         for field, ids in labels.items():
             try:
                 check_detections_field(ctx.dataset, field, "label field")
-            except ValueError as error:
+            except NttError as error:
                 invalid(inputs.view("label_field_problem", types.Error(label=str(error))), str(error))
                 break
             found = ctx.dataset.select_labels(ids=ids, fields=field).count_values(f"{field}.detections.label")

@@ -25,13 +25,14 @@ from .common import (
 
 def _target_problem(inputs, target) -> None:
     """An error in the form when the target cannot be segmented; a notice when it was mapped."""
+    from ntt_core.errors import NttError
     from ntt_core.fiftyone.fields import FiftyOneAdapterError, image_collection
 
     try:
         images, note = image_collection(target)
         if len(images) == 0:
             raise FiftyOneAdapterError("the target view is empty: nothing to process")
-    except ValueError as error:
+    except NttError as error:
         invalid(inputs.view("target_problem", types.Error(label=str(error))), str(error))
         return
     if note:

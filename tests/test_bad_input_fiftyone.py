@@ -29,7 +29,7 @@ from ntt_core.fiftyone.labels import boxes_to_masks
 from ntt_core.fiftyone.predictions import prediction_record, segment_by_reference, start_sharded_prediction
 from ntt_core.fiftyone.references import collect_references, count_references
 from ntt_core.input_rules import InputError
-from ntt_core.memory_bank import ReferenceError
+from ntt_core.memory_bank import InvalidReferenceError
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 
@@ -126,7 +126,7 @@ def test_missing_media_is_reported_per_sample_and_resumable(dataset, models):
         {"reference_id": label.id, "class_name": label.label, "reason": f"{path}: image file not found"}
         for label in gone.gt.detections
     ]
-    with pytest.raises(ReferenceError) as error:  # every reference is unusable: no bank
+    with pytest.raises(InvalidReferenceError) as error:  # every reference is unusable: no bank
         build_dataset_memory_bank(dataset, "refs", "gt", *models, mode="sample_tag", tag="refs")
     assert str(error.value) == "no usable reference at all. Unusable in 'gt': " + "; ".join(
         f"{label.id} ({label.label}): {path}: image file not found" for label in gone.gt.detections

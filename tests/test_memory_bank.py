@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ntt_core.memory_bank import (
+    InvalidReferenceError,
     MemoryBank,
     MemoryBankError,
-    ReferenceError,
     ReferenceImage,
     ReferenceInstance,
     build_memory_bank,
@@ -136,10 +136,10 @@ def test_empty_masks_are_skipped_and_a_class_without_references_is_an_error():
         )
     ]
     with pytest.raises(
-        ReferenceError, match=r"no usable reference for class\(es\) dog.*empty-dog \(dog\): mask is empty"
+        InvalidReferenceError, match=r"no usable reference for class\(es\) dog.*empty-dog \(dog\): mask is empty"
     ):
         build_memory_bank(references, PixelEncoder(), classes=["cat", "dog"])
     bank = build_memory_bank(references, PixelEncoder())
     assert bank.classes == ["cat"] and [s["reference_id"] for s in bank.skipped] == ["empty", "empty-dog"]
-    with pytest.raises(ReferenceError, match="no usable reference at all"):
+    with pytest.raises(InvalidReferenceError, match="no usable reference at all"):
         build_memory_bank([], PixelEncoder())

@@ -192,3 +192,20 @@ def test_fiftyone_writes_to_the_session_database():
         assert dataset.name in names
     finally:
         dataset.delete()
+
+
+def test_every_library_error_derives_from_the_one_base():
+    from ntt_core.errors import NttError
+
+    errors = []
+    for module in _package_modules():
+        if not module.startswith("ntt_core"):
+            continue
+        for value in vars(importlib.import_module(module)).values():
+            if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == module:
+                errors.append(value)
+    names = {error.__name__ for error in errors}
+    assert {"ImageError", "CheckpointError", "ModelNotFoundError", "InputError", "InvalidReferenceError"} <= names
+    assert {"FiftyOneAdapterError", "CliError", "MemoryBankError", "JournalError", "CocoFormatError"} <= names
+    assert [e.__name__ for e in errors if not issubclass(e, NttError) and e.__name__ != "Interrupted"] == []
+    assert "ReferenceError" not in names  # Python's builtin keeps its meaning

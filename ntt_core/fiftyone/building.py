@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..memory_bank import ReferenceError, build_memory_bank
+from ..memory_bank import InvalidReferenceError, build_memory_bank
 from ..settings import Settings
 from .bank_runs import check_bank_key, save_memory_bank
 from .fields import Progress
@@ -49,11 +49,11 @@ def build_dataset_memory_bank(
             classes=list(classes) if classes else None,
             progress=None if progress is None else (lambda done: progress(done, total)),
         )
-    except ReferenceError as error:  # say why the labels left out here could not be used either
+    except InvalidReferenceError as error:  # say why the labels left out here could not be used either
         if not selection.skipped:
             raise
         reasons = "; ".join(f"{s['reference_id']} ({s['class_name']}): {s['reason']}" for s in selection.skipped)
-        raise ReferenceError(f"{error}. Unusable in '{gt_field}': {reasons}") from None
+        raise InvalidReferenceError(f"{error}. Unusable in '{gt_field}': {reasons}") from None
     bank.skipped = selection.skipped + bank.skipped
     bank.segmenter_id = bank.segmenter_id or segmenter_id
     source = {

@@ -11,6 +11,8 @@ import fiftyone as fo
 import fiftyone.core.fields as fof
 import fiftyone.core.media as fom
 
+from ..errors import NttError
+
 BANK_METHOD = "ntt_memory_bank"
 
 
@@ -23,7 +25,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-class FiftyOneAdapterError(ValueError):
+class FiftyOneAdapterError(NttError):
     """A dataset, field, run or parameter that cannot be used; the message names it and says why."""
 
 
