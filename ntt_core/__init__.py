@@ -23,9 +23,9 @@ _EXPORTS = {
     "ModelNotFoundError": "models",
     "MemoryBank": "memory_bank",
     "MemoryBankError": "memory_bank",
-    "InvalidReferenceError": "memory_bank",
-    "ReferenceImage": "memory_bank",
-    "ReferenceInstance": "memory_bank",
+    "InvalidReferenceError": "references",
+    "ReferenceImage": "references",
+    "ReferenceInstance": "references",
     "build_memory_bank": "memory_bank",
     "Predictor": "predictor",
 }

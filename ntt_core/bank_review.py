@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .geometry import reference_crop_box
 from .matching import class_similarity, negative_damping
-from .memory_bank import DescribedReferences, MemoryBank, MemoryBankError, reference_crop_box, skipped_instance
+from .memory_bank import DescribedReferences, MemoryBank, MemoryBankError
+from .references import skipped_instance
 from .settings import Settings
 
 #: Percentile of a class's leave-one-out scores that :func:`suggest_thresholds` proposes.

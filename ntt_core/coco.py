@@ -24,7 +24,7 @@ from .input_rules import check_count, check_seed, is_crowd
 
 if TYPE_CHECKING:
     from .instances import Instances
-    from .memory_bank import ReferenceImage
+    from .references import ReferenceImage
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def references_from_coco(
     many instances of each class, in file order.
     Images (loaded later, by the bank builder) are ``image_dir / file_name``.
     """
-    from .memory_bank import ReferenceImage, ReferenceInstance
+    from .references import ReferenceImage, ReferenceInstance
 
     if max_per_class is not None:
         check_count(max_per_class, "max_per_class")
@@ -247,7 +247,7 @@ def references_from_coco(
     ]
 
 
-# --- few-shot sampling (ALGORITHM.md, "Evaluation protocols") ---
+# --- few-shot sampling (docs/method.md, "Evaluation protocols") ---
 
 
 def is_valid_reference(annotation: dict, image: dict) -> bool:

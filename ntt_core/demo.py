@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import CliError, print_metrics
+from .cli_common import CliError, class_choice, count_option, print_metrics, seed_option, shots_option
 from .input_rules import check_seed, is_crowd
 from .settings import Settings
 
@@ -56,8 +56,6 @@ OFFLINE_BANNER = """\
 
 def add_parser(commands, formatter) -> None:
     """The ``demo`` subcommand of ``ntt``."""
-    from .cli import _classes, count_option, seed_option, shots_option
-
     demo = commands.add_parser(
         "demo",
         help="the main job on a small real dataset, from download to the FiftyOne App",
@@ -76,7 +74,7 @@ def add_parser(commands, formatter) -> None:
     demo.add_argument("--dataset", help="FiftyOne dataset name (default: ntt-demo; offline ntt-demo-offline)")
     demo.add_argument(
         "--classes",
-        type=_classes,
+        type=class_choice,
         help=f"few-shot (the 20 COCO-FSOD novel classes), all, or names a,b,c (default: {','.join(COCO_CLASSES)}; "
         f"offline {','.join(OFFLINE_CLASSES)}; with --coco-dir all)",
     )

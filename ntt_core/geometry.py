@@ -1,9 +1,12 @@
-"""Box and mask geometry between the image and its annotations: relative boxes to pixel boxes,
-masks stored for a box to full-image masks."""
+"""Box and mask geometry: boxes of masks (one, or ``[N, H, W]`` on the device), the authors'
+square reference crop, relative boxes to pixel boxes, masks stored for a box to full-image masks."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -41,3 +44,43 @@ def place_mask(crop: np.ndarray, box: tuple[int, int, int, int], image_size: tup
     full = np.zeros(image_size, dtype=bool)
     full[y0:y1, x0:x1] = fit_mask(crop, box)
     return full
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Tight end-exclusive box (x0, y0, x1, y1) of the non-zero pixels, or None if there are none."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """``[N, H, W]`` bool -> ``[N, 4]`` float (x0, y0, x1, y1) with inclusive max coordinates, as
+    ``torchvision.ops.masks_to_boxes``; zeros for empty masks."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # [N, H], [N, W]
+    height, width = masks.shape[-2:]
+    y0 = rows.float().argmax(dim=1)
+    y1 = height - 1 - rows.flip(1).float().argmax(dim=1)
+    x0 = cols.float().argmax(dim=1)
+    x1 = width - 1 - cols.flip(1).float().argmax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    return boxes * rows.any(dim=1, keepdim=True)
+
+
+def reference_crop_box(
+    box: Sequence[float], image_size: tuple[int, int], context_ratio: float
+) -> tuple[int, int, int, int]:
+    """The authors' reference crop: a square around the box centre, side max(w, h) x (1 + context_ratio),
+    clipped to the image, every edge rounded down: the corners ``int()``-ed, then
+    ``int(mid - side / 2)`` and ``int(mid + side / 2)``. Returns integer (x0, y0, x1, y1),
+    end-exclusive; never empty (theirs is empty, and fails, for a box under one pixel)."""
+    height, width = image_size
+    x0, y0, x1, y1 = (int(float(v)) for v in box)
+    side = max(x1 - x0, y1 - y0) * (1.0 + context_ratio)
+    mid_x, mid_y = (x0 + x1) * 0.5, (y0 + y1) * 0.5
+    left, top = max(0, int(mid_x - side * 0.5)), max(0, int(mid_y - side * 0.5))
+    right, bottom = min(width, int(mid_x + side * 0.5)), min(height, int(mid_y + side * 0.5))
+    left, top = min(left, width - 1), min(top, height - 1)
+    return left, top, max(right, left + 1), max(bottom, top + 1)

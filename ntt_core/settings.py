@@ -16,7 +16,7 @@ MEMORY_ONLY = ("prompt_batch_size",)
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of the pipeline. Defaults reproduce the paper (see ALGORITHM.md).
+    """Every knob of the pipeline. Defaults reproduce the paper (see docs/method.md).
 
     Input sizes are not here: SAM2's frame (1024) and mask size (256) come from its config,
     DINOv2's input side (518) from ``encoder_size`` or its config, the patch grid (37) from both.

@@ -29,7 +29,7 @@ from ntt_core.fiftyone.labels import boxes_to_masks
 from ntt_core.fiftyone.predictions import prediction_record, segment_by_reference, start_sharded_prediction
 from ntt_core.fiftyone.references import collect_references, count_references
 from ntt_core.input_rules import InputError
-from ntt_core.memory_bank import InvalidReferenceError
+from ntt_core.references import InvalidReferenceError
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 

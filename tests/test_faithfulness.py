@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ntt_core.geometry import reference_crop_box
 from ntt_core.images import load_image, square_frame
-from ntt_core.memory_bank import ReferenceImage, ReferenceInstance, build_memory_bank, reference_crop_box
+from ntt_core.memory_bank import build_memory_bank
 from ntt_core.predictor import Predictor
+from ntt_core.references import ReferenceImage, ReferenceInstance
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 

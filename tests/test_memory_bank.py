@@ -7,15 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ntt_core.memory_bank import (
-    InvalidReferenceError,
-    MemoryBank,
-    MemoryBankError,
-    ReferenceImage,
-    ReferenceInstance,
-    build_memory_bank,
-    reference_crop_box,
-)
+from ntt_core.geometry import reference_crop_box
+from ntt_core.memory_bank import MemoryBank, MemoryBankError, build_memory_bank
+from ntt_core.references import InvalidReferenceError, ReferenceImage, ReferenceInstance
 
 
 class PixelEncoder:

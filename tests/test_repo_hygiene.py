@@ -209,3 +209,54 @@ def test_every_library_error_derives_from_the_one_base():
     assert {"FiftyOneAdapterError", "CliError", "MemoryBankError", "JournalError", "CocoFormatError"} <= names
     assert [e.__name__ for e in errors if not issubclass(e, NttError) and e.__name__ != "Interrupted"] == []
     assert "ReferenceError" not in names  # Python's builtin keeps its meaning
+
+
+def _library_imports() -> dict[str, set[str]]:
+    """``{module: modules of ntt_core it imports}``, at module level or inside functions."""
+    modules = {
+        name: REPO / (name.replace(".", "/") + ".py") for name in _package_modules() if name.startswith("ntt_core")
+    }
+    modules = {name: path if path.exists() else path.with_suffix("") / "__init__.py" for name, path in modules.items()}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                found |= {target, *(f"{target}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        graph[name] = {target for target in found & set(modules) if target not in (name, "ntt_core")}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target) :] + [node, target])
+            elif target not in state:
+                visit(target, path + [node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_library_has_no_import_cycle():
+    graph = _library_imports()
+    assert {"ntt_core.cli", "ntt_core.fiftyone.predictions", "ntt_core.geometry"} <= set(graph)
+    assert "ntt_core.fiftyone.fields" in graph["ntt_core.fiftyone.predictions"]  # relative imports resolve
+    assert _cycles(graph) == []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..memory_bank import InvalidReferenceError, build_memory_bank
+from ..memory_bank import build_memory_bank
+from ..references import InvalidReferenceError
 from ..settings import Settings
 from .bank_runs import check_bank_key, save_memory_bank
 from .fields import Progress

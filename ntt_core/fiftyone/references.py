@@ -11,7 +11,7 @@ from fiftyone import ViewField as F
 from ..geometry import pixel_box, place_mask
 from ..images import ImageError, load_image
 from ..input_rules import CROWD_REASON, check_count, is_crowd
-from ..memory_bank import ReferenceImage, ReferenceInstance
+from ..references import ReferenceImage, ReferenceInstance
 from .fields import FiftyOneAdapterError, check_detections_field, image_collection
 
 REFERENCE_MODES = ("label_tag", "sample_tag", "label_ids")
