@@ -9,7 +9,6 @@ from fiftyone import ViewField as F
 from PIL import Image
 
 from .. import coco
-from ..coco import encode_crop, result_box
 from ..geometry import fit_mask, pixel_box
 from ..images import ImageError
 from ..input_rules import is_crowd
@@ -180,10 +179,10 @@ def _coco_entry(label, size: tuple[int, int], prediction: bool = False) -> dict 
     if box is None:
         return None
     x0, y0, x1, y1 = box
-    entry = {"bbox": result_box(box) if prediction else [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
+    entry = {"bbox": coco.result_box(box) if prediction else [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
     crop = label.get_mask()
     if crop is not None:
-        entry["segmentation"] = encode_crop(fit_mask(crop, box), box, size)
+        entry["segmentation"] = coco.encode_crop(fit_mask(crop, box), box, size)
     return entry
 
 

@@ -13,14 +13,10 @@ import fiftyone.core.media as fom
 
 from ..errors import NttError
 
+#: Run methods of this tool: memory banks (:mod:`.bank_runs`) and prediction records (:mod:`.predictions`).
 BANK_METHOD = "ntt_memory_bank"
-
-
 PREDICTION_METHOD = "ntt_predictions"
-
-
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
 
 Progress = Callable[[int, int], None]  # (done, total)
 

@@ -19,8 +19,6 @@ from .fields import PREDICTION_METHOD, FiftyOneAdapterError, Progress, check_out
 from .labels import instances_to_detections
 
 PREDICTION_RUN_PREFIX = "ntt_predictions_"
-
-
 #: Keys of a prediction record that must agree before ``skip_existing`` may resume a field.
 RECORD_MATCH_KEYS = ("bank_key", "bank_sha256", "segmenter_fingerprint", "encoder_fingerprint", "dtype", "settings")
 
@@ -58,7 +56,7 @@ def make_prediction_record(dataset, field_name: str, bank_key: str, segmenter, e
 
 
 def check_prediction_field(dataset, name: str, overwrite: bool = False, skip_existing: bool = False) -> bool:
-    """:func:`check_output_field` for predictions: an existing field is overwritten only if this tool
+    """:func:`.fields.check_output_field` for predictions: an existing field is overwritten only if this tool
     wrote it (it has a run record); any other may be ground truth that no bank or evaluation names yet."""
     exists = check_output_field(dataset, name, overwrite=overwrite, skip_existing=skip_existing)
     if exists and overwrite and prediction_record(dataset, name) is None:
@@ -252,7 +250,7 @@ class ReferenceSegmentationModel(fomo.Model):
     """The predictor as a FiftyOne model. Apply it with :func:`apply_reference_model`: FiftyOne's own
     ``apply_model`` writes whatever field it is given (a ground-truth field too) without telling the model.
 
-    Takes ``[H, W, 3]`` uint8 images and returns ``fo.Detections`` (see :func:`instances_to_detections`).
+    Takes ``[H, W, 3]`` uint8 images and returns ``fo.Detections`` (see :func:`.labels.instances_to_detections`).
     """
 
     def __init__(self, predictor) -> None:
@@ -308,8 +306,8 @@ def apply_reference_model(
 ) -> None:
     """FiftyOne's ``apply_model`` with the bank's :func:`reference_model`, guarded like every
     other way of writing predictions: ``label_field`` must not be a ground-truth field
-    (:func:`protected_fields`, the bank's own among them) and an existing field is refused unless
-    ``overwrite``. The field gets a prediction record, so :func:`evaluate` finds its ground truth.
+    (:func:`.fields.protected_fields`, the bank's own among them) and an existing field is refused unless
+    ``overwrite``. The field gets a prediction record, so :func:`.evaluation.evaluate` finds its ground truth.
     ``apply_options`` go to ``apply_model`` (e.g. ``num_workers``, ``skip_failures``)."""
     settings = settings or Settings()
     samples, _ = image_collection(samples)

@@ -1,5 +1,5 @@
 """References out of a dataset's ground truth: the view that holds them, their counts, and
-``fo.Detection`` -> :class:`~ntt_core.memory_bank.ReferenceInstance`."""
+``fo.Detection`` -> :class:`~ntt_core.references.ReferenceInstance`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from ..references import ReferenceImage, ReferenceInstance
 from .fields import FiftyOneAdapterError, check_detections_field, image_collection
 
 REFERENCE_MODES = ("label_tag", "sample_tag", "label_ids")
-
-
 DEFAULT_REFERENCE_TAG = "reference"
 
 
