@@ -31,9 +31,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntt_core.cli import seed_option, shots_option
+from ntt_core.cli_common import seed_option, shots_option
 from ntt_core.coco import (
-    CocoFormatError,
     evaluate,
     instances_to_coco_results,
     load_coco,
@@ -42,10 +41,9 @@ from ntt_core.coco import (
     sample_references,
     write_json,
 )
+from ntt_core.errors import NttError
 from ntt_core.images import ImageError
-from ntt_core.memory_bank import MemoryBankError, ReferenceError
-from ntt_core.meta_checkpoints import CheckpointError
-from ntt_core.models import DEFAULT_DINOV2, DEFAULT_SAM2, ModelNotFoundError
+from ntt_core.models import DEFAULT_DINOV2, DEFAULT_SAM2
 from ntt_core.settings import Settings
 
 #: The seeds of the paper's spread (mean +- std over these); 33 is the README's.
@@ -54,7 +52,7 @@ COCO_SHOTS = 30
 METRICS = {"nAP": "AP", "nAP50": "AP50", "nAP75": "AP75"}
 
 
-class FsodError(ValueError):
+class FsodError(NttError):
     """A benchmark that cannot run as asked (missing files, unknown classes); the message says why."""
 
 
@@ -419,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except (FsodError, CocoFormatError, ReferenceError, MemoryBankError, ModelNotFoundError, CheckpointError) as error:
+    except NttError as error:
         print(f"fsod.py: error: {error}", file=sys.stderr)
         return 2
     print_report(report)

@@ -47,15 +47,15 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not ins
 
 from ntt_core import predictor as predictor_module
 from ntt_core.coco import instances_to_coco_results
+from ntt_core.errors import NttError
 from ntt_core.frames import image_tensor
 from ntt_core.images import ImageError
 from ntt_core.memory_bank import MemoryBank
-from ntt_core.meta_checkpoints import DINOV2_HEADS, HIERA_SIZES, CheckpointError
+from ntt_core.meta_checkpoints import DINOV2_HEADS, HIERA_SIZES
 from ntt_core.models import (
     DINOV2_MODELS,
     SAM2_MODELS,
     Dinov2Encoder,
-    ModelNotFoundError,
     Sam2Segmenter,
     choose_device,
     choose_dtype,
@@ -132,7 +132,7 @@ DEFAULTS = {
 }
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(NttError):
     """A benchmark that cannot run as asked; the message says why."""
 
 
@@ -787,13 +787,13 @@ def print_report(report: dict) -> None:
         print(f"memory bank 80 x 30 against 1 x 1: {100 * report['bank_overhead']:+.1f}% time per image")
 
 
-def benchmark_main(name: str, parser, run, print_report, argv: list[str] | None, errors=(BenchmarkError,)) -> int:
+def benchmark_main(name: str, parser, run, print_report, argv: list[str] | None) -> int:
     """Parse ``argv``, run, print the report, and its JSON as the last line with ``--json``; one
-    line and exit code 2 on ``errors``."""
+    line and exit code 2 on an :class:`~ntt_core.errors.NttError`."""
     args = parser.parse_args(argv)
     try:
         report = run(args)
-    except errors as error:
+    except NttError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
     print_report(report)
@@ -803,8 +803,7 @@ def benchmark_main(name: str, parser, run, print_report, argv: list[str] | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    errors = (BenchmarkError, ModelNotFoundError, CheckpointError)
-    return benchmark_main("speed.py", build_parser(), run, print_report, argv, errors)
+    return benchmark_main("speed.py", build_parser(), run, print_report, argv)
 
 
 if __name__ == "__main__":

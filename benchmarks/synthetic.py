@@ -26,11 +26,12 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not ins
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ntt_core.coco import evaluate, instances_to_coco_results
+from ntt_core.errors import NttError
 from ntt_core.memory_bank import build_memory_bank
 from ntt_core.predictor import Predictor
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
-from ntt_core.synthetic import CLASSES, SceneError, coco_ground_truth, make_dataset, reference_images
+from ntt_core.synthetic import CLASSES, coco_ground_truth, make_dataset, reference_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (SceneError, ValueError) as error:
+    except NttError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Settings": "settings",
+    "NttError": "errors",
     "ImageError": "images",
     "load_image": "images",
     "Instances": "instances",
@@ -22,9 +23,9 @@ _EXPORTS = {
     "ModelNotFoundError": "models",
     "MemoryBank": "memory_bank",
     "MemoryBankError": "memory_bank",
-    "ReferenceError": "memory_bank",
-    "ReferenceImage": "memory_bank",
-    "ReferenceInstance": "memory_bank",
+    "InvalidReferenceError": "references",
+    "ReferenceImage": "references",
+    "ReferenceInstance": "references",
     "build_memory_bank": "memory_bank",
     "Predictor": "predictor",
 }

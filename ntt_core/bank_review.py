@@ -2,7 +2,7 @@
 removing references (positive or negative), and thumbnails of reference instances.
 
 Every function takes and returns plain :class:`~ntt_core.memory_bank.MemoryBank` objects; the
-dataset side lives in :mod:`ntt_core.fiftyone_review`.
+dataset side lives in :mod:`ntt_core.fiftyone.review`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .geometry import reference_crop_box
 from .matching import class_similarity, negative_damping
-from .memory_bank import DescribedReferences, MemoryBank, MemoryBankError, reference_crop_box, skipped_instance
+from .memory_bank import DescribedReferences, MemoryBank, MemoryBankError
+from .references import skipped_instance
 from .settings import Settings
 
 #: Percentile of a class's leave-one-out scores that :func:`suggest_thresholds` proposes.

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import NttError
 from .meta_checkpoints import CheckpointError, _listing
 
 HUB_TIMEOUT_S = 5.0  # seconds one metadata request may take before a download
@@ -26,7 +27,7 @@ SHARDS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(NttError):
     """A model that is neither on disk nor in the hub cache, and cannot be downloaded."""
 
 

@@ -27,8 +27,17 @@ import threading
 import time
 from pathlib import Path
 
+from .cli_common import (
+    CliError,
+    class_choice,
+    count_option,
+    fraction,
+    non_negative_float,
+    print_metrics,
+    seed_option,
+    shots_option,
+)
 from .coco import (
-    METRIC_NAMES,
     CocoFormatError,
     ResultsWriter,
     evaluate,
@@ -41,17 +50,14 @@ from .coco import (
     sample_references,
     write_json,
 )
+from .errors import NttError
 from .images import ImageError
-from .input_rules import CROWD_REASON, InputError, check_count, check_seed, is_crowd
+from .input_rules import CROWD_REASON, is_crowd
 from .settings import Settings
 
 PAPER = Settings()  # the paper's defaults
 
 logger = logging.getLogger("ntt_core.cli")
-
-
-class CliError(ValueError):
-    """A command-line input the commands cannot use (e.g. an unavailable device)."""
 
 
 #: Exit statuses (see the module docstring).
@@ -78,33 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, KeyboardInterrupt) as stop:
         print(f"ntt: interrupted{': ' + str(stop) if str(stop) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as error:
-        if not isinstance(error, _user_errors()):
-            raise
+    except (NttError, OSError) as error:  # bad input: one line, nothing done
         reason = " ".join(str(error).split())
         print(f"ntt: error: {reason}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The error types that mean bad input (printed as one line), imported when needed."""
-    from .journal import JournalError
-    from .memory_bank import MemoryBankError, ReferenceError
-    from .meta_checkpoints import CheckpointError
-    from .models import ModelNotFoundError
-
-    return (
-        CliError,
-        InputError,
-        CocoFormatError,
-        ImageError,
-        ReferenceError,
-        MemoryBankError,
-        ModelNotFoundError,
-        CheckpointError,
-        JournalError,
-        OSError,
-    )
 
 
 # --- argument parsing ---
@@ -132,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--classes",
         default="few-shot",
-        type=_classes,
+        type=class_choice,
         help="few-shot (the 20 COCO-FSOD novel classes), all, or names a,b,c",
     )
     sample.add_argument(
@@ -161,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--context-ratio",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=PAPER.context_ratio,
         help="context added around each reference crop",
     )
@@ -199,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
             count_option("prompt_batch_size"),
             "point prompts decoded at once (default: 256 on a GPU, 64 on CPU)",
         ),
-        ("--sam-iou-threshold", _fraction, "drop candidates whose SAM2 predicted IoU is at or below this"),
-        ("--nms-iou-threshold", _fraction, "box NMS IoU"),
+        ("--sam-iou-threshold", fraction, "drop candidates whose SAM2 predicted IoU is at or below this"),
+        ("--nms-iou-threshold", fraction, "box NMS IoU"),
         ("--pre-merge-keep", count_option("pre_merge_keep"), "candidates kept after NMS"),
         ("--max-detections", count_option("max_detections"), "instances kept per image"),
-        ("--score-threshold", _fraction, "drop instances scoring below this"),
+        ("--score-threshold", fraction, "drop instances scoring below this"),
     ):
         predict.add_argument(option, type=kind, default=getattr(PAPER, option[2:].replace("-", "_")), help=text)
     predict.add_argument(
@@ -222,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--targets", required=True, type=Path, help="ground-truth COCO json")
     assess.add_argument("--results", required=True, type=Path, help="COCO results json")
     assess.add_argument(
-        "--classes", type=_classes, help="restrict to these classes: few-shot, all, or names a,b,c (default: all)"
+        "--classes", type=class_choice, help="restrict to these classes: few-shot, all, or names a,b,c (default: all)"
     )
     assess.add_argument("--out", type=Path, help="also write the metrics as json here")
     assess.set_defaults(command=run_evaluate)
@@ -266,56 +249,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=count_option("encoder_size"),
         help="DINOv2 input side in pixels (default: the model's, 518)",
     )
-
-
-def count_option(name: str):
-    """An argparse type for a count of at least 1: the library's rule (:func:`ntt_core.input_rules.check_count`)
-    with its message about ``name``, the parameter's name in the Python API and the App's forms."""
-
-    def count(text: str) -> int:
-        return _ruled(lambda value: check_count(value, name), text)
-
-    return count
-
-
-shots_option = count_option("shots")
-
-
-def seed_option(text: str) -> int:
-    """``--seed``: the library's rule (:func:`ntt_core.input_rules.check_seed`), as an argparse type."""
-    return _ruled(check_seed, text)
-
-
-def _ruled(rule, text: str) -> int:
-    try:
-        return rule(int(text))
-    except ValueError as error:  # not an integer, or the rule's message
-        message = str(error) if isinstance(error, InputError) else f"{text!r} is not an integer"
-        raise argparse.ArgumentTypeError(message) from None
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return value
-
-
-def _classes(text: str) -> str | list[str]:
-    """``few-shot`` / ``all`` / comma-separated class names."""
-    if text in ("few-shot", "all"):
-        return text
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("give few-shot, all, or comma-separated class names")
-    return names
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -621,15 +554,6 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 # --- helpers ---
-
-
-def print_metrics(report: dict) -> None:
-    """A table of the bbox and segm metrics of ``report`` (those present and not None), in percent."""
-    print("      " + "".join(f"{name:>7}" for name in METRIC_NAMES))
-    for iou_type in ("bbox", "segm"):
-        if report.get(iou_type):
-            cells = "".join(f"{100 * v:7.1f}" if v >= 0 else f"{'-':>7}" for v in report[iou_type].values())
-            print(f"{iou_type:<6}{cells}")
 
 
 class _CountingEncoder:

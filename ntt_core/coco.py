@@ -19,11 +19,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .errors import NttError
 from .input_rules import check_count, check_seed, is_crowd
 
 if TYPE_CHECKING:
     from .instances import Instances
-    from .memory_bank import ReferenceImage
+    from .references import ReferenceImage
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _STAT_INDEX = (0, 1, 2, 3, 4, 5, 8)  # positions of METRIC_NAMES in COCOeval.sta
 IOU_TYPES = ("bbox", "segm")
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(NttError):
     """A COCO json (annotations, targets or results) that is malformed; the message names the file
     and the problem."""
 
@@ -203,7 +204,7 @@ def references_from_coco(
     many instances of each class, in file order.
     Images (loaded later, by the bank builder) are ``image_dir / file_name``.
     """
-    from .memory_bank import ReferenceImage, ReferenceInstance
+    from .references import ReferenceImage, ReferenceInstance
 
     if max_per_class is not None:
         check_count(max_per_class, "max_per_class")
@@ -246,7 +247,7 @@ def references_from_coco(
     ]
 
 
-# --- few-shot sampling (ALGORITHM.md, "Evaluation protocols") ---
+# --- few-shot sampling (docs/method.md, "Evaluation protocols") ---
 
 
 def is_valid_reference(annotation: dict, image: dict) -> bool:

@@ -8,7 +8,7 @@ summary is printed and the App opened (its URL printed when headless).
 ``--offline`` runs the same flow on generated scenes (:mod:`ntt_core.synthetic`) with the
 stand-in models of :mod:`ntt_core.standins`. The operators load SAM2 and DINOv2 by name and
 cannot take those objects, so there the bank is built and the samples segmented through the
-adapter functions the operators call; evaluation goes through the operator in both modes.
+library functions the operators call; evaluation goes through the operator in both modes.
 
 Re-running replaces the dataset of the same name, if an earlier demo run made it.
 """
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import CliError, print_metrics
+from .cli_common import CliError, class_choice, count_option, print_metrics, seed_option, shots_option
 from .input_rules import check_seed, is_crowd
 from .settings import Settings
 
@@ -56,8 +56,6 @@ OFFLINE_BANNER = """\
 
 def add_parser(commands, formatter) -> None:
     """The ``demo`` subcommand of ``ntt``."""
-    from .cli import _classes, count_option, seed_option, shots_option
-
     demo = commands.add_parser(
         "demo",
         help="the main job on a small real dataset, from download to the FiftyOne App",
@@ -76,7 +74,7 @@ def add_parser(commands, formatter) -> None:
     demo.add_argument("--dataset", help="FiftyOne dataset name (default: ntt-demo; offline ntt-demo-offline)")
     demo.add_argument(
         "--classes",
-        type=_classes,
+        type=class_choice,
         help=f"few-shot (the 20 COCO-FSOD novel classes), all, or names a,b,c (default: {','.join(COCO_CLASSES)}; "
         f"offline {','.join(OFFLINE_CLASSES)}; with --coco-dir all)",
     )
@@ -395,7 +393,7 @@ def tag_references(dataset, classes: Sequence[str], shots: int, seed: int) -> di
     instances fill in where a class has too few. Returns (sample id, label id) per class.
     """
     from .coco import is_valid_reference
-    from .fiftyone_adapter import DEFAULT_REFERENCE_TAG
+    from .fiftyone.references import DEFAULT_REFERENCE_TAG
 
     check_seed(seed)
     candidates = {name: [] for name in classes}
@@ -467,11 +465,11 @@ class OperatorSteps:
         return self.dinov2 or DEFAULT_DINOV2
 
     def load(self):
-        """Load the models into the adapter's per-process cache, which the operators read (the
+        """Load the models into the models module's per-process cache, which the operators read (the
         call matches theirs); returns the device they run on."""
-        from . import fiftyone_adapter as fa
+        from .models import load_models
 
-        segmenter, _ = fa.load_models(self.sam2, self.dinov2, device=self.device)
+        segmenter, _ = load_models(self.sam2, self.dinov2, device=self.device)
         return segmenter.device
 
     def _models(self) -> dict:
@@ -497,7 +495,7 @@ class OperatorSteps:
 
 
 class StandInSteps:
-    """Build and segment with the stand-in models, through the adapter functions the operators call."""
+    """Build and segment with the stand-in models, through the library functions the operators call."""
 
     def __init__(self, settings: Settings) -> None:
         from .standins import ColourStatsEncoder, ConnectedRegionSegmenter
@@ -507,18 +505,16 @@ class StandInSteps:
         self.encoder = ColourStatsEncoder(input_size=112, grid_size=14)
 
     def build(self, dataset, classes: Sequence[str]) -> dict:
-        from . import fiftyone_adapter as fa
+        from .fiftyone.building import build_dataset_memory_bank
 
-        return fa.build_dataset_memory_bank(
+        return build_dataset_memory_bank(
             dataset, BANK_KEY, GT_FIELD, self.segmenter, self.encoder, classes=classes, settings=self.settings
         )
 
     def segment(self, targets) -> dict:
-        from . import fiftyone_adapter as fa
+        from .fiftyone.predictions import segment_by_reference
 
-        return fa.segment_by_reference(
-            targets, BANK_KEY, PRED_FIELD, self.segmenter, self.encoder, settings=self.settings
-        )
+        return segment_by_reference(targets, BANK_KEY, PRED_FIELD, self.segmenter, self.encoder, settings=self.settings)
 
 
 def evaluate(dataset) -> dict:

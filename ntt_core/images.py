@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import NttError
 
-class ImageError(ValueError):
+
+class ImageError(NttError):
     """An image that cannot be read or used; the message names the file and the reason."""
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .errors import NttError
+
 #: Why a crowd annotation never becomes a reference (the paper's protocol samples non-crowd ones only).
 CROWD_REASON = "crowd annotation (iscrowd=1): a region of several instances is never used as a reference"
 
 
-class InputError(ValueError):
+class InputError(NttError):
     """An input that breaks one of the rules below; the message names the input and the rule."""
 
 

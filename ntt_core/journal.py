@@ -15,12 +15,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import NttError
+
 VERSION = 1
 SUFFIX = ".journal"
 PAYLOAD = "payload"  # the key of a record's payload on disk
 
 
-class JournalError(ValueError):
+class JournalError(NttError):
     """A journal that cannot be resumed: another run's, or damaged."""
 
 

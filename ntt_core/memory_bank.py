@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .errors import NttError
 from .frames import bicubic, image_tensor, square_frame
+from .geometry import mask_box, reference_crop_box
 from .images import as_rgb_array, load_image
 from .merging import crop_masks
 from .models import FeatureEncoder, PromptSegmenter
+from .references import InvalidReferenceError, ReferenceImage, ReferenceInstance, skipped_instance
 from .settings import Settings
 
 SCHEMA_VERSION = 1
@@ -27,33 +30,8 @@ MANIFEST_NAME = "manifest.json"
 TENSORS_NAME = "features.safetensors"
 
 
-class ReferenceError(ValueError):
-    """References that cannot make a memory bank; the message says which and why."""
-
-
-class MemoryBankError(ValueError):
+class MemoryBankError(NttError):
     """A memory bank file or payload that is invalid, tampered with, or made for other models."""
-
-
-@dataclass
-class ReferenceInstance:
-    """One annotated example: a mask (preferred) or a box, and its class."""
-
-    class_name: str
-    mask: np.ndarray | None = None  # [H, W] bool or float in [0, 1], at the image's size
-    box: Sequence[float] | None = None  # (x0, y0, x1, y1) in pixels: the annotation's box, which the crop follows
-    reference_id: str = ""
-    negative: bool = False  # an example of what is *not* ``class_name``
-
-
-@dataclass
-class ReferenceImage:
-    """An image and the reference instances annotated in it."""
-
-    image: np.ndarray | str | Path
-    instances: list[ReferenceInstance]
-    image_id: str = ""
-    exif_orientation: bool = True  # for a file: read it upright by its EXIF tag (see images.load_image)
 
 
 @dataclass
@@ -229,31 +207,6 @@ def _class_means(
     return F.normalize(sums / counts, dim=1)
 
 
-def reference_crop_box(
-    box: Sequence[float], image_size: tuple[int, int], context_ratio: float
-) -> tuple[int, int, int, int]:
-    """The authors' reference crop: a square around the box centre, side max(w, h) x (1 + context_ratio),
-    clipped to the image, every edge rounded down: the corners ``int()``-ed, then
-    ``int(mid - side / 2)`` and ``int(mid + side / 2)``. Returns integer (x0, y0, x1, y1),
-    end-exclusive; never empty (theirs is empty, and fails, for a box under one pixel)."""
-    height, width = image_size
-    x0, y0, x1, y1 = (int(float(v)) for v in box)
-    side = max(x1 - x0, y1 - y0) * (1.0 + context_ratio)
-    mid_x, mid_y = (x0 + x1) * 0.5, (y0 + y1) * 0.5
-    left, top = max(0, int(mid_x - side * 0.5)), max(0, int(mid_y - side * 0.5))
-    right, bottom = min(width, int(mid_x + side * 0.5)), min(height, int(mid_y + side * 0.5))
-    left, top = min(left, width - 1), min(top, height - 1)
-    return left, top, max(right, left + 1), max(bottom, top + 1)
-
-
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Tight end-exclusive box (x0, y0, x1, y1) of the non-zero pixels, or None if there are none."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 def describe_crops(
     encoder: FeatureEncoder, crops: torch.Tensor, masks: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,11 +298,6 @@ def describe_references(
     )
 
 
-def skipped_instance(instance: ReferenceInstance, reason: str) -> dict:
-    """The record of a reference instance left out: ``{"reference_id", "class_name", "reason"}``."""
-    return {"reference_id": instance.reference_id, "class_name": instance.class_name, "reason": reason}
-
-
 def build_memory_bank(
     references: Iterable[ReferenceImage],
     encoder: FeatureEncoder,
@@ -375,7 +323,7 @@ def build_memory_bank(
     if missing or not class_names:
         reasons = "; ".join(f"{s['reference_id'] or '?'} ({s['class_name']}): {s['reason']}" for s in skipped)
         what = f"no usable reference for class(es) {', '.join(missing)}" if missing else "no usable reference at all"
-        raise ReferenceError(what + (f". Skipped: {reasons}" if reasons else ""))
+        raise InvalidReferenceError(what + (f". Skipped: {reasons}" if reasons else ""))
     kept = [row for row, instance in enumerate(instances) if instance.class_name in class_names]
     lookup = {name: i for i, name in enumerate(class_names)}
     return MemoryBank(

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import NttError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(NttError):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
 
 

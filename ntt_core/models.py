@@ -441,6 +441,22 @@ def load_encoder(
     return _encoder(resolve_model(DINOV2, source), device, choose_dtype(device, dtype), input_size)
 
 
+def load_models(
+    sam2: str | os.PathLike | None = None,
+    dinov2: str | os.PathLike | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    encoder_size: int | None = None,
+) -> tuple[Sam2Segmenter, Dinov2Encoder]:
+    """(segmenter, encoder): :func:`load_segmenter` and :func:`load_encoder` (None: the paper's models)."""
+    return load_segmenter(sam2, device, dtype), load_encoder(dinov2, device, dtype, encoder_size)
+
+
+def segmenter_source(sam2: str | os.PathLike | None = None) -> str:
+    """The id a SAM2 loaded from ``sam2`` has (short names resolved; None: the paper's), without loading it."""
+    return resolve_model(SAM2, sam2).model_id
+
+
 def weights_fingerprint(*tensors: torch.Tensor) -> str:
     """A short hash of some weights: the same model loaded from anywhere gets the same one."""
     import hashlib

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from .frames import bicubic, square_frame
+from .geometry import mask_boxes
 from .images import ImageError, as_rgb_array, load_image
 from .instances import Instances
 from .matching import best_references, pool_features, score_classes
 from .memory_bank import MemoryBank
 from .merging import crop_masks, full_resolution_stats, soft_merge_factors, window_bounds
 from .models import FeatureEncoder, PromptSegmenter
-from .proposals import Candidates, class_nms, mask_boxes, point_grid, propose
+from .proposals import Candidates, class_nms, point_grid, propose
 from .settings import Settings
 
 

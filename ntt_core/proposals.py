@@ -67,21 +67,6 @@ def best_of_three(
     return [(chosen[passed], ious[passed]) for chosen, ious, passed in zip(best_logits, best_iou, keep)]
 
 
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """``[N, H, W]`` bool -> ``[N, 4]`` float (x0, y0, x1, y1) with inclusive max coordinates, as
-    ``torchvision.ops.masks_to_boxes``; zeros for empty masks."""
-    if masks.shape[0] == 0:
-        return torch.zeros(0, 4, device=masks.device)
-    rows, cols = masks.any(dim=2), masks.any(dim=1)  # [N, H], [N, W]
-    height, width = masks.shape[-2:]
-    y0 = rows.float().argmax(dim=1)
-    y1 = height - 1 - rows.flip(1).float().argmax(dim=1)
-    x0 = cols.float().argmax(dim=1)
-    x1 = width - 1 - cols.flip(1).float().argmax(dim=1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
-    return boxes * rows.any(dim=1, keepdim=True)
-
-
 def class_nms(
     boxes: torch.Tensor, sam_iou: torch.Tensor, labels: torch.Tensor, iou_threshold: float, keep: int
 ) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .input_rules import InputError
+
 #: Prompts decoded at once when ``prompt_batch_size`` is None: the paper's 256 on an accelerator; 64 on
 #: CPU, where it is faster and needs about 1.8 GiB of decoder scratch instead of 7 (benchmarks/RESULTS.md).
 DEFAULT_PROMPT_BATCH = {"cpu": 64, "accelerator": 256}
@@ -14,7 +16,7 @@ MEMORY_ONLY = ("prompt_batch_size",)
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of the pipeline. Defaults reproduce the paper (see ALGORITHM.md).
+    """Every knob of the pipeline. Defaults reproduce the paper (see docs/method.md).
 
     Input sizes are not here: SAM2's frame (1024) and mask size (256) come from its config,
     DINOv2's input side (518) from ``encoder_size`` or its config, the patch grid (37) from both.
@@ -49,7 +51,7 @@ class Settings:
         }
         bad = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, (ok, rule) in checks.items() if not ok]
         if bad:
-            raise ValueError(f"Invalid settings: {', '.join(bad)}")
+            raise InputError(f"Invalid settings: {', '.join(bad)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,7 +67,7 @@ class Settings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown settings: {', '.join(unknown)}")
+            raise InputError(f"Unknown settings: {', '.join(unknown)}")
         return cls(**values)
 
     def replace(self, **changes) -> Settings:

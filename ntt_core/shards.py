@@ -14,6 +14,8 @@ import argparse
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from .errors import NttError
+
 SEGMENT_OPERATOR = "@ntt/no-time-to-train/segment_by_reference"
 #: A RUNNING shard without a heartbeat for this long is shown as probably stale.
 STALE_AFTER_S = 600.0
@@ -71,7 +73,7 @@ def check_no_live_shards(dataset_name: str, pred_field: str) -> None:
     """Raise unless no shard of ``pred_field`` is queued or running: overwriting the field under them
     would mix their results (of the settings they were queued with) into the new run's."""
     if live_shard_sample_ids(dataset_name, pred_field):
-        raise ValueError(
+        raise NttError(
             f"shards of a run into '{pred_field}' are still queued or running: let them finish, or fail them "
             "(`ntt shards` lists them), before overwriting the field"
         )
@@ -128,7 +130,7 @@ def run_shards(args: argparse.Namespace) -> None:
     import fiftyone as fo
     from fiftyone.operators.executor import ExecutionRunState
 
-    from .cli import CliError
+    from .cli_common import CliError
 
     if args.dataset not in fo.list_datasets():
         raise CliError(f"no dataset '{args.dataset}'")

@@ -20,14 +20,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .coco import encode_mask
+from .errors import NttError
+from .geometry import mask_box
 from .input_rules import check_seed
-from .memory_bank import ReferenceImage, ReferenceInstance, mask_box
+from .references import ReferenceImage, ReferenceInstance
 
 ANNOTATIONS_NAME = "annotations.json"
 IMAGES_DIR = "images"
 
 
-class SceneError(ValueError):
+class SceneError(NttError):
     """Scene parameters that cannot make a scene; the message names the parameter and the reason."""
 
 

@@ -1,6 +1,6 @@
 """FiftyOne plugin of "No Time to Train!": reference-based instance segmentation in the App.
 
-Thin operators: each parses its form and calls :mod:`ntt_core.fiftyone_adapter`. Registering
+Thin operators: each parses its form and calls the modules of :mod:`ntt_core.fiftyone`. Registering
 them imports neither torch nor the library's model code.
 """
 

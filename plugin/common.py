@@ -1,7 +1,8 @@
 """What the operators share: importing the library, form pieces, validation, runs with progress.
 
-Nothing here imports torch: the library's FiftyOne adapter keeps its heavy imports inside the
-functions that run models, so listing the plugin and resolving forms stay light.
+Nothing here imports the library at module level: the operators import the modules of
+:mod:`ntt_core.fiftyone` they need inside their methods, after :func:`require_library`, so
+listing and registering the plugin imports no torch.
 """
 
 from __future__ import annotations
@@ -30,34 +31,28 @@ class LibraryMissingError(ImportError):
     """The ``ntt_core`` library (or one of its dependencies) cannot be imported."""
 
 
-def adapter():
-    """``ntt_core.fiftyone_adapter``, or a :class:`LibraryMissingError` saying how to install it.
+def require_library() -> None:
+    """Make ``ntt_core`` importable, or raise a :class:`LibraryMissingError` saying how to install it.
 
     A plugin folder that holds the whole repository (``fiftyone plugins download``) has the
     library next to ``plugin/``: it is importable from there without installing it.
     """
     try:
-        return importlib.import_module("ntt_core.fiftyone_adapter")
+        importlib.import_module("ntt_core.fiftyone.fields")
     except ModuleNotFoundError as error:
         repo = Path(__file__).resolve().parent.parent
         if error.name == "ntt_core" and (repo / "ntt_core").is_dir() and str(repo) not in sys.path:
             sys.path.append(str(repo))
-            return adapter()
+            return require_library()
         raise LibraryMissingError(f"the ntt_core library is not importable ({error}); {INSTALL_HINT}") from None
 
 
-def fiftyone_review():
-    """``ntt_core.fiftyone_review`` (the review loop), or a :class:`LibraryMissingError`."""
-    adapter()
-    return importlib.import_module("ntt_core.fiftyone_review")
-
-
 def form(ctx, title: str, build: Callable) -> types.Property:
-    """The operator's form: ``build(ctx, fa, inputs)`` fills ``inputs`` using the adapter ``fa``;
-    a missing library shows as an error in the form."""
+    """The operator's form: ``build(ctx, inputs)`` fills ``inputs`` (the library is importable by
+    then); a missing library shows as an error in the form."""
     inputs = types.Object()
     try:
-        fa = adapter()
+        require_library()
     except LibraryMissingError as error:
         invalid(
             inputs.view(
@@ -66,7 +61,7 @@ def form(ctx, title: str, build: Callable) -> types.Property:
             str(error),
         )
     else:
-        build(ctx, fa, inputs)
+        build(ctx, inputs)
     return types.Property(inputs, view=types.View(label=title))
 
 
@@ -87,22 +82,27 @@ def params_with_defaults(operator, ctx) -> dict:
 
 
 def check(prop, test: Callable[[], object]):
-    """Run ``test``; a ``ValueError`` or a missing library marks ``prop`` invalid with its message.
-    Returns what ``test`` returned, or None when it failed."""
+    """Run ``test`` (in a form, once the library is importable); a library error
+    (:class:`~ntt_core.errors.NttError`) marks ``prop`` invalid with its message. Returns what
+    ``test`` returned, or None when it failed."""
+    from ntt_core.errors import NttError
+
     try:
         return test()
-    except (ValueError, LibraryMissingError) as error:
+    except (NttError, LibraryMissingError) as error:
         invalid(prop, str(error))
         return None
 
 
-def count_input(ctx, fa, inputs, name: str, label: str, **options):
+def count_input(ctx, inputs, name: str, label: str, **options):
     """An integer input that must be at least 1, judged by the library's rule with its message
     (FiftyOne's own ``min=1`` check would say "Value must be greater than 1" of a valid 1)."""
+    from ntt_core.input_rules import check_count
+
     prop = inputs.int(name, label=label, **options)
     value = ctx.params.get(name)
     if value is not None:
-        check(prop, lambda: fa.check_count(value, name))
+        check(prop, lambda: check_count(value, name))
     return prop
 
 
@@ -128,9 +128,11 @@ def field_choice(inputs, name: str, fields: list[str], label: str, description: 
     return choice(inputs, name, fields, label, description, default, missing="the dataset has no Detections field")
 
 
-def bank_choice(inputs, fa, ctx, name: str = "bank_key", default: str | None = None):
+def bank_choice(inputs, ctx, name: str = "bank_key", default: str | None = None):
     """A dropdown of the dataset's memory banks (default: ``default`` if given, else the first)."""
-    banks = fa.list_memory_banks(ctx.dataset)
+    from ntt_core.fiftyone.bank_runs import list_memory_banks
+
+    banks = list_memory_banks(ctx.dataset)
     missing = "the dataset has no memory bank: run 'Build memory bank' first"
     description = "A memory bank stored on this dataset"
     return choice(inputs, name, banks, "Memory bank", description, default=default, missing=missing)

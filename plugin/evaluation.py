@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import fiftyone.operators as foo
 
-from .common import adapter, call, check, current, field_choice, finish, form, params_with_defaults, report_output
+from .common import (
+    call,
+    check,
+    current,
+    field_choice,
+    finish,
+    form,
+    params_with_defaults,
+    report_output,
+    require_library,
+)
 
 MODEL_EVALUATION_PANEL = "model_evaluation_panel_builtin"  # FiftyOne's Model Evaluation panel
 
@@ -23,14 +33,18 @@ class EvaluateByReference(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Evaluate reference segmentation", self._form)
 
-    def _form(self, ctx, fa, inputs):
+    def _form(self, ctx, inputs):
+        from ntt_core.fiftyone.evaluation import check_eval_key
+        from ntt_core.fiftyone.fields import detections_fields
+        from ntt_core.fiftyone.predictions import prediction_record
+
         ctx.target_view()
-        fields = fa.detections_fields(ctx.dataset)
-        predicted = [name for name in fields if fa.prediction_record(ctx.dataset, name)]
+        fields = detections_fields(ctx.dataset)
+        predicted = [name for name in fields if prediction_record(ctx.dataset, name)]
         ordered = predicted + [name for name in fields if name not in predicted]
         field_choice(inputs, "pred_field", ordered, "Predictions", "The Detections to evaluate")
         pred_field = current(ctx, inputs, "pred_field")
-        record = fa.prediction_record(ctx.dataset, pred_field) if pred_field in fields else None
+        record = prediction_record(ctx.dataset, pred_field) if pred_field in fields else None
         gt_choices = [name for name in fields if name != pred_field]
         default_gt = (record or {}).get("gt_field")
         description = "Never modified, apart from the evaluation's own attributes"
@@ -52,11 +66,14 @@ class EvaluateByReference(foo.Operator):
         inputs.bool("use_masks", default=True, label="Use instance masks (else boxes)")
         inputs.bool("overwrite", default=False, label="Replace an evaluation with this key")
         key, overwrite = current(ctx, inputs, "eval_key"), current(ctx, inputs, "overwrite")
-        check(key_prop, lambda: fa.check_eval_key(ctx.dataset, key, overwrite))
+        check(key_prop, lambda: check_eval_key(ctx.dataset, key, overwrite))
 
     def execute(self, ctx):
+        require_library()
+        from ntt_core.fiftyone.evaluation import evaluate
+
         p = params_with_defaults(self, ctx)
-        report = adapter().evaluate(
+        report = evaluate(
             ctx.target_view(),
             p["pred_field"],
             p["eval_key"],

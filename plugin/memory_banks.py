@@ -6,7 +6,6 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from .common import (
-    adapter,
     bank_choice,
     call,
     check,
@@ -19,6 +18,7 @@ from .common import (
     model_options,
     params_with_defaults,
     report_output,
+    require_library,
     run_with_progress,
 )
 
@@ -51,9 +51,13 @@ class BuildMemoryBank(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Build memory bank", self._form)
 
-    def _form(self, ctx, fa, inputs):
+    def _form(self, ctx, inputs):
+        from ntt_core.fiftyone.bank_runs import check_bank_key
+        from ntt_core.fiftyone.fields import detections_fields
+        from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG, count_references
+
         target = ctx.target_view()
-        fields = fa.detections_fields(ctx.dataset)
+        fields = detections_fields(ctx.dataset)
         field_choice(inputs, "gt_field", fields, "Ground-truth field", "The Detections field holding the references")
         modes = types.RadioGroup()
         for value, text in MODES.items():
@@ -61,11 +65,9 @@ class BuildMemoryBank(foo.Operator):
         inputs.enum("reference_mode", modes.values(), default="label_tag", label="References", view=modes)
         mode = current(ctx, inputs, "reference_mode")
         if mode != "label_ids":
-            inputs.str("tag", default=fa.DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
+            inputs.str("tag", default=DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
         inputs.list("classes", types.String(), label="Classes", description="Classes to include (empty: all)")
-        count_input(
-            ctx, fa, inputs, "max_per_class", "Max references per class", description="First ones in dataset order"
-        )
+        count_input(ctx, inputs, "max_per_class", "Max references per class", description="First ones in dataset order")
         key_prop = inputs.str("bank_key", default="references", label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
         model_inputs(inputs)
@@ -74,7 +76,7 @@ class BuildMemoryBank(foo.Operator):
         if gt_field in fields:
             counts = check(
                 inputs.properties.get("tag") or inputs.properties["classes"],
-                lambda: fa.count_references(
+                lambda: count_references(
                     target,
                     gt_field,
                     mode=mode,
@@ -87,26 +89,30 @@ class BuildMemoryBank(foo.Operator):
                 found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
                 inputs.view("found", types.Notice(label=f"References found per class: {found}"))
         key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
-        check(key_prop, lambda: fa.check_bank_key(ctx.dataset, key, overwrite))
+        check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite))
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)
         return run_with_progress(self, ctx, "Reference images", lambda progress: self._run(ctx, p, progress))
 
     def _run(self, ctx, p: dict, progress) -> dict:
-        fa = adapter()
+        require_library()
+        from ntt_core.fiftyone.building import build_dataset_memory_bank
+        from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG
+        from ntt_core.models import load_encoder, load_segmenter, segmenter_source
+
         options = model_options(p)
-        encoder = fa.load_encoder_only(p["dinov2"] or None, **options)
-        return fa.build_dataset_memory_bank(
+        encoder = load_encoder(p["dinov2"] or None, **options)
+        return build_dataset_memory_bank(
             ctx.target_view(),
             p["bank_key"],
             p["gt_field"],
             None,  # SAM2 is loaded only for references without a mask
             encoder,
-            load_segmenter=lambda: fa.load_segmenter_only(p["sam2"] or None, **options),
-            segmenter_id=fa.segmenter_source(p["sam2"] or None),
+            load_segmenter=lambda: load_segmenter(p["sam2"] or None, **options),
+            segmenter_id=segmenter_source(p["sam2"] or None),
             mode=p["reference_mode"],
-            tag=p.get("tag", fa.DEFAULT_REFERENCE_TAG),
+            tag=p.get("tag", DEFAULT_REFERENCE_TAG),
             label_ids=selected_label_ids(ctx, p["gt_field"]),
             classes=p.get("classes") or None,
             max_per_class=p.get("max_per_class"),
@@ -165,13 +171,16 @@ class ExportMemoryBank(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Export memory bank", self._form)
 
-    def _form(self, ctx, fa, inputs):
-        bank_choice(inputs, fa, ctx)
+    def _form(self, ctx, inputs):
+        bank_choice(inputs, ctx)
         inputs.str("directory", required=True, label="Folder", description="A new or empty folder on the server")
 
     def execute(self, ctx):
+        require_library()
+        from ntt_core.fiftyone.bank_runs import export_memory_bank
+
         p = params_with_defaults(self, ctx)
-        path = adapter().export_memory_bank(ctx.dataset, p["bank_key"], p["directory"])
+        path = export_memory_bank(ctx.dataset, p["bank_key"], p["directory"])
         return {"report": {"bank_key": p["bank_key"], "directory": str(path)}}
 
     def resolve_output(self, ctx):
@@ -194,18 +203,23 @@ class ImportMemoryBank(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Import memory bank", self._form)
 
-    def _form(self, ctx, fa, inputs):
+    def _form(self, ctx, inputs):
+        from ntt_core.fiftyone.bank_runs import check_bank_key
+
         inputs.str(
             "directory", required=True, label="Folder", description="Holds manifest.json and features.safetensors"
         )
         key_prop = inputs.str("bank_key", default="imported", label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
         key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
-        check(key_prop, lambda: fa.check_bank_key(ctx.dataset, key, overwrite))
+        check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite))
 
     def execute(self, ctx):
+        require_library()
+        from ntt_core.fiftyone.bank_runs import import_memory_bank
+
         p = params_with_defaults(self, ctx)
-        bank = adapter().import_memory_bank(ctx.dataset, p["bank_key"], p["directory"], overwrite=p["overwrite"])
+        bank = import_memory_bank(ctx.dataset, p["bank_key"], p["directory"], overwrite=p["overwrite"])
         return finish(
             ctx, {"report": {"bank_key": p["bank_key"], "classes": list(bank.classes), "counts": bank.counts()}}
         )
@@ -225,12 +239,15 @@ class DeleteMemoryBank(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Delete memory bank", self._form)
 
-    def _form(self, ctx, fa, inputs):
-        bank_choice(inputs, fa, ctx)
+    def _form(self, ctx, inputs):
+        bank_choice(inputs, ctx)
 
     def execute(self, ctx):
+        require_library()
+        from ntt_core.fiftyone.bank_runs import delete_memory_bank
+
         key = params_with_defaults(self, ctx)["bank_key"]
-        adapter().delete_memory_bank(ctx.dataset, key)
+        delete_memory_bank(ctx.dataset, key)
         return finish(ctx, {"report": {"deleted": key}})
 
     def __call__(self, sample_collection, bank_key: str):

@@ -14,7 +14,7 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from .common import LibraryMissingError, adapter, fiftyone_review
+from .common import LibraryMissingError, require_library
 from .review import selected_prediction, show_reference
 
 PLUGIN = "@ntt/no-time-to-train"
@@ -44,7 +44,10 @@ def operator_uri(name: str) -> str:
 @functools.lru_cache(maxsize=8)
 def cached_overview(dataset_name: str, key: str, sha256: str) -> dict:
     """The bank's overview with thumbnails, cached per stored bank version (``sha256``)."""
-    return fiftyone_review().bank_overview(fo.load_dataset(dataset_name), key, per_class=THUMBNAILS_PER_CLASS)
+    require_library()
+    from ntt_core.fiftyone.review import bank_overview
+
+    return bank_overview(fo.load_dataset(dataset_name), key, per_class=THUMBNAILS_PER_CLASS)
 
 
 class MemoryBanksPanel(foo.Panel):
@@ -105,11 +108,21 @@ class MemoryBanksPanel(foo.Panel):
 
     def show_matched_reference(self, ctx):
         try:
-            found = selected_prediction(ctx, adapter())
-            if found is None:
-                raise ValueError("select a prediction of a 'Segment by reference' field first (in the sample modal)")
-            self._show(ctx, fiftyone_review().matched_reference(ctx.dataset, *found))
-        except (ValueError, LibraryMissingError) as error:
+            require_library()
+        except LibraryMissingError as error:
+            ctx.panel.state.message = f"Show matched reference: {error}"
+            return
+        from ntt_core.errors import NttError
+        from ntt_core.fiftyone.review import matched_reference
+
+        found = selected_prediction(ctx)
+        if found is None:
+            message = "select a prediction of a 'Segment by reference' field first (in the sample modal)"
+            ctx.panel.state.message = f"Show matched reference: {message}"
+            return
+        try:
+            self._show(ctx, matched_reference(ctx.dataset, *found))
+        except NttError as error:
             ctx.panel.state.message = f"Show matched reference: {error}"
 
     def open_reference(self, ctx):
@@ -126,7 +139,10 @@ class MemoryBanksPanel(foo.Panel):
     def _models(self, ctx) -> dict:
         """The bank key and the models the bank was built with (the encoder must match; a bank
         without a SAM2 id leaves the form's default)."""
-        info = adapter().memory_bank_info(ctx.dataset, ctx.params.get("bank_key"))
+        require_library()
+        from ntt_core.fiftyone.bank_runs import memory_bank_info
+
+        info = memory_bank_info(ctx.dataset, ctx.params.get("bank_key"))
         segmenter = {"sam2": info["segmenter_id"]} if info.get("segmenter_id") else {}
         return {"bank_key": info["key"], **segmenter, "dinov2": info["encoder_id"]}
 
@@ -147,25 +163,30 @@ class MemoryBanksPanel(foo.Panel):
         if message:
             panel.view("message", types.Warning(label=message))
         try:
-            fa = adapter()
+            require_library()
         except LibraryMissingError as error:
             panel.view("library_missing", types.Error(label="The ntt_core library is missing", description=str(error)))
             return types.Property(panel, view=types.GridView(orientation="vertical"))
-        banks = fa.list_memory_banks(ctx.dataset)
+        from ntt_core.fiftyone.bank_runs import list_memory_banks
+
+        banks = list_memory_banks(ctx.dataset)
         if not banks:
             panel.md(EMPTY_STATE, name="empty")
         for index, key in enumerate(banks):
-            self._render_bank(ctx, panel, fa, f"bank_{index}", key)
+            self._render_bank(ctx, panel, f"bank_{index}", key)
         if banks:
             panel.md(THRESHOLD_NOTE, name="threshold_note")
             panel.md(REVIEW_HELP, name="review_help")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
 
-    def _render_bank(self, ctx, panel, fa, name: str, key: str) -> None:
+    def _render_bank(self, ctx, panel, name: str, key: str) -> None:
+        from ntt_core.errors import NttError
+        from ntt_core.fiftyone.bank_runs import memory_bank_info
+
         try:
-            sha256 = fa.memory_bank_info(ctx.dataset, key)["sha256"]
+            sha256 = memory_bank_info(ctx.dataset, key)["sha256"]
             overview = cached_overview(ctx.dataset.name, key, sha256)
-        except (ValueError, LibraryMissingError) as error:  # a damaged bank: say so, offer deletion
+        except NttError as error:  # a damaged bank: say so, offer deletion
             panel.view(
                 f"{name}_error", types.Error(label=f"Memory bank '{key}' cannot be read", description=str(error))
             )

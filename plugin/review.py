@@ -1,6 +1,6 @@
 """Review-loop operators: show the reference behind a prediction, add selected predictions (or
 labels tagged ``not_this_class``, as negatives) to a memory bank, remove tagged references.
-Each parses its form and calls :mod:`ntt_core.fiftyone_review`."""
+Each parses its form and calls :mod:`ntt_core.fiftyone.review`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from .common import (
-    adapter,
     bank_choice,
     call,
     current,
-    fiftyone_review,
     finish,
     form,
     invalid,
@@ -20,6 +18,7 @@ from .common import (
     model_options,
     params_with_defaults,
     report_output,
+    require_library,
     run_with_progress,
 )
 
@@ -34,16 +33,18 @@ def selected_labels(ctx) -> dict[str, list[str]]:
     return found
 
 
-def selected_prediction(ctx, fa) -> tuple[str, str] | None:
+def selected_prediction(ctx) -> tuple[str, str] | None:
     """(field, label id) of the first selected label of a field written by Segment by reference."""
+    from ntt_core.fiftyone.predictions import prediction_record
+
     for field, ids in selected_labels(ctx).items():
-        if fa.prediction_record(ctx.dataset, field):
+        if prediction_record(ctx.dataset, field):
             return field, ids[0]
     return None
 
 
 def show_reference(ctx, match: dict) -> None:
-    """Show the reference of ``match`` (see ``fiftyone_review.matched_reference``) in the App:
+    """Show the reference of ``match`` (see ``ntt_core.fiftyone.review.matched_reference``) in the App:
     its sample alone in the grid, opened in the modal, its label selected."""
     ctx.ops.set_view(ctx.dataset.select(match["sample_id"]))
     ctx.ops.open_sample(match["sample_id"])
@@ -52,12 +53,15 @@ def show_reference(ctx, match: dict) -> None:
         ctx.ops.set_selected_labels([{**label, "frame_number": None}])
 
 
-def bank_of_selection(ctx, fa, inputs) -> types.Property:
+def bank_of_selection(ctx, inputs) -> types.Property:
     """A dropdown of the memory banks, defaulting to the bank that produced the selected predictions."""
-    records = (fa.prediction_record(ctx.dataset, field) or {} for field in selected_labels(ctx))
-    banks = fa.list_memory_banks(ctx.dataset)
+    from ntt_core.fiftyone.bank_runs import list_memory_banks
+    from ntt_core.fiftyone.predictions import prediction_record
+
+    records = (prediction_record(ctx.dataset, field) or {} for field in selected_labels(ctx))
+    banks = list_memory_banks(ctx.dataset)
     default = next((r["bank_key"] for r in records if r.get("bank_key") in banks), None)
-    return bank_choice(inputs, fa, ctx, default=default)
+    return bank_choice(inputs, ctx, default=default)
 
 
 class ShowMatchedReference(foo.Operator):
@@ -73,8 +77,8 @@ class ShowMatchedReference(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Show matched reference", self._form)
 
-    def _form(self, ctx, fa, inputs):
-        found = selected_prediction(ctx, fa)
+    def _form(self, ctx, inputs):
+        found = selected_prediction(ctx)
         if found is None:
             message = "select a prediction of a 'Segment by reference' field first (in the sample modal)"
             invalid(inputs.view("no_prediction", types.Error(label=message)), message)
@@ -82,8 +86,11 @@ class ShowMatchedReference(foo.Operator):
             inputs.view("prediction", types.Notice(label=f"Prediction {found[1]} of '{found[0]}'"))
 
     def execute(self, ctx):
-        field, label_id = selected_prediction(ctx, adapter())
-        match = fiftyone_review().matched_reference(ctx.dataset, field, label_id)
+        require_library()
+        from ntt_core.fiftyone.review import matched_reference
+
+        field, label_id = selected_prediction(ctx)
+        match = matched_reference(ctx.dataset, field, label_id)
         show_reference(ctx, match)
         return {"report": match}
 
@@ -106,14 +113,18 @@ class _AddReferences(foo.Operator):
     def _labels(self, ctx, inputs) -> dict[str, list[str]]:
         raise NotImplementedError
 
-    def _form(self, ctx, fa, inputs):
-        bank_of_selection(ctx, fa, inputs)
+    def _form(self, ctx, inputs):
+        from ntt_core.errors import NttError
+        from ntt_core.fiftyone.bank_runs import list_memory_banks, memory_bank_info
+        from ntt_core.fiftyone.fields import check_detections_field
+
+        bank_of_selection(ctx, inputs)
         labels = self._labels(ctx, inputs)
         counts: dict[str, int] = {}
         for field, ids in labels.items():
             try:
-                fa.check_detections_field(ctx.dataset, field, "label field")
-            except ValueError as error:
+                check_detections_field(ctx.dataset, field, "label field")
+            except NttError as error:
                 invalid(inputs.view("label_field_problem", types.Error(label=str(error))), str(error))
                 break
             found = ctx.dataset.select_labels(ids=ids, fields=field).count_values(f"{field}.detections.label")
@@ -124,7 +135,7 @@ class _AddReferences(foo.Operator):
             found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
             inputs.view("found", types.Notice(label=f"{sum(counts.values())} label(s) become {role}: {found}"))
         key = current(ctx, inputs, "bank_key")
-        info = fa.memory_bank_info(ctx.dataset, key) if key in fa.list_memory_banks(ctx.dataset) else {}
+        info = memory_bank_info(ctx.dataset, key) if key in list_memory_banks(ctx.dataset) else {}
         inputs.str(
             "dinov2",
             default=info.get("encoder_id", ""),
@@ -145,10 +156,12 @@ class _AddReferences(foo.Operator):
         return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
 
     def _run(self, ctx, p: dict, progress) -> dict:
-        rv = fiftyone_review()
+        require_library()
+        from ntt_core.fiftyone.review import add_to_memory_bank, load_bank_models
+
         options = model_options(p)
-        encoder, segmenter = rv.load_bank_models(ctx.dataset, p["bank_key"], p["dinov2"], p["sam2"], **options)
-        return rv.add_to_memory_bank(
+        encoder, segmenter = load_bank_models(ctx.dataset, p["bank_key"], p["dinov2"], p["sam2"], **options)
+        return add_to_memory_bank(
             ctx.dataset,
             p["bank_key"],
             self._labels(ctx, None),
@@ -206,18 +219,20 @@ class AddNegativeReferences(_AddReferences):
         )
 
     def _labels(self, ctx, inputs):
-        rv = fiftyone_review()
+        require_library()
+        from ntt_core.fiftyone.review import NEGATIVE_TAG, tagged_labels
+
         if inputs is not None:
             inputs.str(
                 "tag",
-                default=rv.NEGATIVE_TAG,
+                default=NEGATIVE_TAG,
                 label="Tag",
                 description="Labels with this tag are instances that are NOT of the class in their label",
             )
             tag = current(ctx, inputs, "tag")
         else:
-            tag = ctx.params.get("tag") or rv.NEGATIVE_TAG
-        labels = rv.tagged_labels(ctx.dataset, tag)
+            tag = ctx.params.get("tag") or NEGATIVE_TAG
+        labels = tagged_labels(ctx.dataset, tag)
         if not labels and inputs is not None:
             message = f"no label is tagged '{tag}': tag false-positive predictions with it in the App first"
             invalid(inputs.properties["tag"], message)
@@ -241,12 +256,14 @@ class RemoveFromMemoryBank(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Remove tagged references", self._form)
 
-    def _form(self, ctx, fa, inputs):
-        bank_of_selection(ctx, fa, inputs)
-        rv = fiftyone_review()
-        tag_prop = inputs.str("tag", default=rv.REMOVE_TAG, label="Tag", description="Labels to remove carry this tag")
+    def _form(self, ctx, inputs):
+        require_library()
+        from ntt_core.fiftyone.review import REMOVE_TAG, tagged_labels
+
+        bank_of_selection(ctx, inputs)
+        tag_prop = inputs.str("tag", default=REMOVE_TAG, label="Tag", description="Labels to remove carry this tag")
         tag = current(ctx, inputs, "tag")
-        tagged = rv.tagged_labels(ctx.dataset, tag)
+        tagged = tagged_labels(ctx.dataset, tag)
         if not tagged:
             invalid(tag_prop, f"no label is tagged '{tag}': tag the references to remove in the App first")
         else:
@@ -254,10 +271,12 @@ class RemoveFromMemoryBank(foo.Operator):
             inputs.view("found", types.Notice(label=f"Labels tagged '{tag}': {found}"))
 
     def execute(self, ctx):
-        rv = fiftyone_review()
+        require_library()
+        from ntt_core.fiftyone.review import remove_from_memory_bank, tagged_labels
+
         p = params_with_defaults(self, ctx)
-        ids = [i for ids in rv.tagged_labels(ctx.dataset, p["tag"]).values() for i in ids]
-        return finish(ctx, {"report": rv.remove_from_memory_bank(ctx.dataset, p["bank_key"], ids)})
+        ids = [i for ids in tagged_labels(ctx.dataset, p["tag"]).values() for i in ids]
+        return finish(ctx, {"report": remove_from_memory_bank(ctx.dataset, p["bank_key"], ids)})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Memory bank updated")

@@ -6,7 +6,6 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from .common import (
-    adapter,
     bank_choice,
     call,
     check,
@@ -19,17 +18,21 @@ from .common import (
     model_options,
     params_with_defaults,
     report_output,
+    require_library,
     run_with_progress,
 )
 
 
-def _target_problem(inputs, fa, target) -> None:
+def _target_problem(inputs, target) -> None:
     """An error in the form when the target cannot be segmented; a notice when it was mapped."""
+    from ntt_core.errors import NttError
+    from ntt_core.fiftyone.fields import FiftyOneAdapterError, image_collection
+
     try:
-        images, note = fa.image_collection(target)
+        images, note = image_collection(target)
         if len(images) == 0:
-            raise fa.FiftyOneAdapterError("the target view is empty: nothing to process")
-    except ValueError as error:
+            raise FiftyOneAdapterError("the target view is empty: nothing to process")
+    except NttError as error:
         invalid(inputs.view("target_problem", types.Error(label=str(error))), str(error))
         return
     if note:
@@ -68,11 +71,13 @@ class SegmentByReference(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Segment by reference", self._form)
 
-    def _form(self, ctx, fa, inputs):
+    def _form(self, ctx, inputs):
+        from ntt_core.fiftyone.predictions import check_prediction_field, planning_unfinished
+
         shard = ctx.params.get("shard_sample_ids") is not None
         if not shard:
-            _target_problem(inputs, fa, ctx.target_view())
-        bank_choice(inputs, fa, ctx)
+            _target_problem(inputs, ctx.target_view())
+        bank_choice(inputs, ctx)
         field_prop = inputs.str("pred_field", default="ntt_predictions", label="Output field")
         inputs.bool("overwrite", default=False, label="Overwrite the field if it exists (clears all its values)")
         inputs.bool(
@@ -84,10 +89,9 @@ class SegmentByReference(foo.Operator):
         inputs.float(
             "score_threshold", min=0.0, max=1.0, default=0.0, label="Score threshold", description="0 as in the paper"
         )
-        count_input(ctx, fa, inputs, "max_detections", "Max instances per image", default=100)
+        count_input(ctx, inputs, "max_detections", "Max instances per image", default=100)
         count_input(
             ctx,
-            fa,
             inputs,
             "points_per_side",
             "Prompt grid points per side",
@@ -102,10 +106,9 @@ class SegmentByReference(foo.Operator):
             label="SAM2 IoU threshold",
             description="0.4 as in the paper",
         )
-        count_input(ctx, fa, inputs, "batch_size", "Images per batch", default=1)
+        count_input(ctx, inputs, "batch_size", "Images per batch", default=1)
         count_input(
             ctx,
-            fa,
             inputs,
             "num_shards",
             "Shards",
@@ -115,11 +118,9 @@ class SegmentByReference(foo.Operator):
         model_inputs(inputs)
         field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
         shards = current(ctx, inputs, "num_shards")
-        planning = isinstance(shards, int) and shards > 1 and fa.planning_unfinished(ctx.dataset, field)
+        planning = isinstance(shards, int) and shards > 1 and planning_unfinished(ctx.dataset, field)
         skip = current(ctx, inputs, "skip_existing") or shard or planning  # a planning step that died continues
-        check(
-            field_prop, lambda: fa.check_prediction_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip)
-        )
+        check(field_prop, lambda: check_prediction_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip))
 
     def resolve_run_name(self, ctx):
         return _shard_label(ctx.params) if ctx.params.get("shard") else self.config.label
@@ -129,13 +130,17 @@ class SegmentByReference(foo.Operator):
         return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
 
     def _run(self, ctx, p: dict, progress) -> dict:
-        fa = adapter()
+        require_library()
+        from ntt_core.fiftyone.predictions import finish_planning, segment_by_reference, start_sharded_prediction
+        from ntt_core.models import load_models
+        from ntt_core.settings import Settings
+
         if p["overwrite"] and p.get("shard_sample_ids") is None:
             from ntt_core.shards import check_no_live_shards
 
             check_no_live_shards(ctx.dataset.name, p["pred_field"])
-        segmenter, encoder = fa.load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
-        settings = fa.Settings(
+        segmenter, encoder = load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
+        settings = Settings(
             points_per_side=p["points_per_side"],
             sam_iou_threshold=p["sam_iou_threshold"],
             max_detections=p["max_detections"],
@@ -146,7 +151,7 @@ class SegmentByReference(foo.Operator):
         )
         if p.get("shard_sample_ids") is not None:
             target = ctx.dataset.select(p["shard_sample_ids"])
-            return fa.segment_by_reference(
+            return segment_by_reference(
                 target, **run, batch_size=p["batch_size"], skip_existing=True, progress=progress, **_shard_watch(ctx)
             )
         flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
@@ -154,13 +159,13 @@ class SegmentByReference(foo.Operator):
             from ntt_core.shards import live_shard_sample_ids
 
             assigned = live_shard_sample_ids(ctx.dataset.name, p["pred_field"]) if not p["overwrite"] else set()
-            shards = fa.start_sharded_prediction(
+            shards = start_sharded_prediction(
                 ctx.target_view(), **run, num_shards=p["num_shards"], **flags, assigned=assigned
             )
             queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
-            fa.finish_planning(ctx.dataset, p["pred_field"])
+            finish_planning(ctx.dataset, p["pred_field"])
             return {"field": p["pred_field"], "shards": queued, "left_to_queued_shards": len(assigned)}
-        return fa.segment_by_reference(ctx.target_view(), **run, batch_size=p["batch_size"], **flags, progress=progress)
+        return segment_by_reference(ctx.target_view(), **run, batch_size=p["batch_size"], **flags, progress=progress)
 
     def _queue_shard(self, ctx, p: dict, sample_ids: list[str], index: int, count: int) -> dict:
         """Queue one shard: a delegated operation over fixed sample ids, resuming the field."""
@@ -225,23 +230,25 @@ class BoxesToMasks(foo.Operator):
     def resolve_input(self, ctx):
         return form(ctx, "Boxes to masks", self._form)
 
-    def _form(self, ctx, fa, inputs):
-        _target_problem(inputs, fa, ctx.target_view())
-        fields = fa.detections_fields(ctx.dataset)
+    def _form(self, ctx, inputs):
+        from ntt_core.fiftyone.fields import check_output_field, detections_fields, protected_fields
+
+        _target_problem(inputs, ctx.target_view())
+        fields = detections_fields(ctx.dataset)
         field_choice(inputs, "in_field", fields, "Detections field", "Its box-only detections get masks")
         inputs.bool(
             "in_place", default=False, label="Write in place", description="Only for fields that are not ground truth"
         )
         in_field = current(ctx, inputs, "in_field")
         if current(ctx, inputs, "in_place"):
-            if in_field in fa.protected_fields(ctx.dataset):
+            if in_field in protected_fields(ctx.dataset):
                 message = f"'{in_field}' is a ground-truth field: write to a new field"
                 invalid(inputs.view("in_place_problem", types.Error(label=message)), message)
         else:
             out_prop = inputs.str("out_field", default=f"{in_field}_masks", label="Output field")
             inputs.bool("overwrite", default=False, label="Overwrite the output field if it exists")
             out_field, overwrite = current(ctx, inputs, "out_field"), current(ctx, inputs, "overwrite")
-            check(out_prop, lambda: fa.check_output_field(ctx.dataset, out_field, overwrite=overwrite))
+            check(out_prop, lambda: check_output_field(ctx.dataset, out_field, overwrite=overwrite))
         model_inputs(inputs, encoder=False)
 
     def execute(self, ctx):
@@ -249,9 +256,12 @@ class BoxesToMasks(foo.Operator):
         return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
 
     def _run(self, ctx, p: dict, progress) -> dict:
-        fa = adapter()
-        segmenter = fa.load_segmenter_only(p["sam2"] or None, **model_options(p))
-        return fa.boxes_to_masks(
+        require_library()
+        from ntt_core.fiftyone.labels import boxes_to_masks
+        from ntt_core.models import load_segmenter
+
+        segmenter = load_segmenter(p["sam2"] or None, **model_options(p))
+        return boxes_to_masks(
             ctx.target_view(),
             p["in_field"],
             segmenter,

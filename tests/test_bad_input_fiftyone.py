@@ -15,9 +15,21 @@ from fiftyone.operators.executor import ExecutionError
 from fiftyone_scenes import field_documents, scenes_dataset
 from test_plugin import FAST, inputs_of, run, uri
 
-from ntt_core import fiftyone_adapter as fa
+from ntt_core.fiftyone.bank_runs import (
+    export_memory_bank,
+    import_memory_bank,
+    list_memory_banks,
+    load_memory_bank,
+    memory_bank_info,
+)
+from ntt_core.fiftyone.building import build_dataset_memory_bank
+from ntt_core.fiftyone.evaluation import evaluate
+from ntt_core.fiftyone.fields import FiftyOneAdapterError, check_output_field, image_collection
+from ntt_core.fiftyone.labels import boxes_to_masks
+from ntt_core.fiftyone.predictions import prediction_record, segment_by_reference, start_sharded_prediction
+from ntt_core.fiftyone.references import collect_references, count_references
 from ntt_core.input_rules import InputError
-from ntt_core.memory_bank import ReferenceError
+from ntt_core.references import InvalidReferenceError
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 
@@ -64,7 +76,7 @@ def test_a_reference_without_mask_or_box_is_skipped_with_the_reason(dataset, mod
     bare = sample.gt.detections[1]
     bare.tags, bare.bounding_box, bare.mask = ["reference"], None, None
     sample.save()
-    report = fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    report = build_dataset_memory_bank(dataset, "bank", "gt", *models)
     assert [s for s in report["skipped"] if s["reference_id"] == bare.id] == [
         {
             "reference_id": bare.id,
@@ -72,15 +84,15 @@ def test_a_reference_without_mask_or_box_is_skipped_with_the_reason(dataset, mod
             "reason": "bounding box [] is missing, empty or outside the image",
         }
     ]
-    assert bare.id not in fa.load_memory_bank(dataset, "bank").reference_ids
+    assert bare.id not in load_memory_bank(dataset, "bank").reference_ids
 
 
 def test_a_reference_tag_that_matches_nothing_names_the_tag_field_and_classes(dataset):
-    with pytest.raises(fa.FiftyOneAdapterError) as error:
-        fa.count_references(dataset, "gt", tag="Reference")  # tags are case-sensitive
+    with pytest.raises(FiftyOneAdapterError) as error:
+        count_references(dataset, "gt", tag="Reference")  # tags are case-sensitive
     assert str(error.value) == "no reference found: no label of 'gt' is tagged 'Reference'"
-    with pytest.raises(fa.FiftyOneAdapterError) as error:
-        fa.count_references(dataset, "gt", mode="sample_tag", tag="refs", classes=["disc"])
+    with pytest.raises(FiftyOneAdapterError) as error:
+        count_references(dataset, "gt", mode="sample_tag", tag="refs", classes=["disc"])
     assert str(error.value) == "no reference found: no sample tagged 'refs' has labels in 'gt' among classes 'disc'"
 
 
@@ -88,7 +100,7 @@ def test_a_reference_tag_that_matches_nothing_names_the_tag_field_and_classes(da
 
 
 def test_missing_media_is_reported_per_sample_and_resumable(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
     boxes = [[fo.Detection(label=d.label, bounding_box=d.bounding_box) for d in s.gt.detections] for s in dataset]
     dataset.set_values("boxes", [fo.Detections(detections=b) for b in boxes])
     gt_before = field_documents(dataset, "gt")
@@ -97,36 +109,36 @@ def test_missing_media_is_reported_per_sample_and_resumable(dataset, models):
     kept = path.read_bytes()
     path.unlink()
 
-    report = fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    report = segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
     assert report["failed"] == [{"sample_id": gone.id, "reason": f"{path}: image file not found"}]
     assert report["processed"] == len(dataset) - 1
     assert dataset[gone.filepath].pred is None  # left empty, so a resumed run picks it up
 
-    report = fa.boxes_to_masks(dataset, "boxes", models[0], out_field="boxes_sam2")
+    report = boxes_to_masks(dataset, "boxes", models[0], out_field="boxes_sam2")
     assert report["failed"] == [{"sample_id": gone.id, "reason": f"{path}: image file not found"}]
     assert report["samples"] == len(dataset) - 1 and dataset[gone.filepath].boxes_sam2 is None
 
     gone.tags.append("refs")
     gone.save()
-    selection = fa.collect_references(dataset, "gt", mode="sample_tag", tag="refs")
+    selection = collect_references(dataset, "gt", mode="sample_tag", tag="refs")
     assert selection.images == []
     assert selection.skipped == [
         {"reference_id": label.id, "class_name": label.label, "reason": f"{path}: image file not found"}
         for label in gone.gt.detections
     ]
-    with pytest.raises(ReferenceError) as error:  # every reference is unusable: no bank
-        fa.build_dataset_memory_bank(dataset, "refs", "gt", *models, mode="sample_tag", tag="refs")
+    with pytest.raises(InvalidReferenceError) as error:  # every reference is unusable: no bank
+        build_dataset_memory_bank(dataset, "refs", "gt", *models, mode="sample_tag", tag="refs")
     assert str(error.value) == "no usable reference at all. Unusable in 'gt': " + "; ".join(
         f"{label.id} ({label.label}): {path}: image file not found" for label in gone.gt.detections
     )
-    assert "refs" not in fa.list_memory_banks(dataset)
+    assert "refs" not in list_memory_banks(dataset)
 
-    evaluation = fa.evaluate(dataset, "pred", "ev")
+    evaluation = evaluate(dataset, "pred", "ev")
     assert f"1 unreadable image(s) left out of the pycocotools figures: {path}" in evaluation["notes"]
     dataset.delete_evaluation("ev")
 
     path.write_bytes(kept)
-    report = fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS, skip_existing=True)
+    report = segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS, skip_existing=True)
     assert (report["processed"], report["skipped_existing"], report["failed"]) == (1, len(dataset) - 1, [])
     assert field_documents(dataset, "gt") == gt_before
 
@@ -135,29 +147,29 @@ def test_video_and_grouped_collections_are_refused_everywhere(media, models):
     video, group = media
     image_only = "only image samples can be processed; this collection holds media of type 'video'"
     for call in (
-        lambda: fa.count_references(video, "gt"),
-        lambda: fa.collect_references(video, "gt"),
-        lambda: fa.build_dataset_memory_bank(video, "bank", "gt", *models),
-        lambda: fa.segment_by_reference(video, "bank", "pred", *models),
-        lambda: fa.start_sharded_prediction(video, "bank", "pred", *models, num_shards=2),
-        lambda: fa.boxes_to_masks(video, "gt", models[0], out_field="masks"),
-        lambda: fa.evaluate(video, "pred", "ev"),
+        lambda: count_references(video, "gt"),
+        lambda: collect_references(video, "gt"),
+        lambda: build_dataset_memory_bank(video, "bank", "gt", *models),
+        lambda: segment_by_reference(video, "bank", "pred", *models),
+        lambda: start_sharded_prediction(video, "bank", "pred", *models, num_shards=2),
+        lambda: boxes_to_masks(video, "gt", models[0], out_field="masks"),
+        lambda: evaluate(video, "pred", "ev"),
     ):
-        with pytest.raises(fa.FiftyOneAdapterError) as error:
+        with pytest.raises(FiftyOneAdapterError) as error:
             call()
         assert str(error.value) == image_only
     grouped = (
         f"'{group.name}' is a grouped dataset: select one image slice first (e.g. view.select_group_slices('left'))"
     )
     for call in (
-        lambda: fa.count_references(group, "gt"),
-        lambda: fa.segment_by_reference(group, "bank", "pred", *models),
-        lambda: fa.evaluate(group, "pred", "ev"),
+        lambda: count_references(group, "gt"),
+        lambda: segment_by_reference(group, "bank", "pred", *models),
+        lambda: evaluate(group, "pred", "ev"),
     ):
-        with pytest.raises(fa.FiftyOneAdapterError) as error:
+        with pytest.raises(FiftyOneAdapterError) as error:
             call()
         assert str(error.value) == grouped
-    images, note = fa.image_collection(group.select_group_slices("left"))
+    images, note = image_collection(group.select_group_slices("left"))
     assert len(images) == 1 and note == ""
     assert video.list_runs() == [] and group.list_runs() == []
 
@@ -181,8 +193,8 @@ def test_operator_forms_refuse_video_targets(media):
 def test_a_bank_for_classes_the_target_does_not_annotate(dataset, models, tmp_path):
     """Segmenting with it works (targets are usually unannotated); evaluating against ground truth
     that has none of its classes is refused instead of reporting an undefined AP of -1."""
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    classes = fa.memory_bank_info(dataset, "bank")["classes"]
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    classes = memory_bank_info(dataset, "bank")["classes"]
     folder = tmp_path / "other"
     folder.mkdir()
     other = scenes_dataset(folder, 2, (72, 88), 11)
@@ -190,13 +202,13 @@ def test_a_bank_for_classes_the_target_does_not_annotate(dataset, models, tmp_pa
         for sample in other.iter_samples(autosave=True):
             for label in sample.gt.detections:
                 label.label = f"not a {label.label}"
-        fa.import_memory_bank(other, "bank", fa.export_memory_bank(dataset, "bank", tmp_path / "exported"))
+        import_memory_bank(other, "bank", export_memory_bank(dataset, "bank", tmp_path / "exported"))
         gt_before = field_documents(other, "gt")
-        report = fa.segment_by_reference(other, "bank", "pred", *models, settings=SETTINGS)
+        report = segment_by_reference(other, "bank", "pred", *models, settings=SETTINGS)
         assert report["processed"] == 2 and report["failed"] == []
         assert set(other.distinct("pred.detections.label")) <= set(classes)
-        with pytest.raises(fa.FiftyOneAdapterError) as error:
-            fa.evaluate(other, "pred", "ev", gt_field="gt")
+        with pytest.raises(FiftyOneAdapterError) as error:
+            evaluate(other, "pred", "ev", gt_field="gt")
         assert str(error.value) == (
             f"none of the class(es) {', '.join(repr(c) for c in sorted(classes))} has ground truth in 'gt' among the "
             "evaluated samples: AP is undefined; evaluate against a field and samples that annotate them"
@@ -231,31 +243,31 @@ def test_a_bank_for_classes_the_target_does_not_annotate(dataset, models, tmp_pa
     ],
 )
 def test_invalid_reserved_and_taken_output_fields(dataset, models, name, message):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
     sample = dataset.first()
     sample["weather"], sample["count"] = fo.Classification(label="sunny"), 3
     sample.save()
     fields = set(dataset.get_field_schema())
-    with pytest.raises(fa.FiftyOneAdapterError) as error:
-        fa.check_output_field(dataset, name, overwrite=True)
+    with pytest.raises(FiftyOneAdapterError) as error:
+        check_output_field(dataset, name, overwrite=True)
     assert str(error.value).startswith(message)
-    with pytest.raises(fa.FiftyOneAdapterError) as error:
-        fa.segment_by_reference(dataset, "bank", name, *models, overwrite=True)
+    with pytest.raises(FiftyOneAdapterError) as error:
+        segment_by_reference(dataset, "bank", name, *models, overwrite=True)
     assert str(error.value).startswith(message)
-    assert set(dataset.get_field_schema()) == fields and fa.prediction_record(dataset, str(name)) is None
+    assert set(dataset.get_field_schema()) == fields and prediction_record(dataset, str(name)) is None
 
 
 def test_fields_of_the_wrong_label_type_are_refused_as_inputs(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
     dataset.set_values("lines", [fo.Polylines() for _ in range(len(dataset))])
-    with pytest.raises(fa.FiftyOneAdapterError) as error:
-        fa.evaluate(dataset, "lines", "ev", gt_field="gt")
+    with pytest.raises(FiftyOneAdapterError) as error:
+        evaluate(dataset, "lines", "ev", gt_field="gt")
     assert str(error.value) == "prediction field 'lines' holds Polylines, not Detections (boxes/instance masks)"
-    with pytest.raises(fa.FiftyOneAdapterError) as error:
-        fa.boxes_to_masks(dataset, "lines", models[0], out_field="masks")
+    with pytest.raises(FiftyOneAdapterError) as error:
+        boxes_to_masks(dataset, "lines", models[0], out_field="masks")
     assert str(error.value) == "input field 'lines' holds Polylines, not Detections (boxes/instance masks)"
-    with pytest.raises(fa.FiftyOneAdapterError) as error:
-        fa.evaluate(dataset, "gt", "ev", gt_field="nope")
+    with pytest.raises(FiftyOneAdapterError) as error:
+        evaluate(dataset, "gt", "ev", gt_field="nope")
     assert str(error.value) == "ground-truth field 'nope' does not exist; Detections fields: gt"
 
 
@@ -263,13 +275,13 @@ def test_fields_of_the_wrong_label_type_are_refused_as_inputs(dataset, models):
 
 
 def test_counts_out_of_range_are_refused(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
     with pytest.raises(InputError, match=r"^batch_size must be at least 1, got 0$"):  # the forms' words
-        fa.segment_by_reference(dataset, "bank", "pred", *models, batch_size=0)
+        segment_by_reference(dataset, "bank", "pred", *models, batch_size=0)
     with pytest.raises(InputError, match=r"^num_shards must be at least 1, got 0$"):
-        fa.start_sharded_prediction(dataset, "bank", "pred", *models, num_shards=0)
+        start_sharded_prediction(dataset, "bank", "pred", *models, num_shards=0)
     with pytest.raises(InputError, match=r"^max_per_class must be at least 1, got 0$"):
-        fa.collect_references(dataset, "gt", max_per_class=0)
+        collect_references(dataset, "gt", max_per_class=0)
     assert not dataset.has_field("pred")
 
 

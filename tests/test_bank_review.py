@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from fiftyone_scenes import field_documents, scenes_dataset
 from PIL import Image
 
-from ntt_core import fiftyone_adapter as fa
-from ntt_core import fiftyone_review as review
 from ntt_core.bank_review import (
     POSITIVE_OUTLINE,
     add_references,
@@ -22,8 +20,14 @@ from ntt_core.bank_review import (
     suggest_thresholds,
     thumbnail,
 )
+from ntt_core.fiftyone import review
+from ntt_core.fiftyone.bank_runs import delete_memory_bank, load_memory_bank, memory_bank_info
+from ntt_core.fiftyone.building import build_dataset_memory_bank
+from ntt_core.fiftyone.fields import FiftyOneAdapterError
+from ntt_core.fiftyone.predictions import segment_by_reference
 from ntt_core.matching import score_classes
-from ntt_core.memory_bank import DescribedReferences, MemoryBank, MemoryBankError, ReferenceInstance
+from ntt_core.memory_bank import DescribedReferences, MemoryBank, MemoryBankError
+from ntt_core.references import ReferenceInstance
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 
@@ -191,21 +195,21 @@ def predictions(dataset, field: str = "pred") -> list:
 
 def test_accepted_prediction_becomes_a_shot_that_points_at_it(dataset, models):
     gt_before = field_documents(dataset, "gt")
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
-    bank = fa.load_memory_bank(dataset, "bank")
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    bank = load_memory_bank(dataset, "bank")
     references = set(bank.reference_ids)
     accepted = next(d for d in predictions(dataset) if d.reference_id in references)
     sample_id = dataset.select_labels(ids=[accepted.id], fields="pred").first().id
 
     report = review.add_to_memory_bank(dataset, "bank", {"pred": [accepted.id]}, models[1])
-    grown = fa.load_memory_bank(dataset, "bank")
+    grown = load_memory_bank(dataset, "bank")
     assert report["added"] == 1 and report["skipped"] == []
     assert grown.counts()[accepted.label] == bank.counts()[accepted.label] + 1 == report["counts"][accepted.label]
     assert (grown.reference_ids[-1], grown.image_ids[-1]) == (accepted.id, sample_id)
     assert grown.classes[int(grown.class_index[-1])] == accepted.label and not grown.negative[-1]
     assert torch.equal(grown.descriptors[:-1], bank.descriptors)
-    info = fa.memory_bank_info(dataset, "bank")
+    info = memory_bank_info(dataset, "bank")
     assert info["gt_field"] == "gt" and info["tag"] == "reference"  # where the bank came from is kept
     assert info["review"] == [{"action": "add", "negative": False, "fields": ["pred"], "count": 1}]
     assert sample_id in info["reference_sample_ids"]
@@ -223,19 +227,19 @@ def test_accepted_prediction_becomes_a_shot_that_points_at_it(dataset, models):
 
 @pytest.mark.bad_input
 def test_adding_a_reference_twice_or_with_another_encoder_is_refused(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    reference = fa.load_memory_bank(dataset, "bank").reference_ids[0]
-    with pytest.raises(fa.FiftyOneAdapterError, match="nothing added to memory bank 'bank': .*already a reference"):
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    reference = load_memory_bank(dataset, "bank").reference_ids[0]
+    with pytest.raises(FiftyOneAdapterError, match="nothing added to memory bank 'bank': .*already a reference"):
         review.add_to_memory_bank(dataset, "bank", {"gt": [reference]}, models[1])
     with pytest.raises(MemoryBankError, match="this memory bank was built with encoder 'standin:colour-stats'"):
         review.add_to_memory_bank(dataset, "bank", {"gt": [reference]}, ColourStatsEncoder(hue_bins=6))
-    with pytest.raises(fa.FiftyOneAdapterError, match="none of the selected labels is in 'gt'"):
+    with pytest.raises(FiftyOneAdapterError, match="none of the selected labels is in 'gt'"):
         review.add_to_memory_bank(dataset, "bank", {"gt": ["0" * 24]}, models[1])
 
 
 def test_matched_reference_of_a_prediction_is_the_tagged_label(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
     tagged = {d.id: d.label for s in dataset for d in s.gt.detections if "reference" in d.tags}
     for prediction in predictions(dataset)[:3]:
         match = review.matched_reference(dataset, "pred", prediction.id)
@@ -253,43 +257,41 @@ def test_matched_reference_of_a_prediction_is_the_tagged_label(dataset, models):
 
 @pytest.mark.bad_input
 def test_matched_reference_errors_say_why(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
     prediction = predictions(dataset)[0]
     gt_label = dataset.first().gt.detections[0]
-    with pytest.raises(fa.FiftyOneAdapterError, match="'gt' was not written by Segment by reference"):
+    with pytest.raises(FiftyOneAdapterError, match="'gt' was not written by Segment by reference"):
         review.matched_reference(dataset, "gt", gt_label.id)
-    with pytest.raises(fa.FiftyOneAdapterError, match=f"no label '{gt_label.id}' in 'pred'"):
+    with pytest.raises(FiftyOneAdapterError, match=f"no label '{gt_label.id}' in 'pred'"):
         review.matched_reference(dataset, "pred", gt_label.id)
     review.remove_from_memory_bank(dataset, "bank", [prediction.reference_id])
-    with pytest.raises(fa.FiftyOneAdapterError, match=f"reference '{prediction.reference_id}' is no longer in memory"):
+    with pytest.raises(FiftyOneAdapterError, match=f"reference '{prediction.reference_id}' is no longer in memory"):
         review.matched_reference(dataset, "pred", prediction.id)
-    fa.delete_memory_bank(dataset, "bank")
-    with pytest.raises(fa.FiftyOneAdapterError, match="memory bank 'bank', which produced 'pred', no longer exists"):
+    delete_memory_bank(dataset, "bank")
+    with pytest.raises(FiftyOneAdapterError, match="memory bank 'bank', which produced 'pred', no longer exists"):
         review.matched_reference(dataset, "pred", prediction.id)
 
 
 def test_tagged_references_are_removed_and_the_rest_kept(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    bank = fa.load_memory_bank(dataset, "bank")
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    bank = load_memory_bank(dataset, "bank")
     gt_label = dataset.select_labels(ids=[bank.reference_ids[0]], fields="gt")
     gt_label.tag_labels(review.REMOVE_TAG, label_fields="gt")
     tagged = review.tagged_labels(dataset, review.REMOVE_TAG)
     assert tagged == {"gt": [bank.reference_ids[0]]}
     report = review.remove_from_memory_bank(dataset, "bank", tagged["gt"])
-    smaller = fa.load_memory_bank(dataset, "bank")
+    smaller = load_memory_bank(dataset, "bank")
     assert report["removed"] == [bank.reference_ids[0]]
     assert len(smaller.reference_ids) == len(bank.reference_ids) - 1
     assert smaller.reference_ids == bank.reference_ids[1:]
-    with pytest.raises(
-        fa.FiftyOneAdapterError, match="none of the 1 label\\(s\\) is a reference of memory bank 'bank'"
-    ):
+    with pytest.raises(FiftyOneAdapterError, match="none of the 1 label\\(s\\) is a reference of memory bank 'bank'"):
         review.remove_from_memory_bank(dataset, "bank", tagged["gt"])
 
 
 def test_a_negative_reference_damps_its_look_alike_and_nothing_else(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models, classes=["disc"])
-    fa.segment_by_reference(dataset, "bank", "before", *models, settings=SETTINGS)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models, classes=["disc"])
+    segment_by_reference(dataset, "bank", "before", *models, settings=SETTINGS)
     discs = [(s.id, d) for s in dataset for d in s.gt.detections if d.label == "disc"]
     before = {(s.id, tuple(d.bounding_box)): d for s in dataset for d in s.before.detections}
     true = {key for key, d in before.items() if any(key[0] == sid and box_iou(d, g) > 0.8 for sid, g in discs)}
@@ -301,7 +303,7 @@ def test_a_negative_reference_damps_its_look_alike_and_nothing_else(dataset, mod
     assert tagged == {"before": [look_alike.id]}
     report = review.add_to_memory_bank(dataset, "bank", tagged, models[1], negative=True)
     assert report["negative_counts"] == {"disc": 1} and report["counts"] == {"disc": 1}
-    fa.segment_by_reference(dataset, "bank", "after", *models, settings=SETTINGS)
+    segment_by_reference(dataset, "bank", "after", *models, settings=SETTINGS)
     after = {(s.id, tuple(d.bounding_box)): d for s in dataset for d in s.after.detections}
     assert after.keys() == before.keys()  # damping changes scores, never masks
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import fiftyone as fo
 import pytest
 
-from ntt_core import fiftyone_adapter as fa
 from ntt_core.cli import main
 from ntt_core.demo import (
     COCO_HOST,
@@ -30,6 +29,8 @@ from ntt_core.demo import (
     reachable,
     tag_references,
 )
+from ntt_core.fiftyone.bank_runs import list_memory_banks, memory_bank_info
+from ntt_core.fiftyone.predictions import prediction_record
 from ntt_core.synthetic import CLASSES, make_dataset, write_coco_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +83,10 @@ def test_offline_demo_runs_the_whole_flow(offline_run):
 
     references = dataset.select_labels(tags="reference", fields=GT_FIELD)
     assert references.count_values(f"{GT_FIELD}.detections.label") == dict.fromkeys(OFFLINE_CLASSES, 1)
-    assert fa.list_memory_banks(dataset) == ["demo"]
-    assert fa.memory_bank_info(dataset, "demo")["counts"] == dict.fromkeys(OFFLINE_CLASSES, 1)
+    assert list_memory_banks(dataset) == ["demo"]
+    assert memory_bank_info(dataset, "demo")["counts"] == dict.fromkeys(OFFLINE_CLASSES, 1)
 
-    record = fa.prediction_record(dataset, PRED_FIELD)
+    record = prediction_record(dataset, PRED_FIELD)
     assert record["segmenter_id"] == "standin:connected-regions" and record["encoder_id"] == "standin:colour-stats"
     reference_ids = set(references.values("id"))
     assert set(dataset.exists(PRED_FIELD).values("id")) == set(dataset.values("id")) - reference_ids
@@ -151,8 +152,8 @@ def test_online_flow_on_a_local_coco_folder_with_local_models(coco_dir, tiny_mod
         assert code == 0 and BANNER not in out
         dataset = fo.load_dataset(name)
         assert set(dataset.distinct(f"{GT_FIELD}.detections.label")) == {"disc", "square"}
-        assert fa.memory_bank_info(dataset, "demo")["encoder_id"] == dinov2
-        record = fa.prediction_record(dataset, PRED_FIELD)
+        assert memory_bank_info(dataset, "demo")["encoder_id"] == dinov2
+        record = prediction_record(dataset, PRED_FIELD)
         assert record["segmenter_id"] == sam2 and record["settings"]["points_per_side"] == 2
         assert len(dataset.exists(PRED_FIELD)) == len(dataset) - len(record["reference_sample_ids"]) > 0
         assert dataset.list_evaluations() == [EVAL_KEY] and "FiftyOne COCO mAP (masks)" in out

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ntt_core.frames import square_frame
+from ntt_core.geometry import reference_crop_box
 from ntt_core.images import load_image
-from ntt_core.memory_bank import ReferenceImage, ReferenceInstance, build_memory_bank, reference_crop_box
+from ntt_core.memory_bank import build_memory_bank
 from ntt_core.predictor import Predictor
+from ntt_core.references import ReferenceImage, ReferenceInstance
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 
@@ -203,7 +205,7 @@ def test_a_fiftyone_reference_crops_around_its_own_box_in_pixels():
     """A label imported from a COCO bbox (10.7, 20.2, 40.2, 21.4) px in a 100 x 80 image gives that box
     back in pixels, so the crop is the authors' (hand-computed above: 6, 6, 54, 54)."""
     fo = pytest.importorskip("fiftyone")
-    from ntt_core.fiftyone_adapter import reference_instance
+    from ntt_core.fiftyone.references import reference_instance
 
     label = fo.Detection(label="thing", bounding_box=[10.7 / 100, 20.2 / 80, 40.2 / 100, 21.4 / 80])
     instance, reason = reference_instance(label, (80, 100))

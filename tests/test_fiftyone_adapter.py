@@ -13,7 +13,28 @@ import pytest
 from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
 from PIL import Image
 
-from ntt_core import fiftyone_adapter as fa
+from ntt_core.fiftyone.bank_runs import (
+    check_bank_key,
+    delete_memory_bank,
+    export_memory_bank,
+    import_memory_bank,
+    list_memory_banks,
+    load_memory_bank,
+    memory_bank_info,
+)
+from ntt_core.fiftyone.building import build_dataset_memory_bank
+from ntt_core.fiftyone.evaluation import evaluate, pycocotools_figures
+from ntt_core.fiftyone.fields import FiftyOneAdapterError, image_collection
+from ntt_core.fiftyone.labels import boxes_to_masks, instances_to_detections
+from ntt_core.fiftyone.predictions import (
+    plan_shards,
+    prediction_record,
+    reference_model,
+    segment_by_reference,
+    start_sharded_prediction,
+)
+from ntt_core.fiftyone.references import collect_references, count_references
+from ntt_core.geometry import pixel_box, place_mask
 from ntt_core.instances import Instances
 from ntt_core.memory_bank import MemoryBankError
 from ntt_core.settings import Settings
@@ -38,7 +59,7 @@ def dataset(tmp_path):
 
 @pytest.fixture
 def banked(dataset, models):
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
     return dataset
 
 
@@ -60,7 +81,7 @@ def test_tagged_labels_become_references_with_their_masks_in_place(dataset):
         for index, label in enumerate(sample.gt.detections)
         if "reference" in label.tags
     }
-    selection = fa.collect_references(dataset, "gt")
+    selection = collect_references(dataset, "gt")
     found = {}
     for image in selection.images:
         for instance in image.instances:
@@ -83,33 +104,33 @@ def test_sample_tags_label_ids_classes_and_cap(dataset):
     first.tags.append("refs")
     first.save()
     names = [label.label for label in first.gt.detections]
-    selection = fa.collect_references(dataset, "gt", mode="sample_tag", tag="refs")
+    selection = collect_references(dataset, "gt", mode="sample_tag", tag="refs")
     assert [i.reference_id for i in selection.images[0].instances] == [label.id for label in first.gt.detections]
     one = names[0]
-    only = fa.collect_references(dataset, "gt", mode="sample_tag", tag="refs", classes=[one])
+    only = collect_references(dataset, "gt", mode="sample_tag", tag="refs", classes=[one])
     assert {i.class_name for image in only.images for i in image.instances} == {one}
 
     every = [label.id for sample in dataset for label in sample.gt.detections if label.label == one]
-    capped = fa.collect_references(dataset, "gt", mode="label_ids", label_ids=every, max_per_class=2)
+    capped = collect_references(dataset, "gt", mode="label_ids", label_ids=every, max_per_class=2)
     assert [i.reference_id for image in capped.images for i in image.instances] == every[:2]
-    assert fa.count_references(dataset, "gt", mode="label_ids", label_ids=every) == {one: len(every)}
+    assert count_references(dataset, "gt", mode="label_ids", label_ids=every) == {one: len(every)}
 
 
 @pytest.mark.bad_input
 def test_no_reference_found_is_a_clear_error(dataset):
-    with pytest.raises(fa.FiftyOneAdapterError, match="no reference found: no label of 'gt' is tagged 'nothing'"):
-        fa.collect_references(dataset, "gt", tag="nothing")
+    with pytest.raises(FiftyOneAdapterError, match="no reference found: no label of 'gt' is tagged 'nothing'"):
+        collect_references(dataset, "gt", tag="nothing")
     with pytest.raises(
-        fa.FiftyOneAdapterError, match="no reference found: no sample tagged 'reference' has labels in 'gt'"
+        FiftyOneAdapterError, match="no reference found: no sample tagged 'reference' has labels in 'gt'"
     ):
-        fa.collect_references(dataset, "gt", mode="sample_tag")
-    with pytest.raises(fa.FiftyOneAdapterError, match="no labels selected"):
-        fa.collect_references(dataset, "gt", mode="label_ids", label_ids=[])
+        collect_references(dataset, "gt", mode="sample_tag")
+    with pytest.raises(FiftyOneAdapterError, match="no labels selected"):
+        collect_references(dataset, "gt", mode="label_ids", label_ids=[])
     name = dataset.distinct("gt.detections.label")[0]
-    with pytest.raises(fa.FiftyOneAdapterError, match="no reference for class\\(es\\) 'unicorn'"):
-        fa.count_references(dataset, "gt", classes=[name, "unicorn"])
-    with pytest.raises(fa.FiftyOneAdapterError, match="reference mode 'everything' is unknown"):
-        fa.collect_references(dataset, "gt", mode="everything")
+    with pytest.raises(FiftyOneAdapterError, match="no reference for class\\(es\\) 'unicorn'"):
+        count_references(dataset, "gt", classes=[name, "unicorn"])
+    with pytest.raises(FiftyOneAdapterError, match="reference mode 'everything' is unknown"):
+        collect_references(dataset, "gt", mode="everything")
 
 
 @pytest.mark.bad_input
@@ -131,12 +152,12 @@ def test_wrong_label_type_is_refused(dataset, label, message):
     sample = dataset.first()
     sample["other"] = label
     sample.save()
-    with pytest.raises(fa.FiftyOneAdapterError, match=message):
-        fa.collect_references(dataset, "other")
+    with pytest.raises(FiftyOneAdapterError, match=message):
+        collect_references(dataset, "other")
     with pytest.raises(
-        fa.FiftyOneAdapterError, match="ground-truth field 'missing' does not exist; Detections fields: gt"
+        FiftyOneAdapterError, match="ground-truth field 'missing' does not exist; Detections fields: gt"
     ):
-        fa.collect_references(dataset, "missing")
+        collect_references(dataset, "missing")
 
 
 @pytest.mark.bad_input
@@ -149,18 +170,18 @@ def test_unusable_references_are_skipped_and_reported(dataset, models, tmp_path)
     boxless.bounding_box = [0.5, 0.5, 0.0, 0.2]
     box_only.mask = None
     sample.save()
-    report = fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    report = build_dataset_memory_bank(dataset, "bank", "gt", *models)
     reasons = {s["reference_id"]: s["reason"] for s in report["skipped"]}
     assert set(reasons) == {broken.id, boxless.id}
     assert "instance mask unreadable" in reasons[broken.id]
     assert "bounding box [0.5, 0.5, 0.0, 0.2] is missing, empty or outside the image" in reasons[boxless.id]
-    assert box_only.id in fa.load_memory_bank(dataset, "bank").reference_ids  # SAM2's box prompt gave it a mask
+    assert box_only.id in load_memory_bank(dataset, "bank").reference_ids  # SAM2's box prompt gave it a mask
 
 
 def test_unreadable_reference_image_is_skipped(dataset, models):
     sample = dataset.first()
     Path(sample.filepath).write_bytes(b"not an image")
-    report = fa.build_dataset_memory_bank(dataset, "bank", "gt", *models, classes=None)
+    report = build_dataset_memory_bank(dataset, "bank", "gt", *models, classes=None)
     skipped_ids = {s["reference_id"] for s in report["skipped"]}
     assert skipped_ids == {label.id for label in sample.gt.detections if "reference" in label.tags}
     assert all("unreadable or corrupt image" in s["reason"] for s in report["skipped"])
@@ -171,8 +192,8 @@ def test_unreadable_reference_image_is_skipped(dataset, models):
 
 def test_bank_is_a_run_that_round_trips_exports_and_imports(banked, models, tmp_path):
     dataset = banked
-    assert fa.list_memory_banks(dataset) == ["bank"]
-    info = fa.memory_bank_info(dataset, "bank")
+    assert list_memory_banks(dataset) == ["bank"]
+    info = memory_bank_info(dataset, "bank")
     tagged = [label for sample in dataset for label in sample.gt.detections if "reference" in label.tags]
     assert info["gt_field"] == "gt" and info["reference_mode"] == "label_tag"
     assert info["counts"] == {label.label: 1 for label in tagged}
@@ -181,59 +202,59 @@ def test_bank_is_a_run_that_round_trips_exports_and_imports(banked, models, tmp_
     }
 
     reloaded = fo.load_dataset(dataset.name)  # what another process sees
-    bank = fa.load_memory_bank(reloaded, "bank")
+    bank = load_memory_bank(reloaded, "bank")
     assert sorted(bank.reference_ids) == sorted(label.id for label in tagged)
     assert bank.encoder_fingerprint == models[1].fingerprint
 
-    folder = fa.export_memory_bank(dataset, "bank", tmp_path / "exported")
+    folder = export_memory_bank(dataset, "bank", tmp_path / "exported")
     assert sorted(p.name for p in folder.iterdir()) == ["features.safetensors", "manifest.json"]
     other = fo.Dataset()
     try:
-        imported = fa.import_memory_bank(other, "copy", folder)
-        again = fa.load_memory_bank(other, "copy")
+        imported = import_memory_bank(other, "copy", folder)
+        again = load_memory_bank(other, "copy")
         assert again.descriptors.equal(bank.descriptors) and again.classes == bank.classes == imported.classes
-        assert fa.memory_bank_info(other, "copy")["imported_from"] == str(folder)
+        assert memory_bank_info(other, "copy")["imported_from"] == str(folder)
     finally:
         other.delete()
 
-    fa.delete_memory_bank(dataset, "bank")
-    assert fa.list_memory_banks(dataset) == []
+    delete_memory_bank(dataset, "bank")
+    assert list_memory_banks(dataset) == []
     with pytest.raises(
-        fa.FiftyOneAdapterError,
+        FiftyOneAdapterError,
         match=r"no memory bank 'bank' on dataset '.*' \(the dataset has no memory bank; build one first\)",
     ):
-        fa.load_memory_bank(dataset, "bank")
+        load_memory_bank(dataset, "bank")
 
 
 @pytest.mark.bad_input
 def test_tampered_stored_bank_is_refused(banked):
-    payload = fa.load_memory_bank(banked, "bank").to_payload()
+    payload = load_memory_bank(banked, "bank").to_payload()
     tensors = bytearray(base64.b64decode(payload["tensors"]))
     tensors[-5] ^= 0xFF
     tampered = {"manifest": payload["manifest"], "tensors": base64.b64encode(bytes(tensors)).decode()}
     banked.save_run_results("bank", banked.init_run_results("bank", bank=tampered), overwrite=True, cache=False)
     with pytest.raises(MemoryBankError, match="checksum mismatch"):
-        fa.load_memory_bank(banked, "bank")
+        load_memory_bank(banked, "bank")
 
 
 @pytest.mark.bad_input
 def test_bank_names_are_checked(banked, models, tmp_path):
-    with pytest.raises(fa.FiftyOneAdapterError, match="memory bank 'bank' already exists"):
-        fa.build_dataset_memory_bank(banked, "bank", "gt", *models)
-    with pytest.raises(fa.FiftyOneAdapterError, match="memory bank name 'my bank' is invalid"):
-        fa.check_bank_key(banked, "my bank")
+    with pytest.raises(FiftyOneAdapterError, match="memory bank 'bank' already exists"):
+        build_dataset_memory_bank(banked, "bank", "gt", *models)
+    with pytest.raises(FiftyOneAdapterError, match="memory bank name 'my bank' is invalid"):
+        check_bank_key(banked, "my bank")
     with pytest.raises(MemoryBankError, match="not a memory bank"):
-        fa.import_memory_bank(banked, "other", tmp_path)
-    folder = fa.export_memory_bank(banked, "bank", tmp_path / "exported")
+        import_memory_bank(banked, "other", tmp_path)
+    folder = export_memory_bank(banked, "bank", tmp_path / "exported")
     tensors = folder / "features.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-7])
     with pytest.raises(MemoryBankError, match="checksum mismatch, the memory bank is truncated or was modified"):
-        fa.import_memory_bank(banked, "truncated", folder)
-    assert fa.list_memory_banks(banked) == ["bank"]
-    with pytest.raises(fa.FiftyOneAdapterError, match="export folder is not empty"):
+        import_memory_bank(banked, "truncated", folder)
+    assert list_memory_banks(banked) == ["bank"]
+    with pytest.raises(FiftyOneAdapterError, match="export folder is not empty"):
         (tmp_path / "full").mkdir()
         (tmp_path / "full" / "x").write_text("x")
-        fa.export_memory_bank(banked, "bank", tmp_path / "full")
+        export_memory_bank(banked, "bank", tmp_path / "full")
 
 
 # --- predictions ---
@@ -254,16 +275,16 @@ def test_instances_become_detections_with_relative_boxes_and_cropped_masks():
         merge_factors=np.array([0.947, 1.0], dtype=np.float32),
         reference_ids=["r1", "r2"],
     )
-    detections = fa.instances_to_detections(instances)
+    detections = instances_to_detections(instances)
     assert len(detections.detections) == 1  # the empty mask is left out
     det = detections.detections[0]
     assert det.label == "dog" and det.bounding_box == pytest.approx([2 / 20, 3 / 10, 5 / 20, 6 / 10])
     assert np.array_equal(det.mask, crop)
     assert det.confidence == pytest.approx(0.9) and det.reference_id == "r1"
     assert (det.sam_iou, det.semantic_score, det.merge_factor) == pytest.approx((0.8, 0.95, 0.947))
-    assert fa.pixel_box(det.bounding_box, (10, 20)) == (2, 3, 7, 9)
-    assert np.array_equal(fa.place_mask(det.mask, (2, 3, 7, 9), (10, 20)), instances.full_mask(0))
-    assert len(fa.instances_to_detections(Instances.empty((10, 20), ["cat"])).detections) == 0
+    assert pixel_box(det.bounding_box, (10, 20)) == (2, 3, 7, 9)
+    assert np.array_equal(place_mask(det.mask, (2, 3, 7, 9), (10, 20)), instances.full_mask(0))
+    assert len(instances_to_detections(Instances.empty((10, 20), ["cat"])).detections) == 0
 
 
 @pytest.mark.parametrize("size", [(37, 53), (480, 640), (1001, 999)])
@@ -273,7 +294,7 @@ def test_integer_boxes_survive_relative_coordinates(size):
         x0, x1 = sorted(rng.choice(size[1] + 1, 2, replace=False))
         y0, y1 = sorted(rng.choice(size[0] + 1, 2, replace=False))
         h, w = size
-        assert fa.pixel_box([x0 / w, y0 / h, (x1 - x0) / w, (y1 - y0) / h], size) == (x0, y0, x1, y1)
+        assert pixel_box([x0 / w, y0 / h, (x1 - x0) / w, (y1 - y0) / h], size) == (x0, y0, x1, y1)
 
 
 def test_predictions_land_on_the_instances_and_ground_truth_is_untouched(banked, models, tmp_path):
@@ -285,7 +306,7 @@ def test_predictions_land_on_the_instances_and_ground_truth_is_untouched(banked,
     broken.write_bytes(b"\x89PNG truncated")
     dataset.add_samples([fo.Sample(filepath=str(blank)), fo.Sample(filepath=str(broken))])
 
-    report = fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS, batch_size=2)
+    report = segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS, batch_size=2)
     after = field_documents(dataset, "gt")
     assert {k: after[k] for k in before} == before
     assert report["processed"] == COUNT + 1 and report["skipped_existing"] == 0
@@ -300,20 +321,20 @@ def test_predictions_land_on_the_instances_and_ground_truth_is_untouched(banked,
     for sample, scene in zip(dataset.limit(COUNT), truth):
         height, width = scene.image.shape[:2]
         predicted = [
-            (d.label, fa.place_mask(d.mask, fa.pixel_box(d.bounding_box, (height, width)), (height, width)))
+            (d.label, place_mask(d.mask, pixel_box(d.bounding_box, (height, width)), (height, width)))
             for d in sample.pred.detections
         ]
         for mask, name in zip(scene.masks, scene.class_names):
             total += 1
             matched += any(label == name and mask_iou(mask, m) > 0.7 for label, m in predicted)
         for det in sample.pred.detections:
-            x0, y0, x1, y1 = fa.pixel_box(det.bounding_box, (height, width))
+            x0, y0, x1, y1 = pixel_box(det.bounding_box, (height, width))
             assert det.mask.shape == (y1 - y0, x1 - x0)
-            assert det.reference_id in fa.load_memory_bank(dataset, "bank").reference_ids
+            assert det.reference_id in load_memory_bank(dataset, "bank").reference_ids
             assert 0.0 <= det.confidence <= det.semantic_score + 1e-6 and 0.0 < det.merge_factor <= 1.0
     assert matched >= 0.8 * total
 
-    record = fa.prediction_record(dataset, "pred")
+    record = prediction_record(dataset, "pred")
     assert record["bank_key"] == "bank" and record["settings"] == SETTINGS.to_dict()
     assert record["segmenter_fingerprint"] == models[0].fingerprint and record["gt_field"] == "gt"
 
@@ -337,30 +358,30 @@ class FailingSegmenter:
 def test_a_failure_keeps_finished_samples_and_skip_existing_finishes(banked, models):
     segmenter, encoder = models
     with pytest.raises(
-        fa.FiftyOneAdapterError,
+        FiftyOneAdapterError,
         match="stopped after 2 of 4 samples: CUDA out of memory .* run again with skip_existing",
     ):
-        fa.segment_by_reference(banked, "bank", "pred", FailingSegmenter(segmenter, 3), encoder, settings=SETTINGS)
+        segment_by_reference(banked, "bank", "pred", FailingSegmenter(segmenter, 3), encoder, settings=SETTINGS)
     done = banked.exists("pred")
     assert len(done) == 2
     kept = {s.id: [d.id for d in s.pred.detections] for s in done}
-    with pytest.raises(fa.FiftyOneAdapterError, match="field 'pred' already exists"):
-        fa.segment_by_reference(banked, "bank", "pred", segmenter, encoder, settings=SETTINGS)
-    with pytest.raises(fa.FiftyOneAdapterError, match="written with a different settings"):
-        fa.segment_by_reference(
+    with pytest.raises(FiftyOneAdapterError, match="field 'pred' already exists"):
+        segment_by_reference(banked, "bank", "pred", segmenter, encoder, settings=SETTINGS)
+    with pytest.raises(FiftyOneAdapterError, match="written with a different settings"):
+        segment_by_reference(
             banked, "bank", "pred", segmenter, encoder, settings=SETTINGS.replace(max_detections=5), skip_existing=True
         )
     smaller_batch = SETTINGS.replace(
         prompt_batch_size=1
     )  # the usual answer to running out of memory: no result changes
-    report = fa.segment_by_reference(
+    report = segment_by_reference(
         banked, "bank", "pred", segmenter, encoder, settings=smaller_batch, skip_existing=True
     )
     assert (report["processed"], report["skipped_existing"]) == (2, 2)
     assert len(banked.exists("pred")) == COUNT
     assert {s.id: [d.id for d in s.pred.detections] for s in banked.select(list(kept))} == kept
 
-    report = fa.segment_by_reference(banked, "bank", "pred", segmenter, encoder, settings=SETTINGS, overwrite=True)
+    report = segment_by_reference(banked, "bank", "pred", segmenter, encoder, settings=SETTINGS, overwrite=True)
     assert report["processed"] == COUNT
     assert all(not set(kept[s.id]) & {d.id for d in s.pred.detections} for s in banked.select(list(kept)) if kept[s.id])
 
@@ -382,20 +403,20 @@ def test_bad_output_fields_are_refused(banked, models, field, message):
     sample = banked.first()
     sample["weather"] = fo.Classification(label="sunny")
     sample.save()
-    with pytest.raises(fa.FiftyOneAdapterError, match=message):
-        fa.segment_by_reference(banked, "bank", field, *models, settings=SETTINGS)
+    with pytest.raises(FiftyOneAdapterError, match=message):
+        segment_by_reference(banked, "bank", field, *models, settings=SETTINGS)
     assert not banked.has_field("pred")
 
 
 @pytest.mark.bad_input
 def test_bank_missing_or_built_with_other_models(banked, models):
-    with pytest.raises(fa.FiftyOneAdapterError, match="no memory bank 'gone'.*available: bank"):
-        fa.segment_by_reference(banked, "gone", "pred", *models, settings=SETTINGS)
+    with pytest.raises(FiftyOneAdapterError, match="no memory bank 'gone'.*available: bank"):
+        segment_by_reference(banked, "gone", "pred", *models, settings=SETTINGS)
     with pytest.raises(MemoryBankError, match="this memory bank was built with encoder 'standin:colour-stats'"):
-        fa.segment_by_reference(banked, "bank", "pred", models[0], ColourStatsEncoder(hue_bins=6), settings=SETTINGS)
+        segment_by_reference(banked, "bank", "pred", models[0], ColourStatsEncoder(hue_bins=6), settings=SETTINGS)
     assert not banked.has_field("pred")  # nothing was created before the check
-    with pytest.raises(fa.FiftyOneAdapterError, match="the target view is empty"):
-        fa.segment_by_reference(banked.limit(0), "bank", "pred", *models, settings=SETTINGS)
+    with pytest.raises(FiftyOneAdapterError, match="the target view is empty"):
+        segment_by_reference(banked.limit(0), "bank", "pred", *models, settings=SETTINGS)
 
 
 @pytest.mark.bad_input
@@ -404,13 +425,13 @@ def test_video_and_grouped_collections_are_refused(tmp_path):
     group = fo.Dataset()
     try:
         video.add_sample(fo.Sample(filepath=str(tmp_path / "clip.mp4")))
-        with pytest.raises(fa.FiftyOneAdapterError, match="only image samples can be processed; .* type 'video'"):
-            fa.image_collection(video)
+        with pytest.raises(FiftyOneAdapterError, match="only image samples can be processed; .* type 'video'"):
+            image_collection(video)
         group.add_group_field("group", default="left")
         g = fo.Group()
         group.add_sample(fo.Sample(filepath=str(tmp_path / "a.png"), group=g.element("left")))
-        with pytest.raises(fa.FiftyOneAdapterError, match="is a grouped dataset: select one image slice first"):
-            fa.image_collection(group)
+        with pytest.raises(FiftyOneAdapterError, match="is a grouped dataset: select one image slice first"):
+            image_collection(group)
     finally:
         video.delete()
         group.delete()
@@ -418,14 +439,14 @@ def test_video_and_grouped_collections_are_refused(tmp_path):
 
 def test_patch_views_map_to_their_images(dataset):
     patches = dataset.limit(2).to_patches("gt")
-    images, note = fa.image_collection(patches)
+    images, note = image_collection(patches)
     assert images.values("id") == dataset.limit(2).values("id")
     assert note == "patch view mapped to its 2 source image(s)"
 
 
 def test_model_wrapper_with_apply_model_matches_the_operator_path(banked, models):
-    fa.segment_by_reference(banked, "bank", "pred", *models, settings=SETTINGS)
-    banked.apply_model(fa.reference_model(banked, "bank", *models, settings=SETTINGS), "applied")
+    segment_by_reference(banked, "bank", "pred", *models, settings=SETTINGS)
+    banked.apply_model(reference_model(banked, "bank", *models, settings=SETTINGS), "applied")
     for sample in banked:
         ours = [(d.label, d.bounding_box, d.confidence) for d in sample.pred.detections]
         theirs = [(d.label, d.bounding_box, d.confidence) for d in sample.applied.detections]
@@ -433,17 +454,17 @@ def test_model_wrapper_with_apply_model_matches_the_operator_path(banked, models
 
 
 def test_shards_fix_disjoint_ids_and_create_the_field_first(banked, models):
-    fa.segment_by_reference(banked.limit(1), "bank", "pred", *models, settings=SETTINGS)
-    shards = fa.start_sharded_prediction(
+    segment_by_reference(banked.limit(1), "bank", "pred", *models, settings=SETTINGS)
+    shards = start_sharded_prediction(
         banked, "bank", "pred", *models, num_shards=2, settings=SETTINGS, skip_existing=True
     )
     remaining = banked.skip(1).values("id")
     assert [i for shard in shards for i in shard] == remaining and len(shards) == 2
-    assert banked.has_field("pred") and fa.prediction_record(banked, "pred")["bank_key"] == "bank"
+    assert banked.has_field("pred") and prediction_record(banked, "pred")["bank_key"] == "bank"
     for shard in shards:
-        fa.segment_by_reference(banked.select(shard), "bank", "pred", *models, settings=SETTINGS, skip_existing=True)
+        segment_by_reference(banked.select(shard), "bank", "pred", *models, settings=SETTINGS, skip_existing=True)
     assert len(banked.exists("pred")) == COUNT
-    assert fa.plan_shards(banked, "pred", 3) == []
+    assert plan_shards(banked, "pred", 3) == []
 
 
 def test_boxes_to_masks_fills_box_only_labels_into_a_new_field(dataset, models):
@@ -458,7 +479,7 @@ def test_boxes_to_masks_fills_box_only_labels_into_a_new_field(dataset, models):
     first.boxes.detections.append(fo.Detection(label="kept", bounding_box=kept.bounding_box, mask=kept.mask))
     first.save()
 
-    report = fa.boxes_to_masks(dataset, "boxes", models[0], out_field="boxes_masks")
+    report = boxes_to_masks(dataset, "boxes", models[0], out_field="boxes_masks")
     assert report["kept"] == 1 and report["failed"] == []
     truth = scenes()
     good = total = 0
@@ -467,15 +488,15 @@ def test_boxes_to_masks_fills_box_only_labels_into_a_new_field(dataset, models):
         assert all(d.mask is None for d in sample.boxes.detections if d.label != "kept")  # the input is untouched
         for det, mask in zip(sample.boxes_masks.detections, scene.masks):
             total += 1
-            good += mask_iou(fa.place_mask(det.mask, fa.pixel_box(det.bounding_box, size), size), mask) > 0.7
+            good += mask_iou(place_mask(det.mask, pixel_box(det.bounding_box, size), size), mask) > 0.7
     assert good >= 0.8 * total and report["filled"] == total
     assert field_documents(dataset, "gt") == before
 
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    with pytest.raises(fa.FiftyOneAdapterError, match="'gt' is a ground-truth field: write the masks to a new field"):
-        fa.boxes_to_masks(dataset, "gt", models[0])
-    with pytest.raises(fa.FiftyOneAdapterError, match="field 'boxes_masks' already exists"):
-        fa.boxes_to_masks(dataset, "boxes", models[0], out_field="boxes_masks")
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    with pytest.raises(FiftyOneAdapterError, match="'gt' is a ground-truth field: write the masks to a new field"):
+        boxes_to_masks(dataset, "gt", models[0])
+    with pytest.raises(FiftyOneAdapterError, match="field 'boxes_masks' already exists"):
+        boxes_to_masks(dataset, "boxes", models[0], out_field="boxes_masks")
 
 
 # --- evaluation ---
@@ -489,10 +510,10 @@ def test_evaluation_matches_pycocotools_and_leaves_ground_truth_restorable(banke
     )
     sample.save()
     before = field_documents(dataset, "gt")
-    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
     assert field_documents(dataset, "gt") == before
 
-    report = fa.evaluate(dataset, "pred", "ev")
+    report = evaluate(dataset, "pred", "ev")
     references = {s.id for s in dataset if any("reference" in d.tags for d in s.gt.detections)}
     assert report["samples"] == COUNT - len(references)
     assert f"{len(references)} sample(s) holding references excluded" in report["notes"][0]
@@ -511,17 +532,17 @@ def test_evaluation_matches_pycocotools_and_leaves_ground_truth_restorable(banke
 
 @pytest.mark.bad_input
 def test_evaluation_keys_and_fields_are_checked(banked, models):
-    fa.segment_by_reference(banked, "bank", "pred", *models, settings=SETTINGS)
-    fa.evaluate(banked, "pred", "ev")
-    with pytest.raises(fa.FiftyOneAdapterError, match="evaluation 'ev' already exists"):
-        fa.evaluate(banked, "pred", "ev")
-    with pytest.raises(fa.FiftyOneAdapterError, match="evaluation key 'ev-2' is invalid"):
-        fa.evaluate(banked, "pred", "ev-2")
-    with pytest.raises(fa.FiftyOneAdapterError, match="the prediction and ground-truth fields must differ"):
-        fa.evaluate(banked, "pred", "ev3", gt_field="pred")
-    with pytest.raises(fa.FiftyOneAdapterError, match="no sample left to evaluate"):
-        fa.evaluate(banked.select(fa.prediction_record(banked, "pred")["reference_sample_ids"]), "pred", "ev4")
-    report = fa.evaluate(banked, "pred", "ev", overwrite=True, exclude_references=False)
+    segment_by_reference(banked, "bank", "pred", *models, settings=SETTINGS)
+    evaluate(banked, "pred", "ev")
+    with pytest.raises(FiftyOneAdapterError, match="evaluation 'ev' already exists"):
+        evaluate(banked, "pred", "ev")
+    with pytest.raises(FiftyOneAdapterError, match="evaluation key 'ev-2' is invalid"):
+        evaluate(banked, "pred", "ev-2")
+    with pytest.raises(FiftyOneAdapterError, match="the prediction and ground-truth fields must differ"):
+        evaluate(banked, "pred", "ev3", gt_field="pred")
+    with pytest.raises(FiftyOneAdapterError, match="no sample left to evaluate"):
+        evaluate(banked.select(prediction_record(banked, "pred")["reference_sample_ids"]), "pred", "ev4")
+    report = evaluate(banked, "pred", "ev", overwrite=True, exclude_references=False)
     assert report["samples"] == COUNT
 
 
@@ -534,13 +555,13 @@ def test_class_names_that_need_escaping_and_tiny_images(dataset, models, tmp_pat
     one_pixel = tmp_path / "one.png"
     Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(one_pixel)
     dataset.add_sample(fo.Sample(filepath=str(one_pixel)))
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    assert set(fa.memory_bank_info(dataset, "bank")["classes"]) == set(dataset.distinct("gt.detections.label"))
-    report = fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    assert set(memory_bank_info(dataset, "bank")["classes"]) == set(dataset.distinct("gt.detections.label"))
+    report = segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
     assert [f["sample_id"] for f in report["failed"]] == [dataset.last().id]
     assert "1x1 px is smaller than one" in report["failed"][0]["reason"]
     assert set(dataset.distinct("pred.detections.label")) <= set(names.values())
-    evaluation = fa.evaluate(dataset, "pred", "ev", classes=[*names.values(), "ghost"])
+    evaluation = evaluate(dataset, "pred", "ev", classes=[*names.values(), "ghost"])
     assert evaluation["mAP"] > 0.5
     (absent,) = [note for note in evaluation["notes"] if note.endswith("have no ground truth in the evaluated samples")]
     assert "'ghost'" in absent
@@ -559,7 +580,7 @@ def test_pycocotools_figures_honour_crowd_ground_truth(tmp_path):
     sample = fo.Sample(filepath=str(path), gt=fo.Detections(detections=[cat, crowd]))
     sample["pred"] = fo.Detections(detections=[predicted])
     dataset.add_sample(sample)
-    figures = fa.pycocotools_figures(dataset, "pred", "gt", ["cat"])
+    figures = pycocotools_figures(dataset, "pred", "gt", ["cat"])
     # The prediction's results box is the authors' inclusive one, 9 x 9 px inside the 10 x 10 px truth:
     # IoU 0.81, a hit at the thresholds 0.50 ... 0.80 (7 of 10), so box AP 0.7; its mask is exact.
     assert figures["segm"]["AP"] == pytest.approx(1.0) and figures["bbox"]["AP"] == pytest.approx(0.7)

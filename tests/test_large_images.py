@@ -1,5 +1,5 @@
 """Large images: a 10,000 x 10,000 image goes through the predictor and the COCO export without
-full-size masks (ALGORITHM.md, merging note), and the crop-based mask paths equal the full-size ones.
+full-size masks (docs/method.md, stage 3.8), and the crop-based mask paths equal the full-size ones.
 
 The large run happens in a subprocess, so that its peak resident memory (Linux ``VmHWM``, reset
 just before predicting) measures that run alone. The stand-in models find the 64 discs of the
@@ -53,8 +53,9 @@ def measure() -> None:
     write COCO results; print one JSON line with the peak memory growth and what was found."""
     from ntt_core import merging, predictor
     from ntt_core.coco import instances_to_coco_results
-    from ntt_core.memory_bank import ReferenceImage, ReferenceInstance, build_memory_bank
+    from ntt_core.memory_bank import build_memory_bank
     from ntt_core.predictor import Predictor
+    from ntt_core.references import ReferenceImage, ReferenceInstance
     from ntt_core.settings import Settings
     from ntt_core.standins import ColourStatsEncoder
 

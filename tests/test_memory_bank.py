@@ -7,15 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ntt_core.memory_bank import (
-    MemoryBank,
-    MemoryBankError,
-    ReferenceError,
-    ReferenceImage,
-    ReferenceInstance,
-    build_memory_bank,
-    reference_crop_box,
-)
+from ntt_core.geometry import reference_crop_box
+from ntt_core.memory_bank import MemoryBank, MemoryBankError, build_memory_bank
+from ntt_core.references import InvalidReferenceError, ReferenceImage, ReferenceInstance
 
 
 class PixelEncoder:
@@ -136,10 +130,10 @@ def test_empty_masks_are_skipped_and_a_class_without_references_is_an_error():
         )
     ]
     with pytest.raises(
-        ReferenceError, match=r"no usable reference for class\(es\) dog.*empty-dog \(dog\): mask is empty"
+        InvalidReferenceError, match=r"no usable reference for class\(es\) dog.*empty-dog \(dog\): mask is empty"
     ):
         build_memory_bank(references, PixelEncoder(), classes=["cat", "dog"])
     bank = build_memory_bank(references, PixelEncoder())
     assert bank.classes == ["cat"] and [s["reference_id"] for s in bank.skipped] == ["empty", "empty-dog"]
-    with pytest.raises(ReferenceError, match="no usable reference at all"):
+    with pytest.raises(InvalidReferenceError, match="no usable reference at all"):
         build_memory_bank([], PixelEncoder())

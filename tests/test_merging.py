@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ntt_core.geometry import mask_boxes
 from ntt_core.merging import crop_masks, full_resolution_stats, soft_merge_factors, taps, upsample_window, window_bounds
-from ntt_core.proposals import mask_boxes
 
 
 def upsampled(logits, image_size):

@@ -17,9 +17,9 @@ from fiftyone_scenes import field_documents, scenes_dataset
 from PIL import Image
 from test_plugin import FAST, uri
 
-from ntt_core import fiftyone_adapter as fa
-from ntt_core import fiftyone_review as review
 from ntt_core.bank_review import suggest_thresholds
+from ntt_core.fiftyone import review
+from ntt_core.fiftyone.bank_runs import load_memory_bank, memory_bank_info
 from plugin.panel import EMPTY_STATE
 
 PANEL = uri("memory_banks")
@@ -119,7 +119,7 @@ def decode(src: str) -> Image.Image:
 
 def test_each_bank_shows_models_classes_shots_thumbnails_and_suggestions(segmented, models):
     view = rendered(panel_event("on_load", segmented))
-    bank = fa.load_memory_bank(segmented, "references")
+    bank = load_memory_bank(segmented, "references")
     summary = view["bank_0_summary"]["default"]
     assert summary.startswith("### Memory bank `references`")
     assert f"DINOv2 `{models['dinov2']}` at 56 px, SAM2 `{models['sam2']}`" in summary
@@ -241,7 +241,7 @@ def test_show_matched_reference_without_a_prediction_says_what_to_select(segment
 
 def test_review_loop_through_the_operators(dataset, models):
     gt_before = field_documents(dataset, "gt")
-    bank = fa.load_memory_bank(dataset, "references")
+    bank = load_memory_bank(dataset, "references")
     accepted = dataset.values("pred.detections", unwind=True)[0]
     pick = [selected(dataset, "pred", accepted)]
 
@@ -250,13 +250,13 @@ def test_review_loop_through_the_operators(dataset, models):
     assert props["found"].view.label == f"1 label(s) become shots of: {accepted.label}: 1"
     params = {"device": "cpu"}
     result = foo.execute_operator(uri("add_to_memory_bank"), dict(dataset=dataset, selected_labels=pick), params=params)
-    grown = fa.load_memory_bank(dataset, "references")
+    grown = load_memory_bank(dataset, "references")
     assert result.result["report"]["added"] == 1
     assert grown.counts()[accepted.label] == bank.counts()[accepted.label] + 1
     assert (grown.reference_ids[-1], grown.image_ids[-1]) == (accepted.id, pick[0]["sample_id"])
     second = dataset.values("pred.detections", unwind=True)[2]
     report = foo.get_operator(uri("add_to_memory_bank"))(dataset, "references", "pred", [second.id], device="cpu")
-    grown = fa.load_memory_bank(dataset, "references")
+    grown = load_memory_bank(dataset, "references")
     assert report["report"]["added"] == 1 and grown.reference_ids[-1] == second.id
 
     look_alike = dataset.values("pred.detections", unwind=True)[1]
@@ -271,10 +271,10 @@ def test_review_loop_through_the_operators(dataset, models):
     props = form_of("remove_from_memory_bank", dataset)
     assert props["found"].view.label == "Labels tagged 'remove_reference': gt: 1"
     report = foo.get_operator(uri("remove_from_memory_bank"))(dataset, "references")["report"]
-    final = fa.load_memory_bank(dataset, "references")
+    final = load_memory_bank(dataset, "references")
     assert report["removed"] == [removed] and removed not in final.reference_ids
     assert len(final.reference_ids) == len(bank.reference_ids) + 2  # +2 shots, +1 negative, -1 removed
-    review_log = fa.memory_bank_info(dataset, "references")["review"]
+    review_log = memory_bank_info(dataset, "references")["review"]
     assert [entry["action"] for entry in review_log] == ["add", "add", "add", "remove"]
 
     summary = rendered(panel_event("on_load", dataset))["bank_0_summary"]["default"]

@@ -15,13 +15,24 @@ from test_cli import models as cli_models
 from test_plugin import FAST, uri
 from test_plugin import run as run_operator
 
-from ntt_core import fiftyone_adapter as fa
 from ntt_core.cli import main
 from ntt_core.coco import load_coco, sample_references
-from ntt_core.fiftyone_review import add_to_memory_bank
+from ntt_core.fiftyone.bank_runs import load_memory_bank, memory_bank_info
+from ntt_core.fiftyone.building import build_dataset_memory_bank
+from ntt_core.fiftyone.evaluation import evaluate
+from ntt_core.fiftyone.fields import FiftyOneAdapterError
+from ntt_core.fiftyone.labels import boxes_to_masks
+from ntt_core.fiftyone.predictions import (
+    apply_reference_model,
+    prediction_record,
+    segment_by_reference,
+    start_sharded_prediction,
+)
+from ntt_core.fiftyone.references import collect_references
+from ntt_core.fiftyone.review import add_to_memory_bank
 from ntt_core.input_rules import CROWD_REASON, InputError
 from ntt_core.memory_bank import MemoryBank, MemoryBankError
-from ntt_core.models import load_encoder
+from ntt_core.models import load_encoder, load_models
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 from ntt_core.synthetic import make_dataset
@@ -43,22 +54,22 @@ def other_dinov2(tmp_path_factory):
 @pytest.mark.bad_input
 def test_no_way_of_writing_predictions_modifies_ground_truth(dataset):
     models = ConnectedRegionSegmenter(), ColourStatsEncoder()
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
     dataset.clone_sample_field("gt", "truth")  # a ground truth that only an evaluation names
-    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
-    fa.evaluate(dataset, "pred", "eval_truth", gt_field="truth")
+    segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    evaluate(dataset, "pred", "eval_truth", gt_field="truth")
     snapshot = {field: field_documents(dataset, field) for field in ("gt", "truth")}
     runs = dataset.list_runs()
     for field in ("gt", "truth"):
         message = f"'{field}' is a ground-truth field (a memory bank or an evaluation reads it): it is never written"
         writers = (
-            lambda f: fa.segment_by_reference(dataset, "bank", f, *models, settings=SETTINGS, overwrite=True),
-            lambda f: fa.start_sharded_prediction(dataset, "bank", f, *models, 2, overwrite=True),
-            lambda f: fa.apply_reference_model(dataset, "bank", f, *models, settings=SETTINGS, overwrite=True),
-            lambda f: fa.boxes_to_masks(dataset, "pred", models[0], out_field=f, overwrite=True),
+            lambda f: segment_by_reference(dataset, "bank", f, *models, settings=SETTINGS, overwrite=True),
+            lambda f: start_sharded_prediction(dataset, "bank", f, *models, 2, overwrite=True),
+            lambda f: apply_reference_model(dataset, "bank", f, *models, settings=SETTINGS, overwrite=True),
+            lambda f: boxes_to_masks(dataset, "pred", models[0], out_field=f, overwrite=True),
         )
         for write in writers:
-            with pytest.raises(fa.FiftyOneAdapterError, match=f"^{re.escape(message)}$"):
+            with pytest.raises(FiftyOneAdapterError, match=f"^{re.escape(message)}$"):
                 write(field)
     assert {field: field_documents(dataset, field) for field in ("gt", "truth")} == snapshot
     assert dataset.list_runs() == runs
@@ -73,7 +84,7 @@ def test_no_way_of_writing_predictions_modifies_ground_truth(dataset):
 def test_a_field_not_written_by_us_is_never_overwritten(dataset):
     """Ground truth that no bank or evaluation names yet (a bank imported from a folder records no field)."""
     models = ConnectedRegionSegmenter(), ColourStatsEncoder()
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
     dataset.clone_sample_field("gt", "labels")
     snapshot = field_documents(dataset, "labels")
     message = (
@@ -81,29 +92,29 @@ def test_a_field_not_written_by_us_is_never_overwritten(dataset):
         "so it is never overwritten; choose another field"
     )
     writers = (
-        lambda: fa.segment_by_reference(dataset, "bank", "labels", *models, settings=SETTINGS, overwrite=True),
-        lambda: fa.start_sharded_prediction(dataset, "bank", "labels", *models, 2, overwrite=True),
-        lambda: fa.apply_reference_model(dataset, "bank", "labels", *models, settings=SETTINGS, overwrite=True),
+        lambda: segment_by_reference(dataset, "bank", "labels", *models, settings=SETTINGS, overwrite=True),
+        lambda: start_sharded_prediction(dataset, "bank", "labels", *models, 2, overwrite=True),
+        lambda: apply_reference_model(dataset, "bank", "labels", *models, settings=SETTINGS, overwrite=True),
     )
     for write in writers:
-        with pytest.raises(fa.FiftyOneAdapterError, match=f"^{re.escape(message)}$"):
+        with pytest.raises(FiftyOneAdapterError, match=f"^{re.escape(message)}$"):
             write()
     assert field_documents(dataset, "labels") == snapshot
-    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
-    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS, overwrite=True)  # ours: replaced
+    segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS, overwrite=True)  # ours: replaced
 
 
 def test_apply_reference_model_writes_what_the_operator_path_writes(dataset):
     models = ConnectedRegionSegmenter(), ColourStatsEncoder()
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *models)
-    fa.segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
-    fa.apply_reference_model(dataset, "bank", "applied", *models, settings=SETTINGS)
+    build_dataset_memory_bank(dataset, "bank", "gt", *models)
+    segment_by_reference(dataset, "bank", "pred", *models, settings=SETTINGS)
+    apply_reference_model(dataset, "bank", "applied", *models, settings=SETTINGS)
     for sample in dataset:
         ours = [(d.label, d.bounding_box, d.confidence) for d in sample.pred.detections]
         assert [(d.label, d.bounding_box, d.confidence) for d in sample.applied.detections] == ours
-    assert fa.prediction_record(dataset, "applied")["gt_field"] == "gt"  # evaluation finds its ground truth
-    with pytest.raises(fa.FiftyOneAdapterError, match="field 'applied' already exists"):
-        fa.apply_reference_model(dataset, "bank", "applied", *models, settings=SETTINGS)
+    assert prediction_record(dataset, "applied")["gt_field"] == "gt"  # evaluation finds its ground truth
+    with pytest.raises(FiftyOneAdapterError, match="field 'applied' already exists"):
+        apply_reference_model(dataset, "bank", "applied", *models, settings=SETTINGS)
 
 
 @pytest.mark.bad_input
@@ -142,7 +153,7 @@ def test_crowd_references_are_skipped_with_the_same_reason_on_every_path(
         dataset, "gt", sam2=str(tiny_models[0]), dinov2=str(tiny_models[1]), device="cpu"
     )["report"]
     assert {"reference_id": crowd.id, "class_name": crowd.label, "reason": CROWD_REASON} in report["skipped"]
-    assert crowd.id not in fa.load_memory_bank(dataset, "references").reference_ids
+    assert crowd.id not in load_memory_bank(dataset, "references").reference_ids
 
     argv = ["build-memory", "--references", folder / "annotations.json", "--images", folder / "images"]
     code, _, err = run(capsys, *argv, "--out", tmp_path / "bank", *cli_models(tiny_models), "--device", "cpu")
@@ -173,7 +184,7 @@ def test_counts_have_one_bound_and_one_wording_on_every_path(dataset, models, ca
         main(["sample-references", "--annotations", "a.json", "--shots", "0", "--seed", "1", "--out", "r.json"])
     assert "argument --shots: shots must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(InputError, match=r"^max_per_class must be at least 1, got 0$"):
-        fa.collect_references(dataset, "gt", max_per_class=0)
+        collect_references(dataset, "gt", max_per_class=0)
     with pytest.raises(ExecutionError, match=r"Path: max_per_class. Reason: max_per_class must be at least 1, got 0$"):
         run_operator("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=0, **models))
     report = run_operator("build_memory_bank", dataset, dict(gt_field="gt", max_per_class=1, **models)).result
@@ -200,7 +211,7 @@ def test_an_encoder_mismatch_is_the_same_one_line_from_the_cli_python_and_the_op
     other = {**models, "dinov2": str(other_dinov2)}
     foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
     with pytest.raises(MemoryBankError) as python_error:
-        fa.load_memory_bank(dataset, "references").check_encoder(load_encoder(str(other_dinov2), device="cpu"))
+        load_memory_bank(dataset, "references").check_encoder(load_encoder(str(other_dinov2), device="cpu"))
     message = str(python_error.value)
     assert "this memory bank was built with encoder" in message
     segment = foo.get_operator(uri("segment_by_reference"))
@@ -227,7 +238,7 @@ def test_banks_of_masked_references_are_built_without_loading_sam2(folder, datas
     nowhere = str(nowhere)
     report = foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **{**models, "sam2": nowhere})["report"]
     assert report["counts"] and not report["skipped"]
-    assert fa.memory_bank_info(dataset, "references")["segmenter_id"] == nowhere  # chosen, never loaded
+    assert memory_bank_info(dataset, "references")["segmenter_id"] == nowhere  # chosen, never loaded
 
     box_only = dataset.first()
     box_only.gt.detections[0].mask = None  # a reference label: it now needs SAM2's box prompt
@@ -269,7 +280,7 @@ def test_one_line_is_the_message_of_the_last_exception_of_a_traceback():
         "Traceback (most recent call last):\n"
         '  File "a.py", line 1, in <module>\n'
         "    run()\n"
-        "ntt_core.fiftyone_adapter.FiftyOneAdapterError: field 'x' already exists\n"
+        "ntt_core.fiftyone.fields.FiftyOneAdapterError: field 'x' already exists\n"
     )
     assert one_line(traceback) == "field 'x' already exists"
     assert one_line("Traceback (most recent call last):\nKeyError: 'x'") == "'x'"  # no frame: still one line
@@ -278,11 +289,11 @@ def test_one_line_is_the_message_of_the_last_exception_of_a_traceback():
 
 @pytest.mark.bad_input
 def test_resuming_a_field_in_another_dtype_is_refused(dataset, models):
-    float32 = fa.load_models(models["sam2"], models["dinov2"], device="cpu", dtype="float32")
-    bfloat16 = fa.load_models(models["sam2"], models["dinov2"], device="cpu", dtype="bfloat16")
-    fa.build_dataset_memory_bank(dataset, "bank", "gt", *float32)
-    fa.segment_by_reference(dataset.limit(1), "bank", "pred", *float32, settings=Settings(**FAST))
-    with pytest.raises(fa.FiftyOneAdapterError, match="written with a different dtype: resuming would mix results"):
-        fa.segment_by_reference(dataset, "bank", "pred", *bfloat16, settings=Settings(**FAST), skip_existing=True)
-    report = fa.segment_by_reference(dataset, "bank", "pred", *float32, settings=Settings(**FAST), skip_existing=True)
+    float32 = load_models(models["sam2"], models["dinov2"], device="cpu", dtype="float32")
+    bfloat16 = load_models(models["sam2"], models["dinov2"], device="cpu", dtype="bfloat16")
+    build_dataset_memory_bank(dataset, "bank", "gt", *float32)
+    segment_by_reference(dataset.limit(1), "bank", "pred", *float32, settings=Settings(**FAST))
+    with pytest.raises(FiftyOneAdapterError, match="written with a different dtype: resuming would mix results"):
+        segment_by_reference(dataset, "bank", "pred", *bfloat16, settings=Settings(**FAST), skip_existing=True)
+    report = segment_by_reference(dataset, "bank", "pred", *float32, settings=Settings(**FAST), skip_existing=True)
     assert report["skipped_existing"] == 1 and report["processed"] == len(dataset) - 1

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from ntt_core.coco import evaluate, instances_to_coco_results
-from ntt_core.memory_bank import ReferenceImage, ReferenceInstance, build_memory_bank
+from ntt_core.memory_bank import build_memory_bank
 from ntt_core.predictor import Predictor
+from ntt_core.references import ReferenceImage, ReferenceInstance
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 from ntt_core.synthetic import IMAGES_DIR, make_dataset, reference_images, write_coco_folder

@@ -109,7 +109,7 @@ def test_the_plugin_lists_without_importing_torch():
         "import sys, fiftyone.operators as foo\n"
         f"names = sorted(o.name for o in foo.list_operators() if o.uri.startswith('{PLUGIN}/'))\n"
         "heavy = [m for m in ('torch', 'torchvision', 'transformers', 'timm', 'sam2') if m in sys.modules]\n"
-        "print(names, heavy, 'ntt_core.fiftyone_adapter' in sys.modules)\n"
+        "print(names, heavy, 'ntt_core.fiftyone' in sys.modules)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120, cwd=REPO

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from ntt_core.images import ImageError
-from ntt_core.memory_bank import ReferenceImage, ReferenceInstance, build_memory_bank
+from ntt_core.memory_bank import build_memory_bank
 from ntt_core.models import load_encoder, load_segmenter
 from ntt_core.predictor import Predictor
+from ntt_core.references import ReferenceImage, ReferenceInstance
 from ntt_core.settings import Settings
 
 SETTINGS = Settings(points_per_side=3, prompt_batch_size=4, sam_iou_threshold=0.0)

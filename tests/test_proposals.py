@@ -3,7 +3,8 @@
 import torch
 from torchvision.ops import masks_to_boxes
 
-from ntt_core.proposals import best_of_three, class_nms, mask_boxes, point_grid, propose
+from ntt_core.geometry import mask_boxes
+from ntt_core.proposals import best_of_three, class_nms, point_grid, propose
 
 
 def test_point_grid_is_linspace_plus_half_pixel():

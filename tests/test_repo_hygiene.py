@@ -192,3 +192,71 @@ def test_fiftyone_writes_to_the_session_database():
         assert dataset.name in names
     finally:
         dataset.delete()
+
+
+def test_every_library_error_derives_from_the_one_base():
+    from ntt_core.errors import NttError
+
+    errors = []
+    for module in _package_modules():
+        if not module.startswith("ntt_core"):
+            continue
+        for value in vars(importlib.import_module(module)).values():
+            if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == module:
+                errors.append(value)
+    names = {error.__name__ for error in errors}
+    assert {"ImageError", "CheckpointError", "ModelNotFoundError", "InputError", "InvalidReferenceError"} <= names
+    assert {"FiftyOneAdapterError", "CliError", "MemoryBankError", "JournalError", "CocoFormatError"} <= names
+    assert [e.__name__ for e in errors if not issubclass(e, NttError) and e.__name__ != "Interrupted"] == []
+    assert "ReferenceError" not in names  # Python's builtin keeps its meaning
+
+
+def _library_imports() -> dict[str, set[str]]:
+    """``{module: modules of ntt_core it imports}``, at module level or inside functions."""
+    modules = {
+        name: REPO / (name.replace(".", "/") + ".py") for name in _package_modules() if name.startswith("ntt_core")
+    }
+    modules = {name: path if path.exists() else path.with_suffix("") / "__init__.py" for name, path in modules.items()}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                found |= {target, *(f"{target}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        graph[name] = {target for target in found & set(modules) if target not in (name, "ntt_core")}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target) :] + [node, target])
+            elif target not in state:
+                visit(target, path + [node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_library_has_no_import_cycle():
+    graph = _library_imports()
+    assert {"ntt_core.cli", "ntt_core.fiftyone.predictions", "ntt_core.geometry"} <= set(graph)
+    assert "ntt_core.fiftyone.fields" in graph["ntt_core.fiftyone.predictions"]  # relative imports resolve
+    assert _cycles(graph) == []

@@ -15,9 +15,11 @@ from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_scenes import scenes_dataset
 from test_plugin import FAST, uri
 
-from ntt_core import fiftyone_adapter as fa
 from ntt_core.cli import main
+from ntt_core.fiftyone.predictions import prediction_record, start_sharded_prediction
+from ntt_core.models import load_models
 from ntt_core.predictor import Predictor
+from ntt_core.settings import Settings
 from ntt_core.shards import STALE_AFTER_S, shard_operations
 
 
@@ -90,13 +92,13 @@ def test_a_shard_marked_failed_writes_nothing_more(dataset, params, monkeypatch)
 
 
 def test_re_running_a_planning_step_that_died_continues_it(dataset, params, tiny_models):
-    segmenter, encoder = fa.load_models(params["sam2"], params["dinov2"], device="cpu")
-    fa.start_sharded_prediction(dataset, "references", "pred", segmenter, encoder, 2, settings=fa.Settings(**FAST))
+    segmenter, encoder = load_models(params["sam2"], params["dinov2"], device="cpu")
+    start_sharded_prediction(dataset, "references", "pred", segmenter, encoder, 2, settings=Settings(**FAST))
     assert dataset.has_field("pred")  # ... and the planning operation died here, before queueing
 
     report = plan(dataset, params)  # what re-running it does
     assert [s["samples"] for s in report["shards"]] == [3, 3]
-    assert fa.prediction_record(dataset, "pred")["planning"] is False
+    assert prediction_record(dataset, "pred")["planning"] is False
     with pytest.raises(Exception, match="field 'pred' already exists"):  # a finished planning is not silently redone
         plan(dataset, params)
 

@@ -19,7 +19,10 @@ from app_pages import expect
 from fiftyone import ViewField as F
 from fiftyone_scenes import scenes_dataset
 
-from ntt_core import fiftyone_adapter as fa
+from ntt_core.fiftyone.bank_runs import load_memory_bank
+from ntt_core.fiftyone.building import build_dataset_memory_bank
+from ntt_core.fiftyone.predictions import segment_by_reference
+from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 
@@ -36,9 +39,9 @@ def predicted(tmp_path_factory):
     dataset.save()
     segmenter = ConnectedRegionSegmenter(input_size=256, mask_size=64)
     encoder = ColourStatsEncoder(input_size=112, grid_size=14)
-    fa.build_dataset_memory_bank(dataset, "references", "gt", segmenter, encoder)
+    build_dataset_memory_bank(dataset, "references", "gt", segmenter, encoder)
     settings = Settings(points_per_side=12)
-    fa.segment_by_reference(dataset, "references", "ntt_predictions", segmenter, encoder, settings=settings)
+    segment_by_reference(dataset, "references", "ntt_predictions", segmenter, encoder, settings=settings)
     yield dataset
     dataset.delete()
 
@@ -54,7 +57,7 @@ def dataset(predicted, request):
 def add_false_positives(dataset, count: int) -> None:
     """Relabel one prediction to a wrong class in each of ``count`` samples without references
     (which the evaluation keeps): the stand-ins make no false positives on these scenes."""
-    with_references = dataset.filter_labels("gt", F("tags").contains(fa.DEFAULT_REFERENCE_TAG)).values("id")
+    with_references = dataset.filter_labels("gt", F("tags").contains(DEFAULT_REFERENCE_TAG)).values("id")
     classes = sorted(dataset.distinct("gt.detections.label"))
     for sample in dataset.exclude(with_references).limit(count):
         wrong = sample.ntt_predictions.detections[0]
@@ -69,7 +72,7 @@ def false_positive_samples(dataset, eval_key: str) -> int:
 
 
 def test_memory_banks_panel_shows_the_bank_with_its_references(app, dataset):
-    counts = fa.load_memory_bank(dataset, "references").counts()
+    counts = load_memory_bank(dataset, "references").counts()
     app.open(dataset)
     app.sidebar_checkbox("gt").click()  # predicted masks only
     app.page.mouse.move(0, 0)

@@ -10,7 +10,7 @@ import pytest
 from app_pages import pixels
 from PIL import Image
 
-from ntt_core import fiftyone_adapter as fa
+from ntt_core.fiftyone.labels import instances_to_detections
 from ntt_core.images import load_image
 from ntt_core.instances import Instances
 
@@ -43,7 +43,7 @@ def test_a_mask_of_an_exif_rotated_jpeg_covers_its_object_in_the_app(app, tmp_pa
     )
     dataset = fo.Dataset("browser-exif")
     try:
-        sample = fo.Sample(filepath=str(path), pred=fa.instances_to_detections(instances))
+        sample = fo.Sample(filepath=str(path), pred=instances_to_detections(instances))
         dataset.add_sample(sample)
         dataset.compute_metadata()
         assert (sample.metadata.width, sample.metadata.height) == (80, 160)  # FiftyOne's upright size

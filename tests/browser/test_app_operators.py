@@ -18,7 +18,8 @@ from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_scenes import field_documents, scenes_dataset
 
-from ntt_core import fiftyone_adapter as fa
+from ntt_core.fiftyone.bank_runs import load_memory_bank
+from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG
 
 pytestmark = pytest.mark.browser
 SIZE = (96, 128)  # scene height, width
@@ -48,7 +49,7 @@ def our_operators() -> list:
 
 
 def tagged_counts(dataset) -> dict[str, int]:
-    references = dataset.filter_labels("gt", F("tags").contains(fa.DEFAULT_REFERENCE_TAG))
+    references = dataset.filter_labels("gt", F("tags").contains(DEFAULT_REFERENCE_TAG))
     return references.count_values("gt.detections.label")
 
 
@@ -80,7 +81,7 @@ def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(f
     app.screenshot("done")
     dataset.reload()
     assert dataset.list_runs() == ["references"]
-    assert fa.load_memory_bank(dataset, "references").counts() == counts
+    assert load_memory_bank(dataset, "references").counts() == counts
     assert field_documents(dataset, "gt") == gt_before
     assert server.torch_loaded(), "the first run did not import torch: this probe would see nothing"
 
@@ -205,15 +206,15 @@ def test_two_ground_truth_labels_are_tagged_as_references_in_the_sample_modal(ap
         modal.get_by_test_id("action-tag-sample-labels").click()
         app.page.get_by_test_id("tagger-switch-label").click()
         tag_input = app.page.get_by_test_id("label-tag-input")
-        tag_input.fill(fa.DEFAULT_REFERENCE_TAG)
+        tag_input.fill(DEFAULT_REFERENCE_TAG)
         tag_input.press("Enter")
         app.page.get_by_test_id("button-Apply").click()
         expect(app.page.get_by_test_id("button-Apply")).to_have_count(0)
         app.screenshot("tagged")
 
         dataset.reload()
-        tagged = dataset.filter_labels("gt", F("tags").contains(fa.DEFAULT_REFERENCE_TAG))
+        tagged = dataset.filter_labels("gt", F("tags").contains(DEFAULT_REFERENCE_TAG))
         assert sorted(tagged.values("gt.detections.id", unwind=True)) == sorted(d.id for d in chosen)
-        assert dataset.count_label_tags() == {fa.DEFAULT_REFERENCE_TAG: 2}
+        assert dataset.count_label_tags() == {DEFAULT_REFERENCE_TAG: 2}
     finally:
         dataset.delete()

@@ -12,8 +12,7 @@ Tag conventions (label tags, on instances of any Detections field):
 
 Accepted predictions become shots with their own provenance: the bank entry's reference id is
 the prediction's label id and its image id the sample id, so "show matched reference" finds
-them like any other reference. Ground truth is only read. Like :mod:`ntt_core.fiftyone_adapter`,
-torch is imported only inside the functions that need it.
+them like any other reference. Ground truth is only read.
 """
 
 from __future__ import annotations
@@ -24,8 +23,22 @@ from dataclasses import dataclass
 import fiftyone as fo
 from bson import ObjectId
 
-from . import fiftyone_adapter as fa
-from .images import ImageError, load_image
+from ..bank_review import (
+    NEGATIVE_OUTLINE,
+    POSITIVE_OUTLINE,
+    add_references,
+    remove_references,
+    suggest_thresholds,
+    thumbnail,
+)
+from ..images import ImageError, load_image
+from ..memory_bank import describe_references
+from ..models import load_encoder, load_segmenter
+from ..settings import Settings
+from .bank_runs import list_memory_banks, load_memory_bank, memory_bank_info, save_memory_bank
+from .fields import FiftyOneAdapterError, detections_fields
+from .predictions import prediction_record
+from .references import collect_references, reference_instance
 
 NEGATIVE_TAG = "not_this_class"
 REMOVE_TAG = "remove_reference"
@@ -49,7 +62,7 @@ def locate_references(dataset, bank) -> dict[str, ReferenceLabel]:
     dataset = dataset._root_dataset
     wanted = set(bank.reference_ids)
     ids = [i for i in dict.fromkeys(bank.image_ids) if ObjectId.is_valid(i)]
-    fields = fa.detections_fields(dataset)
+    fields = detections_fields(dataset)
     found = {}
     for sample_id, filepath, *values in zip(*dataset.select(ids).values(["id", "filepath", *fields])):
         for field, detections in zip(fields, values):
@@ -64,10 +77,8 @@ def bank_overview(dataset, key: str, per_class: int = 8, size: int = 96) -> dict
     shots, negative references, leave-one-out threshold suggestion (see
     :func:`ntt_core.bank_review.suggest_thresholds`) and up to ``per_class`` thumbnails each of
     positive and negative references (``size`` px PNG data URIs, outline yellow / red)."""
-    from .bank_review import NEGATIVE_OUTLINE, POSITIVE_OUTLINE, suggest_thresholds
-
-    info = fa.memory_bank_info(dataset, key)
-    bank = fa.load_memory_bank(dataset, key)
+    info = memory_bank_info(dataset, key)
+    bank = load_memory_bank(dataset, key)
     suggestions = suggest_thresholds(bank)
     located = locate_references(dataset, bank)
     context = bank.settings.get("context_ratio", 0.2)
@@ -116,15 +127,13 @@ def bank_overview(dataset, key: str, per_class: int = 8, size: int = 96) -> dict
 
 def _thumbnail(entry: ReferenceLabel, images: dict, size: int, colour, context: float) -> str | None:
     """The thumbnail of one located reference; None when its image, box or mask is unusable."""
-    from .bank_review import thumbnail
-
     if entry.filepath not in images:
         try:
             images[entry.filepath] = load_image(entry.filepath)
         except ImageError:
             images[entry.filepath] = None
     image = images[entry.filepath]
-    instance, _ = (None, "") if image is None else fa.reference_instance(entry.label, image.shape[:2])
+    instance, _ = (None, "") if image is None else reference_instance(entry.label, image.shape[:2])
     if instance is None:
         return None
     return thumbnail(image, instance.box, instance.mask, size=size, colour=colour, context_ratio=context)
@@ -135,23 +144,23 @@ def matched_reference(dataset, pred_field: str, label_id: str) -> dict:
     ``{"bank_key", "reference_id", "sample_id", "field", "class_name", "negative"}``; ``field``
     is None when the reference's label no longer exists (its sample may still)."""
     dataset = dataset._root_dataset
-    record = fa.prediction_record(dataset, pred_field)
+    record = prediction_record(dataset, pred_field)
     if record is None:
-        raise fa.FiftyOneAdapterError(
+        raise FiftyOneAdapterError(
             f"'{pred_field}' was not written by Segment by reference: its labels have no matched reference"
         )
     labels = dataset.select_labels(ids=[label_id], fields=pred_field).values(f"{pred_field}.detections", unwind=True)
     if not labels:
-        raise fa.FiftyOneAdapterError(f"no label '{label_id}' in '{pred_field}'")
+        raise FiftyOneAdapterError(f"no label '{label_id}' in '{pred_field}'")
     reference_id = labels[0].get_field("reference_id") if labels[0].has_field("reference_id") else None
     if not reference_id:
-        raise fa.FiftyOneAdapterError(f"prediction '{label_id}' carries no reference_id")
+        raise FiftyOneAdapterError(f"prediction '{label_id}' carries no reference_id")
     key = record["bank_key"]
-    if key not in fa.list_memory_banks(dataset):
-        raise fa.FiftyOneAdapterError(f"memory bank '{key}', which produced '{pred_field}', no longer exists")
-    bank = fa.load_memory_bank(dataset, key)
+    if key not in list_memory_banks(dataset):
+        raise FiftyOneAdapterError(f"memory bank '{key}', which produced '{pred_field}', no longer exists")
+    bank = load_memory_bank(dataset, key)
     if reference_id not in bank.reference_ids:
-        raise fa.FiftyOneAdapterError(
+        raise FiftyOneAdapterError(
             f"reference '{reference_id}' is no longer in memory bank '{key}' (it was removed or the bank rebuilt)"
         )
     row = bank.reference_ids.index(reference_id)
@@ -169,7 +178,7 @@ def matched_reference(dataset, pred_field: str, label_id: str) -> dict:
 def tagged_labels(samples, tag: str) -> dict[str, list[str]]:
     """Ids of the labels tagged ``tag`` in each Detections field of ``samples`` (fields without any left out)."""
     found = {}
-    for field in fa.detections_fields(samples):
+    for field in detections_fields(samples):
         ids = samples.select_labels(tags=tag, fields=field).values(f"{field}.detections.id", unwind=True)
         if ids:
             found[field] = [str(i) for i in ids]
@@ -180,9 +189,7 @@ def load_bank_models(dataset, key: str, dinov2: str = "", sam2: str = "", device
     """(encoder, segmenter or None) to describe new references of bank ``key``: the bank's own
     encoder (at its input size) unless ``dinov2`` names another source; SAM2 only when ``sam2``
     names one (it turns box-only labels into masks; without it they are skipped)."""
-    from .models import load_encoder, load_segmenter
-
-    info = fa.memory_bank_info(dataset, key)
+    info = memory_bank_info(dataset, key)
     encoder = load_encoder(
         dinov2 or info["encoder_id"], device=device, dtype=dtype, input_size=info["encoder_input_size"]
     )
@@ -203,25 +210,22 @@ def add_to_memory_bank(
     negative references of their class. Instances already in the bank, unusable ones and
     negatives of a class the bank lacks are skipped with the reason; nothing added is an error.
     Returns ``{"bank_key", "added", "negative", "counts", "negative_counts", "skipped"}``."""
-    from .bank_review import add_references
-    from .memory_bank import describe_references
-
     dataset = dataset._root_dataset
-    info = fa.memory_bank_info(dataset, key)
-    bank = fa.load_memory_bank(dataset, key)
+    info = memory_bank_info(dataset, key)
+    bank = load_memory_bank(dataset, key)
     bank.check_encoder(encoder)
     images, skipped = [], []
     for field, ids in labels.items():
         if not ids:
             continue
-        selection = fa.collect_references(dataset, field, mode="label_ids", label_ids=list(ids))
+        selection = collect_references(dataset, field, mode="label_ids", label_ids=list(ids))
         for image in selection.images:
             for instance in image.instances:
                 instance.negative = negative
         images += selection.images
         skipped += selection.skipped
     if not images and not skipped:
-        raise fa.FiftyOneAdapterError("no label given: select predictions (or tag labels) in the App first")
+        raise FiftyOneAdapterError("no label given: select predictions (or tag labels) in the App first")
     described = describe_references(
         images,
         encoder,
@@ -234,7 +238,7 @@ def add_to_memory_bank(
     added = len(grown.reference_ids) - len(bank.reference_ids)
     if not added:
         reasons = "; ".join(f"{s['reference_id']} ({s['class_name']}): {s['reason']}" for s in skipped)
-        raise fa.FiftyOneAdapterError(f"nothing added to memory bank '{key}': {reasons}")
+        raise FiftyOneAdapterError(f"nothing added to memory bank '{key}': {reasons}")
     entry = {"action": "add", "negative": negative, "fields": sorted(labels), "count": added}
     _save(dataset, key, grown, info, entry)
     return {
@@ -252,17 +256,13 @@ def remove_from_memory_bank(dataset, key: str, reference_ids: Sequence[str]) -> 
     labels tagged :data:`REMOVE_TAG`). A class left without positive references is dropped with
     its negative ones. Returns ``{"bank_key", "removed", "dropped_classes", "counts",
     "negative_counts"}``."""
-    from .bank_review import remove_references
-
     dataset = dataset._root_dataset
-    info = fa.memory_bank_info(dataset, key)
-    bank = fa.load_memory_bank(dataset, key)
+    info = memory_bank_info(dataset, key)
+    bank = load_memory_bank(dataset, key)
     known = set(bank.reference_ids)
     present = [rid for rid in reference_ids if rid in known]
     if not present:
-        raise fa.FiftyOneAdapterError(
-            f"none of the {len(reference_ids)} label(s) is a reference of memory bank '{key}'"
-        )
+        raise FiftyOneAdapterError(f"none of the {len(reference_ids)} label(s) is a reference of memory bank '{key}'")
     smaller, removed, dropped = remove_references(bank, present)
     _save(dataset, key, smaller, info, {"action": "remove", "count": len(removed), "dropped_classes": dropped})
     return {
@@ -275,8 +275,6 @@ def remove_from_memory_bank(dataset, key: str, reference_ids: Sequence[str]) -> 
 
 
 def _bank_settings(bank):
-    from .settings import Settings
-
     return Settings.from_dict(bank.settings) if bank.settings else Settings()
 
 
@@ -284,4 +282,4 @@ def _save(dataset, key: str, bank, info: dict, entry: dict) -> None:
     """Store the updated bank under its key, keeping where its references came from and logging ``entry``."""
     source = {name: info[name] for name in SOURCE_KEYS if name in info}
     source["review"] = list(info.get("review") or []) + [entry]
-    fa.save_memory_bank(dataset, key, bank, source=source, overwrite=True)
+    save_memory_bank(dataset, key, bank, source=source, overwrite=True)
