@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..memory_bank import MemoryBank, MemoryBankError
+import fiftyone.core.utils as fou
+
 from .fields import BANK_METHOD, FiftyOneAdapterError, check_key
+
+# imports torch: loaded at first use, so that forms resolve in the App without it
+memory_bank = fou.lazy_import("ntt_core.memory_bank")
 
 
 def list_memory_banks(dataset) -> list[str]:
@@ -74,11 +78,13 @@ def load_memory_bank(dataset, key: str):
     results = dataset.load_run_results(key, cache=False, load_view=False)
     payload = getattr(results, "bank", None)
     if not isinstance(payload, dict):
-        raise MemoryBankError(f"memory bank '{key}': the stored run has no bank payload")
+        raise memory_bank.MemoryBankError(f"memory bank '{key}': the stored run has no bank payload")
     expected = dataset.get_run_info(key).config.sha256
     if payload.get("manifest", {}).get("sha256") != expected:
-        raise MemoryBankError(f"memory bank '{key}': the stored payload does not match the checksum in its run config")
-    return MemoryBank.from_payload(payload)
+        raise memory_bank.MemoryBankError(
+            f"memory bank '{key}': the stored payload does not match the checksum in its run config"
+        )
+    return memory_bank.MemoryBank.from_payload(payload)
 
 
 def delete_memory_bank(dataset, key: str) -> None:
@@ -97,6 +103,6 @@ def export_memory_bank(dataset, key: str, directory: str | Path) -> Path:
 def import_memory_bank(dataset, key: str, directory: str | Path, overwrite: bool = False):
     """Read a bank folder written by :func:`export_memory_bank` (or the CLI) into the dataset."""
     check_bank_key(dataset, key, overwrite)
-    bank = MemoryBank.load(directory)
+    bank = memory_bank.MemoryBank.load(directory)
     save_memory_bank(dataset, key, bank, source={"imported_from": str(directory)}, overwrite=overwrite)
     return bank

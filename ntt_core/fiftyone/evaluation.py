@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import fiftyone.core.utils as fou
 from fiftyone import ViewField as F
 from PIL import Image
 
 from .. import coco
-from ..geometry import fit_mask, pixel_box
 from ..images import ImageError
 from ..input_rules import is_crowd
 from .fields import FiftyOneAdapterError, check_detections_field, check_key, image_collection
 from .predictions import prediction_record
+
+# imports torch: loaded at first use, so that forms resolve in the App without it
+geometry = fou.lazy_import("ntt_core.geometry")
 
 #: pycocotools figures stored on an evaluation as custom metrics (key -> (iou type, metric)).
 PYCOCOTOOLS_METRICS = {"pycocotools_segm_AP": ("segm", "AP"), "pycocotools_bbox_AP": ("bbox", "AP")}
@@ -175,14 +178,14 @@ def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[
 def _coco_entry(label, size: tuple[int, int], prediction: bool = False) -> dict | None:
     """A COCO annotation (or, for a ``prediction``, a result with the authors' inclusive box: see
     :func:`ntt_core.coco.result_box`) from a ``fo.Detection``; None if its box is unusable."""
-    box = pixel_box(label.bounding_box, size)
+    box = geometry.pixel_box(label.bounding_box, size)
     if box is None:
         return None
     x0, y0, x1, y1 = box
     entry = {"bbox": coco.result_box(box) if prediction else [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
     crop = label.get_mask()
     if crop is not None:
-        entry["segmentation"] = coco.encode_crop(fit_mask(crop, box), box, size)
+        entry["segmentation"] = coco.encode_crop(geometry.fit_mask(crop, box), box, size)
     return entry
 
 

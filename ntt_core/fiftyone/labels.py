@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import fiftyone as fo
 import fiftyone.core.fields as fof
+import fiftyone.core.utils as fou
 import numpy as np
 
-from ..geometry import pixel_box
 from ..images import ImageError, load_image
 from ..instances import Instances
-from ..memory_bank import box_mask_crops
 from .fields import (
     FiftyOneAdapterError,
     Progress,
@@ -19,6 +18,10 @@ from .fields import (
     image_collection,
     protected_fields,
 )
+
+# these import torch: loaded at first use, so that forms resolve in the App without it
+geometry = fou.lazy_import("ntt_core.geometry")
+memory_bank = fou.lazy_import("ntt_core.memory_bank")
 
 
 def instances_to_detections(instances: Instances) -> fo.Detections:
@@ -96,7 +99,7 @@ def boxes_to_masks(
 
 def _fill_masks(detections: list, image: np.ndarray, segmenter, report: dict) -> None:
     size = image.shape[:2]
-    boxes = [pixel_box(det.bounding_box, size) for det in detections]
+    boxes = [geometry.pixel_box(det.bounding_box, size) for det in detections]
     usable = [(det, box) for det, box in zip(detections, boxes) if box is not None]
     for det, box in zip(detections, boxes):
         if box is None:
@@ -105,7 +108,7 @@ def _fill_masks(detections: list, image: np.ndarray, segmenter, report: dict) ->
             )
     if not usable:
         return
-    crops = box_mask_crops(segmenter, image, [box for _, box in usable])
+    crops = memory_bank.box_mask_crops(segmenter, image, [box for _, box in usable])
     for (det, _), crop in zip(usable, crops):
         if crop.any():
             det.mask = crop

@@ -9,14 +9,17 @@ from collections.abc import Callable, Collection
 import fiftyone as fo
 import fiftyone.core.fields as fof
 import fiftyone.core.models as fomo
+import fiftyone.core.utils as fou
 import numpy as np
 
 from ..input_rules import check_count
-from ..predictor import Predictor
 from ..settings import MEMORY_ONLY, Settings
 from .bank_runs import load_memory_bank, memory_bank_info
 from .fields import PREDICTION_METHOD, FiftyOneAdapterError, Progress, check_output_field, image_collection
 from .labels import instances_to_detections
+
+# imports torch: loaded at first use, so that forms resolve in the App without it
+pipeline = fou.lazy_import("ntt_core.predictor")
 
 PREDICTION_RUN_PREFIX = "ntt_predictions_"
 #: Keys of a prediction record that must agree before ``skip_existing`` may resume a field.
@@ -143,7 +146,7 @@ def segment_by_reference(
         raise FiftyOneAdapterError("the target view is empty: nothing to segment")
     check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     bank = load_memory_bank(dataset, bank_key)
-    predictor = Predictor(segmenter, encoder, bank, settings=settings)
+    predictor = pipeline.Predictor(segmenter, encoder, bank, settings=settings)
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
     prepare_prediction_field(dataset, record, overwrite=overwrite, skip_existing=skip_existing)
 
@@ -289,7 +292,7 @@ def reference_model(
 ) -> ReferenceSegmentationModel:
     """A :class:`ReferenceSegmentationModel` for the bank stored on ``dataset`` under ``bank_key``."""
     return ReferenceSegmentationModel(
-        Predictor(segmenter, encoder, load_memory_bank(dataset, bank_key), settings=settings)
+        pipeline.Predictor(segmenter, encoder, load_memory_bank(dataset, bank_key), settings=settings)
     )
 
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import fiftyone.core.utils as fou
 from fiftyone import ViewField as F
 
-from ..geometry import pixel_box, place_mask
 from ..images import ImageError, load_image
 from ..input_rules import CROWD_REASON, check_count, is_crowd
 from ..references import ReferenceImage, ReferenceInstance
 from .fields import FiftyOneAdapterError, check_detections_field, image_collection
+
+# imports torch: loaded at first use, so that forms resolve in the App without it
+geometry = fou.lazy_import("ntt_core.geometry")
 
 REFERENCE_MODES = ("label_tag", "sample_tag", "label_ids")
 DEFAULT_REFERENCE_TAG = "reference"
@@ -141,14 +144,14 @@ def _skip(label, reason: str) -> dict:
 
 def reference_instance(label, image_size: tuple[int, int]):
     """A ``ReferenceInstance`` from a ``fo.Detection``, or None and the reason it is unusable."""
-    box = pixel_box(label.bounding_box, image_size)
+    box = geometry.pixel_box(label.bounding_box, image_size)
     if box is None:
         return None, f"bounding box {label.bounding_box!r} is missing, empty or outside the image"
     try:
         crop = label.get_mask()
     except Exception as error:  # a mask_path that cannot be read
         return None, f"instance mask unreadable ({error})"
-    mask = None if crop is None else place_mask(crop, box, image_size)
+    mask = None if crop is None else geometry.place_mask(crop, box, image_size)
     # The crop follows the annotation's own box, in pixels (as the authors crop around the COCO
     # bbox), rounded to 1e-6 px so that a box imported from pixels comes back exactly.
     height, width = image_size

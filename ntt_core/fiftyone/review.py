@@ -21,24 +21,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import fiftyone as fo
+import fiftyone.core.utils as fou
 from bson import ObjectId
 
-from ..bank_review import (
-    NEGATIVE_OUTLINE,
-    POSITIVE_OUTLINE,
-    add_references,
-    remove_references,
-    suggest_thresholds,
-    thumbnail,
-)
 from ..images import ImageError, load_image
-from ..memory_bank import describe_references
-from ..models import load_encoder, load_segmenter
 from ..settings import Settings
 from .bank_runs import list_memory_banks, load_memory_bank, memory_bank_info, save_memory_bank
 from .fields import FiftyOneAdapterError, detections_fields
 from .predictions import prediction_record
 from .references import collect_references, reference_instance
+
+# these import torch: loaded at first use, so that forms resolve in the App without it
+bank_review = fou.lazy_import("ntt_core.bank_review")
+memory_bank = fou.lazy_import("ntt_core.memory_bank")
+models = fou.lazy_import("ntt_core.models")
 
 NEGATIVE_TAG = "not_this_class"
 REMOVE_TAG = "remove_reference"
@@ -79,7 +75,7 @@ def bank_overview(dataset, key: str, per_class: int = 8, size: int = 96) -> dict
     positive and negative references (``size`` px PNG data URIs, outline yellow / red)."""
     info = memory_bank_info(dataset, key)
     bank = load_memory_bank(dataset, key)
-    suggestions = suggest_thresholds(bank)
+    suggestions = bank_review.suggest_thresholds(bank)
     located = locate_references(dataset, bank)
     context = bank.settings.get("context_ratio", 0.2)
     images: dict[str, object] = {}
@@ -93,7 +89,7 @@ def bank_overview(dataset, key: str, per_class: int = 8, size: int = 96) -> dict
                 if c == index and n == negative
             ]
             hidden += max(0, len(rows) - per_class)
-            colour = NEGATIVE_OUTLINE if negative else POSITIVE_OUTLINE
+            colour = bank_review.NEGATIVE_OUTLINE if negative else bank_review.POSITIVE_OUTLINE
             for row in rows[:per_class]:
                 entry = located.get(bank.reference_ids[row])
                 src = entry and _thumbnail(entry, images, size, colour, context)
@@ -136,7 +132,7 @@ def _thumbnail(entry: ReferenceLabel, images: dict, size: int, colour, context: 
     instance, _ = (None, "") if image is None else reference_instance(entry.label, image.shape[:2])
     if instance is None:
         return None
-    return thumbnail(image, instance.box, instance.mask, size=size, colour=colour, context_ratio=context)
+    return bank_review.thumbnail(image, instance.box, instance.mask, size=size, colour=colour, context_ratio=context)
 
 
 def matched_reference(dataset, pred_field: str, label_id: str) -> dict:
@@ -190,10 +186,10 @@ def load_bank_models(dataset, key: str, dinov2: str = "", sam2: str = "", device
     encoder (at its input size) unless ``dinov2`` names another source; SAM2 only when ``sam2``
     names one (it turns box-only labels into masks; without it they are skipped)."""
     info = memory_bank_info(dataset, key)
-    encoder = load_encoder(
+    encoder = models.load_encoder(
         dinov2 or info["encoder_id"], device=device, dtype=dtype, input_size=info["encoder_input_size"]
     )
-    return encoder, load_segmenter(sam2, device=device, dtype=dtype) if sam2 else None
+    return encoder, models.load_segmenter(sam2, device=device, dtype=dtype) if sam2 else None
 
 
 def add_to_memory_bank(
@@ -226,14 +222,14 @@ def add_to_memory_bank(
         skipped += selection.skipped
     if not images and not skipped:
         raise FiftyOneAdapterError("no label given: select predictions (or tag labels) in the App first")
-    described = describe_references(
+    described = memory_bank.describe_references(
         images,
         encoder,
         segmenter,
         _bank_settings(bank),
         progress=None if progress is None else (lambda done: progress(done, len(images))),
     )
-    grown, rejected = add_references(bank, described)
+    grown, rejected = bank_review.add_references(bank, described)
     skipped += described.skipped + rejected
     added = len(grown.reference_ids) - len(bank.reference_ids)
     if not added:
@@ -263,7 +259,7 @@ def remove_from_memory_bank(dataset, key: str, reference_ids: Sequence[str]) -> 
     present = [rid for rid in reference_ids if rid in known]
     if not present:
         raise FiftyOneAdapterError(f"none of the {len(reference_ids)} label(s) is a reference of memory bank '{key}'")
-    smaller, removed, dropped = remove_references(bank, present)
+    smaller, removed, dropped = bank_review.remove_references(bank, present)
     _save(dataset, key, smaller, info, {"action": "remove", "count": len(removed), "dropped_classes": dropped})
     return {
         "bank_key": key,
