@@ -115,6 +115,15 @@ def _resume_part(record: dict, key: str):
     return value
 
 
+def _target(samples):
+    """The image samples to segment (:func:`.fields.image_collection`), their dataset and the
+    collection's note; an empty target is refused."""
+    samples, note = image_collection(samples)
+    if len(samples) == 0:
+        raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    return samples, samples._root_dataset, note
+
+
 def segment_by_reference(
     samples,
     bank_key: str,
@@ -140,10 +149,7 @@ def segment_by_reference(
     """
     check_count(batch_size, "batch_size")
     settings = settings or Settings()
-    samples, note = image_collection(samples)
-    dataset = samples._root_dataset
-    if len(samples) == 0:
-        raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    samples, dataset, note = _target(samples)
     check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     bank = load_memory_bank(dataset, bank_key)
     predictor = pipeline.Predictor(segmenter, encoder, bank, settings=settings)
@@ -210,10 +216,7 @@ def start_sharded_prediction(
     The record says planning is under way until :func:`finish_planning`; planning again before
     that (its operation died) continues it as if ``skip_existing`` were given."""
     settings = settings or Settings()
-    samples, _ = image_collection(samples)
-    dataset = samples._root_dataset
-    if len(samples) == 0:
-        raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    samples, dataset, _ = _target(samples)
     check_count(num_shards, "num_shards")
     skip_existing = skip_existing or (planning_unfinished(dataset, pred_field) and not overwrite)
     check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
@@ -313,10 +316,7 @@ def apply_reference_model(
     ``overwrite``. The field gets a prediction record, so :func:`.evaluation.evaluate` finds its ground truth.
     ``apply_options`` go to ``apply_model`` (e.g. ``num_workers``, ``skip_failures``)."""
     settings = settings or Settings()
-    samples, _ = image_collection(samples)
-    dataset = samples._root_dataset
-    if len(samples) == 0:
-        raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    samples, dataset, _ = _target(samples)
     check_prediction_field(dataset, label_field, overwrite=overwrite)
     model = reference_model(dataset, bank_key, segmenter, encoder, settings=settings)  # checks the encoder
     record = make_prediction_record(dataset, label_field, bank_key, segmenter, encoder, settings)
