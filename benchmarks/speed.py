@@ -360,7 +360,7 @@ def measure(
             predictor.predict_paths(batch)
         timer.reset()
         timer.sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for number, batch in enumerate(batches):
             for index, result in enumerate(predictor.predict_paths(batch)):
                 if isinstance(result, ImageError):
@@ -368,15 +368,20 @@ def measure(
                 with stage("writing"):
                     outputs += len(instances_to_coco_results(result, number * batch_size + index + 1, category_ids))
         timer.sync()
-        total = time.perf_counter() - start
+        total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     count = len(paths)
     stages = {name: timer.seconds.get(name, 0.0) / count for name in STAGES}
     stages["other"] = max(0.0, total / count - sum(stages.values()))
+    cpu_stages = {name: timer.totals["cpu_seconds"].get(name, 0.0) / count for name in STAGES}
+    cpu_stages["other"] = max(0.0, total_cpu / count - sum(cpu_stages.values()))
     proposed = timer.counts["mask_postprocess"]  # each image's candidates after the IoU filter
     return {
         "images_per_s": count / total,
         "seconds_per_image": total / count,
         "stages": stages,
+        # this process's user + system time (all its threads): less moved by other jobs than wall time
+        "cpu_seconds_per_image": total_cpu / count,
+        "cpu_stages": cpu_stages,
         "candidates": {
             "proposed": float(np.mean(proposed)) if proposed else 0.0,
             "after_nms": float(np.sum(timer.counts["merge"]) / count),
@@ -660,7 +665,7 @@ def run(args: argparse.Namespace) -> dict:
     segmenter = ForcedSurvivors(segmenter)
     settings = Settings(points_per_side=args.points_per_side, prompt_batch_size=args.prompt_batch_size)
     sync = device_sync(device)
-    timer = StageTimer(sync)
+    timer = StageTimer(sync, {"cpu_seconds": time.process_time})
     weights = {model["weights"] for model in models.values()}
     report = {
         "device": str(device),
@@ -727,13 +732,13 @@ def print_report(report: dict) -> None:
         f"{report['images']} images {report['image_size']['width']}x{report['image_size']['height']}, batch {report['batch_size']}, "
         f"{report['prompts']} prompts, {report['classes']} classes x {report['shots']} shots, survivors {report['survivors'] or 'natural'}"
     )
-    print(f"{'stage':<18}{'s/image':>10}{'share':>8}")
+    print(f"{'stage':<18}{'s/image':>10}{'share':>8}{'CPU s/image':>13}")
     total = report["seconds_per_image"]
     for name, seconds in report["stages"].items():
-        print(f"{name:<18}{seconds:>10.4f}{100 * seconds / total:>7.1f}%")
+        print(f"{name:<18}{seconds:>10.4f}{100 * seconds / total:>7.1f}%{report['cpu_stages'][name]:>13.4f}")
     candidates = report["candidates"]
     print(
-        f"{report['images_per_s']:.3f} images/s ({total:.3f} s/image); candidates per image: {candidates['proposed']:.0f} proposed, "
+        f"{report['images_per_s']:.3f} images/s ({total:.3f} s/image, {report['cpu_seconds_per_image']:.3f} CPU s/image); candidates per image: {candidates['proposed']:.0f} proposed, "
         f"{candidates['after_nms']:.0f} after NMS, {candidates['output']:.0f} written"
     )
     device_peak = f"{report['peak_device_mb']:.0f} MiB" if report["peak_device_mb"] is not None else "-"
