@@ -31,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntt_core.cli_common import seed_option, shots_option
+from ntt_core.cli.options import seed_option, shots_option
 from ntt_core.coco import (
     evaluate,
     instances_to_coco_results,
