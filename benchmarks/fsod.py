@@ -33,7 +33,6 @@ if __package__ in (None, ""):  # run as a script from a checkout that is not ins
 
 from ntt_core.cli.options import seed_option, shots_option
 from ntt_core.coco import (
-    evaluate,
     instances_to_coco_results,
     load_coco,
     references_from_coco,
@@ -41,6 +40,7 @@ from ntt_core.coco import (
     sample_references,
     write_json,
 )
+from ntt_core.coco_evaluation import evaluate
 from ntt_core.errors import NttError
 from ntt_core.images import ImageError
 from ntt_core.models import DEFAULT_DINOV2, DEFAULT_SAM2
@@ -109,7 +109,7 @@ def predict(predictor, targets: dict, image_dir: Path, category_ids: dict, batch
 
 
 def pycocotools_figures(truth: dict, results: list, category_ids: Sequence[int]) -> dict:
-    """bbox / segm nAP, nAP50, nAP75 over ``category_ids``, from :func:`ntt_core.coco.evaluate`."""
+    """bbox / segm nAP, nAP50, nAP75 over ``category_ids``, from :func:`ntt_core.coco_evaluation.evaluate`."""
     report = evaluate(truth, results, category_ids)
     figures = {t: {name: report[t][key] for name, key in METRICS.items()} for t in ("bbox", "segm") if t in report}
     return {**figures, "notes": report["notes"]}

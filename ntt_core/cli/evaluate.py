@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..coco import evaluate, load_coco, resolve_classes, write_json
+from ..coco import load_coco, resolve_classes, write_json
+from ..coco_evaluation import evaluate
 from .options import class_choice
 from .output import check_outputs, print_metrics
 

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..coco import METRIC_NAMES, write_json
+from ..coco import write_json
+from ..coco_evaluation import METRIC_NAMES
 from .options import CliError
 
 # --- files ---
