@@ -91,20 +91,14 @@ def predict(predictor, targets: dict, image_dir: Path, category_ids: dict, batch
 
     results, failed = [], []
     images = targets["images"]
-    with tqdm(total=len(images), desc="segmenting", unit="image", file=sys.stderr) as bar:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            outputs = predictor.predict_paths(
-                [image_dir / image["file_name"] for image in batch],
-                exif_orientation=False,
-                sizes=[(image["height"], image["width"]) for image in batch],
-            )
-            for image, output in zip(batch, outputs):
-                if isinstance(output, ImageError):
-                    failed.append(str(output))
-                else:
-                    results.extend(instances_to_coco_results(output, image["id"], category_ids))
-            bar.update(len(batch))
+    paths = [image_dir / image["file_name"] for image in images]
+    sizes = [(image["height"], image["width"]) for image in images]
+    stream = predictor.predict_stream(paths, batch_size, sizes=sizes, exif_orientation=False)
+    for index, output in tqdm(stream, total=len(images), desc="segmenting", unit="image", file=sys.stderr):
+        if isinstance(output, ImageError):
+            failed.append(str(output))
+        else:
+            results.extend(instances_to_coco_results(output, images[index]["id"], category_ids))
     return results, failed
 
 

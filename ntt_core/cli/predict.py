@@ -173,35 +173,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _segment_into(journal, predictor, todo: list, total: int, args, device, stop_requested) -> None:
-    """Predict the ``(index, (image_id, file_name, size))`` items of ``todo`` in batches, appending
-    one journal record per image (its COCO results, or why it failed); stops between batches
-    once ``stop_requested()``."""
+    """Predict the ``(index, (image_id, file_name, size))`` items of ``todo``, appending one journal
+    record per image (its COCO results, or why it failed); stops between batches once
+    ``stop_requested()``. On CPU the first batch is one image, for an early time estimate."""
     from tqdm import tqdm
 
-    first = 1 if device.type == "cpu" else args.batch_size
-    batches = [todo[:first]] + [todo[i : i + args.batch_size] for i in range(first, len(todo), args.batch_size)]
+    on_cpu = device.type == "cpu"
+    paths = [args.images / name for _, (_, name, _) in todo]
+    first = 1 if on_cpu else None
+    stream = predictor.predict_stream(paths, args.batch_size, first_batch_size=first, should_stop=stop_requested)
     with tqdm(total=total, initial=total - len(todo), desc="segmenting", unit="image") as bar:
-        for number, batch in enumerate(batches):
-            if not batch or stop_requested():
-                break
-            start = time.perf_counter()
-            outputs = predictor.predict_paths([args.images / name for _, (_, name, _) in batch])
-            if number == 0 and device.type == "cpu" and len(todo) > 1:
+        start = time.perf_counter()
+        for position, output in stream:
+            if position == 0 and on_cpu and len(todo) > 1:
                 estimate((time.perf_counter() - start) * (len(todo) - 1), f"the other {len(todo) - 1} images")
-            for (index, (image_id, name, size)), output in zip(batch, outputs):
-                record, results = {"index": index, "file_name": name}, None
-                if isinstance(output, ImageError):
-                    record["failed"] = str(output)
-                elif size is not None and tuple(output.image_size) != tuple(size):
-                    record["failed"] = (
-                        f"{name}: image is {output.image_size[1]}x{output.image_size[0]} px "
-                        f"but {args.targets} says {size[1]}x{size[0]}"
-                    )
-                else:
-                    record["size"] = list(output.image_size)
-                    results = instances_to_coco_results(output, image_id, journal.run["category_ids"])
-                journal.append(record, results)
-            bar.update(len(batch))
+            index, (image_id, name, size) = todo[position]
+            record, results = {"index": index, "file_name": name}, None
+            if isinstance(output, ImageError):
+                record["failed"] = str(output)
+            elif size is not None and tuple(output.image_size) != tuple(size):
+                record["failed"] = (
+                    f"{name}: image is {output.image_size[1]}x{output.image_size[0]} px "
+                    f"but {args.targets} says {size[1]}x{size[0]}"
+                )
+            else:
+                record["size"] = list(output.image_size)
+                results = instances_to_coco_results(output, image_id, journal.run["category_ids"])
+            journal.append(record, results)
+            bar.update(1)
 
 
 def _finish_predict(journal, images: list, classes, out: Path, targets_path: Path | None) -> int:
