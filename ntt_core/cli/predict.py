@@ -32,7 +32,7 @@ from .options import (
     load_encoder,
     settings_from,
 )
-from .options import load_segmenter as _segmenter  # a module global: a test checks a refused resume loads none
+from .options import load_segmenter as _segmenter  # a name of this module: a test checks a refused resume loads none
 from .output import check_outputs, estimate, replace_json
 
 logger = logging.getLogger(__name__)
