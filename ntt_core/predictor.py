@@ -111,16 +111,16 @@ class Predictor:
         first_batch_size: int | None = None,
         sizes: Sequence[tuple[int, int]] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        exif_orientation: bool = True,
+        **read_options,
     ) -> Iterator[tuple[int, Instances | ImageError]]:
         """Yield ``(index in paths, Instances or ImageError)`` for each image, in order, as soon as
         its batch is done: :meth:`predict_paths` on batches of ``batch_size`` (the first one of
         ``first_batch_size``: 1 gives a first result, and a time estimate, soonest).
 
-        ``sizes`` gives each path's mask size (see :meth:`predict`) and ``exif_orientation`` how the
-        files are read (see :meth:`predict_paths`). ``should_stop()`` is asked before each
-        batch: once it is true the stream ends, the images of the batches done all yielded. Any other
-        error than an image's ends the stream. What is done per image (records, progress) is the
+        ``sizes`` gives each path's mask size (see :meth:`predict`); ``read_options``
+        (``exif_orientation``) go to :meth:`predict_paths`. ``should_stop()`` is asked before each
+        batch: once it is true the stream ends, the images of the batches done all yielded. An error
+        other than an image's own ends the stream. What is done per image (records, progress) is the
         consumer's loop body.
         """
         check_count(batch_size, "batch_size")
@@ -131,10 +131,8 @@ class Predictor:
         for start, end in zip(starts, [*starts[1:], len(paths)]):
             if start >= end or (should_stop is not None and should_stop()):
                 return
-            mask_sizes = None if sizes is None else sizes[start:end]
-            yield from enumerate(
-                self.predict_paths(paths[start:end], exif_orientation=exif_orientation, sizes=mask_sizes), start
-            )
+            options = read_options if sizes is None else {**read_options, "sizes": sizes[start:end]}
+            yield from enumerate(self.predict_paths(paths[start:end], **options), start)
 
     def _check(self, image: np.ndarray, name: str = "image") -> np.ndarray:
         if min(image.shape[:2]) < self.min_side:
