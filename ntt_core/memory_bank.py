@@ -1,5 +1,6 @@
 """The memory bank: one DINOv2 descriptor per reference instance, class prototypes from them,
-and a pickle-free file format (safetensors + a JSON manifest)."""
+a pickle-free file format (safetensors + a JSON manifest), building a bank from described
+references, and its edits (adding and removing references)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,18 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .errors import NttError
-from .frames import bicubic, image_tensor, square_frame
-from .geometry import mask_box, reference_crop_box
-from .images import as_rgb_array, load_image
-from .merging import crop_masks
 from .models import FeatureEncoder, PromptSegmenter
-from .references import InvalidReferenceError, ReferenceImage, ReferenceInstance, skipped_instance
+from .reference_descriptors import DescribedReferences, describe_references
+from .references import InvalidReferenceError, ReferenceImage, skipped_instance
 from .settings import Settings
 
 SCHEMA_VERSION = 1
@@ -207,97 +204,6 @@ def _class_means(
     return F.normalize(sums / counts, dim=1)
 
 
-def describe_crops(
-    encoder: FeatureEncoder, crops: torch.Tensor, masks: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask-weighted mean patch features.
-
-    crops ``[N, 3, S, S]`` in [0, 1] and soft masks ``[N, S, S]`` at the encoder's input size ->
-    descriptors ``[N, C]`` and mask weight sums ``[N]`` (0 means an empty mask).
-    """
-    features = encoder.encode(crops).float()  # [N, C, g, g]
-    grid = features.shape[-1]
-    # PyTorch's legacy 'nearest' takes source pixel floor(i * S / g): the top-left pixel of each patch.
-    weights = F.interpolate(masks[:, None].float(), size=(grid, grid), mode="nearest")[:, 0].to(features.device)
-    totals = weights.flatten(1).sum(1)  # [N]
-    sums = torch.einsum("nchw,nhw->nc", features, weights)
-    return (sums / totals.clamp(min=1e-12).unsqueeze(1)).cpu(), totals.cpu()
-
-
-@dataclass
-class DescribedReferences:
-    """Descriptors of usable reference instances, in input order, and the instances skipped."""
-
-    descriptors: torch.Tensor  # [N, C] float32, mask-weighted mean patch features (not normalised)
-    instances: list[ReferenceInstance]  # [N]
-    image_ids: list[str]  # [N]
-    skipped: list[dict]  # {"reference_id", "class_name", "reason"}
-
-
-def describe_references(
-    references: Iterable[ReferenceImage],
-    encoder: FeatureEncoder,
-    segmenter: PromptSegmenter | None = None,
-    settings: Settings | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> DescribedReferences:
-    """Describe every usable reference instance with the encoder (stage 1 of the method).
-
-    Box-only references get their mask from the segmenter's box prompt. Instances that cannot
-    be used (empty mask, no mask and no box, box outside the image, empty at the patch grid) are
-    skipped with the reason. ``progress`` is called with the number of reference images done.
-    """
-    settings = settings or Settings()
-    size = encoder.input_size
-    crops, masks, meta, skipped = [], [], [], []
-    for done, reference in enumerate(references, start=1):
-        image = (
-            load_image(reference.image, reference.exif_orientation)
-            if isinstance(reference.image, (str, Path))
-            else as_rgb_array(reference.image)
-        )
-        height, width = image.shape[:2]
-        for instance in reference.instances:
-            reason = _unusable(instance, (height, width), segmenter)
-            if reason:
-                skipped.append(skipped_instance(instance, reason))
-                continue
-            mask = None if instance.mask is None else np.asarray(instance.mask)
-            box = mask_box(mask > 0) if instance.box is None else instance.box
-            window = reference_crop_box(box, (height, width), settings.context_ratio)
-            x0, y0, x1, y1 = window
-            if mask is None:  # box-only: SAM2's mask of the box, computed over the crop alone
-                mask_crop = box_mask_crops(segmenter, image, [instance.box], [window])[0]
-            else:
-                mask_crop = mask[y0:y1, x0:x1]
-            crops.append(bicubic(image_tensor(image[y0:y1, x0:x1]), (size, size))[0])  # only the crop in float
-            crop_mask = torch.from_numpy(mask_crop.astype(np.float32))[None, None]
-            masks.append(F.interpolate(crop_mask, size=(size, size), mode="bilinear", align_corners=False)[0, 0])
-            meta.append((instance, str(reference.image_id)))
-        if progress is not None:
-            progress(done)
-
-    descriptors, totals = [], []
-    for start in range(0, len(crops), 16):
-        d, t = describe_crops(encoder, torch.stack(crops[start : start + 16]), torch.stack(masks[start : start + 16]))
-        descriptors.append(d)
-        totals.append(t)
-    totals = torch.cat(totals) if totals else torch.zeros(0)
-    kept = []
-    for row, (instance, _) in enumerate(meta):
-        if totals[row] <= 0:
-            skipped.append(skipped_instance(instance, "mask is empty at the encoder's patch grid"))
-        else:
-            kept.append(row)
-    descriptors = torch.cat(descriptors)[kept].float() if kept else torch.zeros(0, 0)
-    return DescribedReferences(
-        descriptors=descriptors,
-        instances=[meta[row][0] for row in kept],
-        image_ids=[meta[row][1] for row in kept],
-        skipped=skipped,
-    )
-
-
 def build_memory_bank(
     references: Iterable[ReferenceImage],
     encoder: FeatureEncoder,
@@ -309,7 +215,7 @@ def build_memory_bank(
     """Describe every reference instance with the encoder and collect them into a bank.
 
     Box-only references get their mask from the segmenter's box prompt. Instances that cannot
-    be used (see :func:`describe_references`) are skipped and listed in ``bank.skipped``; a
+    be used (see :func:`.reference_descriptors.describe_references`) are skipped and listed in ``bank.skipped``; a
     class left without any positive reference is an error. ``classes`` fixes the class order
     (default: order of first appearance). ``progress`` is called with the number of reference
     images done.
@@ -342,47 +248,76 @@ def build_memory_bank(
     )
 
 
-def _unusable(instance: ReferenceInstance, image_size: tuple[int, int], segmenter: PromptSegmenter | None) -> str:
-    """Why the instance cannot be used in an image of ``image_size`` (height, width), or ""."""
-    height, width = image_size
-    if instance.mask is not None:
-        mask = np.asarray(instance.mask)
-        if mask.shape != (height, width):
-            return f"mask shape {mask.shape} differs from the image size {(height, width)}"
-        if not np.isfinite(mask).all() or not (mask > 0).any():
-            return "mask is empty"
-        return ""
-    if instance.box is None:
-        return "neither a mask nor a box"
-    x0, y0, x1, y1 = (float(v) for v in instance.box)
-    if not (x1 > x0 and y1 > y0) or x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        return f"box {list(instance.box)} is empty or outside the {width}x{height} image"
-    if segmenter is None:
-        return "box-only reference but no segmenter was given to turn the box into a mask"
-    return ""
+# --- editing a bank ---
 
 
-def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
-    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> low-resolution mask logits ``[N, m, m]`` float32."""
-    height, width = image.shape[:2]
-    frame = segmenter.input_size
-    features = segmenter.embed(square_frame(image, frame).to(segmenter.device))
-    scale = torch.tensor([frame / width, frame / height, frame / width, frame / height])
-    prompts = torch.as_tensor(np.asarray(boxes, dtype=np.float32)) * scale
-    logits, _ = segmenter.segment_boxes(features, prompts[None])  # [1, N, m, m]
-    return logits[0].float()
+def add_references(bank: MemoryBank, described: DescribedReferences) -> tuple[MemoryBank, list[dict]]:
+    """``bank`` plus the described instances (positive ones as new shots, a new class appended
+    when needed; negative ones as negative references of their class).
+
+    The descriptors must come from the bank's encoder (check with ``bank.check_encoder`` before
+    describing). Instances already in the bank, and negative ones of a class without positive
+    references in the bank, are skipped. Returns the new bank and the skipped instances
+    ``{"reference_id", "class_name", "reason"}``.
+    """
+    if len(described.instances) and described.descriptors.shape[1] != bank.feature_dim:
+        raise MemoryBankError(
+            f"new descriptors have {described.descriptors.shape[1]} channels, the bank {bank.feature_dim}: "
+            "describe them with the bank's encoder"
+        )
+    classes, known, skipped, rows = list(bank.classes), set(bank.reference_ids), [], []
+    for row, instance in enumerate(described.instances):
+        reason = ""
+        if instance.reference_id in known:
+            reason = "already a reference of this memory bank"
+        elif instance.negative and instance.class_name not in bank.classes:
+            reason = f"class '{instance.class_name}' has no positive reference in this memory bank"
+        if reason:
+            skipped.append(skipped_instance(instance, reason))
+            continue
+        if instance.class_name not in classes:
+            classes.append(instance.class_name)
+        known.add(instance.reference_id)
+        rows.append(row)
+    added = [described.instances[row] for row in rows]
+    lookup = {name: i for i, name in enumerate(classes)}
+    grown = replace(  # same encoder, segmenter, settings and skipped list
+        bank,
+        classes=classes,
+        descriptors=torch.cat([bank.descriptors, described.descriptors[rows].reshape(len(rows), bank.feature_dim)]),
+        class_index=torch.cat(
+            [bank.class_index, torch.tensor([lookup[i.class_name] for i in added], dtype=torch.int64)]
+        ),
+        negative=torch.cat([bank.negative, torch.tensor([i.negative for i in added], dtype=torch.bool)]),
+        reference_ids=bank.reference_ids + [i.reference_id for i in added],
+        image_ids=bank.image_ids + [described.image_ids[row] for row in rows],
+    )
+    return grown, skipped
 
 
-def box_mask_crops(
-    segmenter: PromptSegmenter,
-    image: np.ndarray,
-    boxes: Sequence[Sequence[float]],
-    windows: Sequence[tuple[int, int, int, int]] | None = None,
-) -> list[np.ndarray]:
-    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> each full-resolution mask
-    (``F.interpolate(bilinear, antialias=True) > 0`` of its logits) cut to its window, integer
-    end-exclusive (default: its own box), ``[y1 - y0, x1 - x0]`` bool, without any full-size mask."""
-    logits = _box_logits(segmenter, image, boxes)
-    windows = boxes if windows is None else windows
-    bounds = torch.as_tensor(np.asarray(windows, dtype=np.int64).reshape(-1, 4), device=logits.device)
-    return crop_masks(logits, bounds, image.shape[:2])
+def remove_references(bank: MemoryBank, reference_ids: Iterable[str]) -> tuple[MemoryBank, list[str], list[str]]:
+    """``bank`` without the given references. A class left without positive references is
+    dropped with its negative ones. Returns the new bank, the ids removed and the classes dropped;
+    raises :class:`MemoryBankError` when nothing would be left."""
+    wanted = set(reference_ids)
+    keep = torch.tensor([rid not in wanted for rid in bank.reference_ids], dtype=torch.bool)
+    positive_left = torch.bincount(bank.class_index[keep & ~bank.negative], minlength=len(bank.classes))
+    dropped = [name for i, name in enumerate(bank.classes) if positive_left[i] == 0]
+    classes = [name for name in bank.classes if name not in dropped]
+    if not classes:
+        raise MemoryBankError("removing these references would leave the memory bank empty: delete the bank instead")
+    keep &= positive_left[bank.class_index] > 0
+    remap = torch.full((len(bank.classes),), -1, dtype=torch.int64)
+    remap[positive_left > 0] = torch.arange(len(classes))
+    rows = torch.nonzero(keep).flatten().tolist()
+    removed = [rid for rid, kept in zip(bank.reference_ids, keep.tolist()) if not kept]
+    smaller = replace(
+        bank,
+        classes=classes,
+        descriptors=bank.descriptors[keep],
+        class_index=remap[bank.class_index[keep]],
+        negative=bank.negative[keep],
+        reference_ids=[bank.reference_ids[row] for row in rows],
+        image_ids=[bank.image_ids[row] for row in rows],
+    )
+    return smaller, removed, dropped

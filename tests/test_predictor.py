@@ -149,11 +149,38 @@ def test_every_stage_is_labelled_and_observing_changes_no_result(predictor, tmp_
     names = [name for name, _ in entered]
     assert names[:2] == ["decode", "decode"]
     assert names[2:7] == ["preprocess", "sam2_encoder", "preprocess", "dinov2_encoder", "mask_postprocess"]
-    assert [items for name, items in entered if name == "prompt_decoding"] == [
-        2 * 4,
-        2 * 4,
-        2 * 1,
-    ]  # 9 prompts, 4 at a time
+    decoded = [items for name, items in entered if name == "prompt_decoding"]
+    assert decoded == [2 * 4, 2 * 4, 2 * 1]  # 2 images x 9 prompts, 4 at a time
     per_image = [items for name, items in entered if name == "mask_postprocess" and items is not None]
     assert len(per_image) == 2 and sum(per_image) > 0  # each image's candidates after the IoU filter
     assert {"matching", "nms", "merge"} <= set(names)
+
+
+def test_predict_stream_yields_each_image_in_order_batch_by_batch(predictor, tmp_path, monkeypatch):
+    from PIL import Image
+
+    paths = []
+    for i, image in enumerate([*images(), np.zeros((1, 1, 3), dtype=np.uint8), images()[0]]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    batches, real = [], predictor.predict_paths
+    monkeypatch.setattr(
+        predictor, "predict_paths", lambda batch, **options: batches.append(batch) or real(batch, **options)
+    )
+    streamed = list(predictor.predict_stream(paths, 2, first_batch_size=1))
+    assert [len(batch) for batch in batches] == [1, 2, 2]  # every image predicted once
+    assert [index for index, _ in streamed] == [0, 1, 2, 3, 4]
+    assert isinstance(streamed[3][1], ImageError) and "smaller than one 14-px encoder patch" in str(streamed[3][1])
+    for (_, result), path in zip(streamed, paths):
+        if not isinstance(result, ImageError):
+            alone = real([path])[0]
+            assert result.image_size == alone.image_size and np.array_equal(result.boxes, alone.boxes)
+
+    asked = []
+    stop_after_one = lambda: asked.append(True) or len(asked) > 1  # noqa: E731
+    assert [index for index, _ in predictor.predict_stream(paths, 2, should_stop=stop_after_one)] == [0, 1]
+    assert len(asked) == 2  # asked before each batch, none started after the answer
+
+    sized = list(predictor.predict_stream(paths[:2], 2, sizes=[(140, 180), (240, 128)], exif_orientation=False))
+    assert [result.image_size for _, result in sized] == [(140, 180), (240, 128)]
+    assert list(predictor.predict_stream([], 2)) == []
