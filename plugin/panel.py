@@ -130,8 +130,7 @@ class MemoryBanksPanel(foo.Panel):
         self._show(ctx, match)
 
     def _show(self, ctx, match: dict) -> None:
-        show_reference(ctx, match)
-        ctx.panel.state.message = None
+        ctx.panel.state.message = show_reference(ctx, match)
 
     def _bank(self, ctx) -> dict:
         return {"bank_key": ctx.params.get("bank_key")}

@@ -43,14 +43,26 @@ def selected_prediction(ctx) -> tuple[str, str] | None:
     return None
 
 
-def show_reference(ctx, match: dict) -> None:
-    """Show the reference of ``match`` (see ``ntt_core.fiftyone.review.matched_reference``) in the App:
-    its sample alone in the grid, opened in the modal, its label selected."""
-    ctx.ops.set_view(ctx.dataset.select(match["sample_id"]))
+def show_reference(ctx, match: dict) -> str | None:
+    """Open the reference of ``match`` (see ``ntt_core.fiftyone.review.matched_reference``) in the
+    App's modal with its label selected (drawn highlighted). The user's view is kept when it holds
+    the reference's sample; otherwise the App shows the whole dataset (never a one-sample view that
+    would outlive the review) and the returned note says so."""
+    note = None
+    if not in_view(ctx.view, match["sample_id"]):
+        ctx.ops.set_view(ctx.dataset.view())
+        note = "the reference's sample is outside the current view: the App now shows the whole dataset"
     ctx.ops.open_sample(match["sample_id"])
     if match["field"]:
         label = {"label_id": match["reference_id"], "sample_id": match["sample_id"], "field": match["field"]}
         ctx.ops.set_selected_labels([{**label, "frame_number": None}])
+    return note
+
+
+def in_view(view, sample_id: str) -> bool:
+    """Whether sample ``sample_id`` is among the samples of ``view`` (a patches or other generated view
+    holds other documents, so never)."""
+    return not view._is_generated and len(view.select(sample_id)) == 1
 
 
 def bank_of_selection(ctx, inputs) -> types.Property:
@@ -91,8 +103,8 @@ class ShowMatchedReference(foo.Operator):
 
         field, label_id = selected_prediction(ctx)
         match = matched_reference(ctx.dataset, field, label_id)
-        show_reference(ctx, match)
-        return {"report": match}
+        note = show_reference(ctx, match)
+        return {"report": {**match, "note": note}}
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Matched reference")

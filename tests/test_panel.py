@@ -207,23 +207,35 @@ def test_preview_runs_segment_by_reference_on_the_selected_samples_only(segmente
 def test_show_matched_reference_opens_the_reference_sample(segmented):
     prediction = segmented.values("pred.detections", unwind=True)[0]
     match = review.matched_reference(segmented, "pred", prediction.id)
-    for requests in (
-        panel_event("show_matched_reference", segmented, selected_labels=[selected(segmented, "pred", prediction)]),
-        foo.execute_operator(
-            uri("show_matched_reference"),
-            dict(dataset=segmented, selected_labels=[selected(segmented, "pred", prediction)]),
-        ).executor.to_json()["requests"],
-    ):
-        asked = {r["operator_uri"]: r["params"] for r in requests}
-        if "show_panel_output" in asked:
-            assert rendered(requests)["actions.show_matched_reference"]["view"]["disabled"] is False
-        assert match["sample_id"] in json.dumps(asked["set_view"]["view"])
-        assert asked["open_sample"] == {"id": match["sample_id"], "group_id": None}
-        assert asked["set_selected_labels"]["labels"] == [
-            {"label_id": prediction.reference_id, "sample_id": match["sample_id"], "field": "gt", "frame_number": None}
-        ]
+    label = selected(segmented, "pred", prediction)
+    elsewhere = segmented.exclude(match["sample_id"])  # a view of the user's that lacks the reference's sample
+    for view, changed in ((segmented.view(), False), (elsewhere, True)):
+        for requests in (
+            panel_event("show_matched_reference", view, selected_labels=[label]),
+            foo.execute_operator(
+                uri("show_matched_reference"), dict(view=view, selected_labels=[label])
+            ).executor.to_json()["requests"],
+        ):
+            asked = {r["operator_uri"]: r["params"] for r in requests}
+            if "show_panel_output" in asked:
+                assert rendered(requests)["actions.show_matched_reference"]["view"]["disabled"] is False
+            if changed:  # the whole dataset: no Select stage is left behind
+                assert json.loads(json.dumps(asked["set_view"]["view"])) == []
+            else:  # the user's view is kept
+                assert "set_view" not in asked
+            assert asked["open_sample"] == {"id": match["sample_id"], "group_id": None}
+            assert asked["set_selected_labels"]["labels"] == [
+                {
+                    "label_id": prediction.reference_id,
+                    "sample_id": match["sample_id"],
+                    "field": "gt",
+                    "frame_number": None,
+                }
+            ]
     report = foo.get_operator(uri("show_matched_reference"))(segmented, "pred", prediction.id)["report"]
-    assert report == match
+    assert report == {**match, "note": None}
+    report = foo.get_operator(uri("show_matched_reference"))(elsewhere, "pred", prediction.id)["report"]
+    assert report["note"] == "the reference's sample is outside the current view: the App now shows the whole dataset"
 
 
 @pytest.mark.bad_input

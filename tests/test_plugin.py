@@ -28,6 +28,7 @@ from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.operators.server import create_response_generator
 from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
 
+from ntt_core.fiftyone.labels import PREDICTION_ATTRIBUTES
 from plugin.common import PROGRESS_INTERVAL_S, run_with_progress
 
 PLUGIN = "@ntt/no-time-to-train"
@@ -158,6 +159,15 @@ def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
         assert det.mask is not None and det.reference_id in {d.id for d in tagged}
         assert {"sam_iou", "semantic_score", "merge_factor"} <= set(det.field_names)
     assert field_documents(dataset, "gt") == gt_before
+    # the attributes are in the schema, which the App's sidebar offers as filters
+    schema = dataset.get_field_schema(flat=True)
+    assert {name: type(schema[f"pred.detections.{name}"]).__name__ for name in PREDICTION_ATTRIBUTES} == {
+        "reference_id": "StringField",
+        "sam_iou": "FloatField",
+        "semantic_score": "FloatField",
+        "merge_factor": "FloatField",
+    }
+    assert type(schema["pred.detections.confidence"]).__name__ == "FloatField"
 
     evaluate = foo.get_operator(uri("evaluate_by_reference"))
     report = evaluate(dataset, "pred", eval_key="ev")["report"]

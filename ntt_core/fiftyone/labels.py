@@ -23,6 +23,15 @@ from .fields import (
 geometry = fou.lazy_import("ntt_core.geometry")
 memory_bank = fou.lazy_import("ntt_core.memory_bank")
 
+#: What :func:`instances_to_detections` writes on each detection besides FiftyOne's own ``confidence``:
+#: declared on the prediction field (:func:`declare_prediction_attributes`) so that the App's sidebar filters them.
+PREDICTION_ATTRIBUTES = {
+    "reference_id": fof.StringField,
+    "sam_iou": fof.FloatField,
+    "semantic_score": fof.FloatField,
+    "merge_factor": fof.FloatField,
+}
+
 
 def instances_to_detections(instances: Instances) -> fo.Detections:
     """``Instances`` -> ``fo.Detections`` with masks cropped to relative ``[x, y, w, h]`` boxes and
@@ -48,6 +57,16 @@ def instances_to_detections(instances: Instances) -> fo.Detections:
             )
         )
     return fo.Detections(detections=detections)
+
+
+def declare_prediction_attributes(dataset, field_name: str) -> None:
+    """Declare :data:`PREDICTION_ATTRIBUTES` in the schema of the Detections field ``field_name``
+    (those already declared are left as they are)."""
+    dataset = dataset._root_dataset
+    for name, kind in PREDICTION_ATTRIBUTES.items():
+        path = f"{field_name}.detections.{name}"
+        if not dataset.has_field(path):
+            dataset.add_sample_field(path, kind)
 
 
 def boxes_to_masks(

@@ -16,7 +16,7 @@ from ..input_rules import check_count
 from ..settings import MEMORY_ONLY, Settings
 from .bank_runs import load_memory_bank, memory_bank_info
 from .fields import PREDICTION_METHOD, FiftyOneAdapterError, Progress, check_output_field, image_collection
-from .labels import instances_to_detections
+from .labels import declare_prediction_attributes, instances_to_detections
 
 # imports torch: loaded at first use, so that forms resolve in the App without it
 pipeline = fou.lazy_import("ntt_core.predictor")
@@ -74,7 +74,8 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
     """Create the prediction field and its run record, or check an existing one.
 
     ``overwrite`` clears every value of the field and replaces the record; ``skip_existing``
-    keeps the field only if its record matches ``record`` on :data:`RECORD_MATCH_KEYS`.
+    keeps the field only if its record matches ``record`` on :data:`RECORD_MATCH_KEYS`. The field's
+    detection attributes are declared in the schema (:func:`.labels.declare_prediction_attributes`).
     """
     dataset = dataset._root_dataset
     name = record["pred_field"]
@@ -94,6 +95,7 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
                 f"field '{name}' was written with a different {', '.join(differ)}: resuming would mix results; "
                 "use the same bank, models and settings, overwrite the field, or choose another field"
             )
+        declare_prediction_attributes(dataset, name)  # a field written before they were declared
         return
     if exists:
         for eval_key in dataset.list_evaluations(pred_field=name):
@@ -104,6 +106,7 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
     if dataset.has_run(key) and key not in dataset.list_runs(method=PREDICTION_METHOD):
         raise FiftyOneAdapterError(f"run key '{key}' is taken by another run")
     dataset.register_run(key, dataset.init_run(method=PREDICTION_METHOD, **record), overwrite=True)
+    declare_prediction_attributes(dataset, name)
 
 
 def _resume_part(record: dict, key: str):
