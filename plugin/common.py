@@ -175,11 +175,17 @@ def model_options(params: dict) -> dict:
     return {name: params[name] for name in ("device", "dtype")}
 
 
-def finish(ctx, report: dict) -> dict:
-    """Reload the App's dataset after an immediate run; return the report as the result."""
+def result(operator, report: dict) -> dict:
+    """The operator's result: its report (for scripts) and the report's summary (shown in the App,
+    ``operator.summarize``, see :mod:`.reports`)."""
+    return {"report": report, "summary": operator.summarize(report)}
+
+
+def finish(operator, ctx, report: dict) -> dict:
+    """Reload the App's dataset after an immediate run; return the :func:`result`."""
     if not ctx.delegated:
         ctx.trigger("reload_dataset")
-    return report
+    return result(operator, report)
 
 
 def from_app(ctx) -> bool:
@@ -195,7 +201,7 @@ def from_app(ctx) -> bool:
 def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[[int, int], None]], dict]):
     """Run ``work(progress)``, which returns the report and calls ``progress(done, total)`` as it goes.
 
-    From Python and in delegated runs: returns ``{"report": report}`` (progress goes to
+    From Python and in delegated runs: returns its :func:`result` (progress goes to
     ``ctx.set_progress``). From the App, which shows progress only from operators that run as
     generators (``execute_as_generator=True``): returns a generator of App messages instead (see
     :func:`_stream`); such an operator must run all of its work through this.
@@ -205,7 +211,7 @@ def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[[int, 
     if ctx.delegated:  # the first heartbeat, before the models load (see ntt_core.shards)
         ctx.set_progress(progress=0.0, label=f"{label}: loading the models")
     report = work(lambda done, total: ctx.set_progress(**_progress(label, done, total)))
-    return finish(ctx, {"report": report})
+    return finish(operator, ctx, report)
 
 
 PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second
@@ -259,13 +265,14 @@ def _stream(operator, ctx, label: str, work):
         outputs.view("error", types.Error(label=f"{operator.config.label} failed", description=str(error)))
         yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
     else:
-        yield ctx.ops.show_output(operator.resolve_output(ctx).to_json(), {"report": outcome["report"]})
+        yield ctx.ops.show_output(operator.resolve_output(ctx).to_json(), result(operator, outcome["report"]))
     yield ctx.ops.reload_dataset()
 
 
 def report_output(ctx, label: str):
+    """The output the App shows: the result's Markdown summary (the report stays in the result)."""
     outputs = types.Object()
-    outputs.obj("report", label=label, view=types.JSONView())
+    outputs.str("summary", label=label, view=types.MarkdownView())
     return types.Property(outputs)
 
 

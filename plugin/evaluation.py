@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fiftyone.operators as foo
 
+from . import reports
 from .common import (
     call,
     check,
@@ -20,6 +21,8 @@ MODEL_EVALUATION_PANEL = "model_evaluation_panel_builtin"  # FiftyOne's Model Ev
 
 
 class EvaluateByReference(foo.Operator):
+    summarize = staticmethod(reports.evaluation)
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -84,7 +87,7 @@ class EvaluateByReference(foo.Operator):
         )
         if not ctx.delegated:
             ctx.ops.open_panel(MODEL_EVALUATION_PANEL, layout="horizontal")  # shows the new run
-        return finish(ctx, {"report": report})
+        return finish(self, ctx, report)
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Evaluation")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from . import reports
 from .common import (
     bank_choice,
     call,
@@ -19,6 +20,7 @@ from .common import (
     params_with_defaults,
     report_output,
     require_library,
+    result,
     run_with_progress,
 )
 
@@ -37,6 +39,8 @@ def selected_label_ids(ctx, gt_field: str) -> list[str]:
 
 
 class BuildMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.build)
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -159,6 +163,8 @@ class BuildMemoryBank(foo.Operator):
 
 
 class ExportMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.exported)
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -181,7 +187,7 @@ class ExportMemoryBank(foo.Operator):
 
         p = params_with_defaults(self, ctx)
         path = export_memory_bank(ctx.dataset, p["bank_key"], p["directory"])
-        return {"report": {"bank_key": p["bank_key"], "directory": str(path)}}
+        return result(self, {"bank_key": p["bank_key"], "directory": str(path)})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Exported")
@@ -191,6 +197,8 @@ class ExportMemoryBank(foo.Operator):
 
 
 class ImportMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.imported)
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -220,9 +228,7 @@ class ImportMemoryBank(foo.Operator):
 
         p = params_with_defaults(self, ctx)
         bank = import_memory_bank(ctx.dataset, p["bank_key"], p["directory"], overwrite=p["overwrite"])
-        return finish(
-            ctx, {"report": {"bank_key": p["bank_key"], "classes": list(bank.classes), "counts": bank.counts()}}
-        )
+        return finish(self, ctx, {"bank_key": p["bank_key"], "classes": list(bank.classes), "counts": bank.counts()})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Imported")
@@ -232,6 +238,8 @@ class ImportMemoryBank(foo.Operator):
 
 
 class DeleteMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.deleted)
+
     @property
     def config(self):
         return foo.OperatorConfig(name="delete_memory_bank", label="Delete memory bank", dynamic=True)
@@ -248,7 +256,10 @@ class DeleteMemoryBank(foo.Operator):
 
         key = params_with_defaults(self, ctx)["bank_key"]
         delete_memory_bank(ctx.dataset, key)
-        return finish(ctx, {"report": {"deleted": key}})
+        return finish(self, ctx, {"deleted": key})
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Deleted")
 
     def __call__(self, sample_collection, bank_key: str):
         return call(self, sample_collection, dict(bank_key=bank_key))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from . import reports
 from .common import (
     bank_choice,
     call,
@@ -19,6 +20,7 @@ from .common import (
     params_with_defaults,
     report_output,
     require_library,
+    result,
     run_with_progress,
 )
 
@@ -77,6 +79,8 @@ def bank_of_selection(ctx, inputs) -> types.Property:
 
 
 class ShowMatchedReference(foo.Operator):
+    summarize = staticmethod(reports.matched_reference)
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -104,7 +108,7 @@ class ShowMatchedReference(foo.Operator):
         field, label_id = selected_prediction(ctx)
         match = matched_reference(ctx.dataset, field, label_id)
         note = show_reference(ctx, match)
-        return {"report": {**match, "note": note}}
+        return result(self, {**match, "note": note})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Matched reference")
@@ -118,6 +122,7 @@ class _AddReferences(foo.Operator):
 
     negative = False
     title = ""
+    summarize = staticmethod(reports.bank_update)
 
     def resolve_input(self, ctx):
         return form(ctx, self.title, self._form)
@@ -256,6 +261,8 @@ class AddNegativeReferences(_AddReferences):
 
 
 class RemoveFromMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.bank_update)
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -288,7 +295,7 @@ class RemoveFromMemoryBank(foo.Operator):
 
         p = params_with_defaults(self, ctx)
         ids = [i for ids in tagged_labels(ctx.dataset, p["tag"]).values() for i in ids]
-        return finish(ctx, {"report": remove_from_memory_bank(ctx.dataset, p["bank_key"], ids)})
+        return finish(self, ctx, remove_from_memory_bank(ctx.dataset, p["bank_key"], ids))
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Memory bank updated")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from . import reports
 from .common import (
     bank_choice,
     call,
@@ -57,6 +58,8 @@ def _shard_label(params: dict, attempt: int = 1) -> str:
 
 
 class SegmentByReference(foo.Operator):
+    summarize = staticmethod(reports.segment)
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -216,6 +219,8 @@ class SegmentByReference(foo.Operator):
 
 
 class BoxesToMasks(foo.Operator):
+    summarize = staticmethod(reports.boxes_to_masks)
+
     @property
     def config(self):
         return foo.OperatorConfig(

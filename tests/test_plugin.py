@@ -144,9 +144,15 @@ def test_fiftyone_finds_the_plugin_requirements():
 def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
     gt_before = field_documents(dataset, "gt")
     build = foo.get_operator(uri("build_memory_bank"))
-    report = build(dataset, "gt", bank_key="refs", **models)["report"]
+    built = build(dataset, "gt", bank_key="refs", **models)
+    report = built["report"]
     tagged = [d for s in dataset for d in s.gt.detections if "reference" in d.tags]
     assert report["counts"] == {d.label: 1 for d in tagged} and report["skipped"] == []
+    rows = "\n".join(f"| {name} | 1 |" for name in sorted(report["counts"]))
+    classes = len(report["counts"])
+    assert built["summary"] == (
+        f"Memory bank **refs**: {classes} reference(s) of {classes} class(es).\n\n| Class | Shots |\n|---|---|\n{rows}"
+    )
     assert field_documents(dataset, "gt") == gt_before
 
     report = run("segment_by_reference", dataset, dict(bank_key="refs", pred_field="pred", **FAST, **models)).result[
@@ -170,7 +176,15 @@ def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
     assert type(schema["pred.detections.confidence"]).__name__ == "FloatField"
 
     evaluate = foo.get_operator(uri("evaluate_by_reference"))
-    report = evaluate(dataset, "pred", eval_key="ev")["report"]
+    evaluated = evaluate(dataset, "pred", eval_key="ev")
+    report = evaluated["report"]
+    segm = report["pycocotools"]["segm"]
+    row = "| segm | " + " | ".join(
+        "-" if segm[m] == -1 else f"{segm[m]:.3f}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR")
+    )
+    assert row + " |" in evaluated["summary"].splitlines()  # pycocotools' -1 (no object of that size) shows as "-"
+    assert f"FiftyOne COCO mAP **{report['mAP']:.3f}**" in evaluated["summary"]
+    assert "- " + report["notes"][0] in evaluated["summary"]
     assert report["gt_field"] == "gt" and "holding references excluded" in report["notes"][0]
     assert set(dataset.list_evaluations()) == {"ev"}
     results = dataset.load_evaluation_results("ev")
@@ -253,9 +267,11 @@ def test_an_app_run_streams_its_progress_then_its_report_and_a_reload(dataset, m
     assert values and values == sorted(set(values)) and values[-1] == 1.0
     assert [step["label"] for step in steps] == [f"Images: {round(v * 3)}/3" for v in values]
     output = messages[-2][1]
-    assert list(output["outputs"]["type"]["properties"]) == ["report"]  # as resolve_output shows it
+    shown = output["outputs"]["type"]["properties"]  # as resolve_output shows it: the summary, as Markdown
+    assert list(shown) == ["summary"] and shown["summary"]["view"]["name"] == "MarkdownView"
     report = output["results"]["report"]
     assert report["processed"] == len(dataset) and dataset.count("pred.detections") == report["instances"]
+    assert output["results"]["summary"] == f"**pred**: {report['instances']} instance(s) in 3 sample(s)."
 
 
 def test_app_progress_is_throttled_and_a_failure_mid_run_is_shown_with_its_message(dataset):

@@ -279,9 +279,12 @@ class App:
         return path
 
 
-def output_value(name: str, value: str) -> re.Pattern:
-    """A string entry of the run's output as the form's JSON view shows it."""
-    return re.compile(rf'{name}:\s*string\s*"{re.escape(value)}"')
+BUILT = re.compile(r"Memory bank references: \d+ reference\(s\) of \d+ class\(es\)\.")  # Build's summary
+
+
+def segmented(field: str, samples: int) -> re.Pattern:
+    """Segment by reference's summary of a run into ``field`` over ``samples`` samples."""
+    return re.compile(rf"{re.escape(field)}: \d+ instance\(s\) in {samples} sample\(s\)")
 
 
 def pixels(path: Path) -> np.ndarray:

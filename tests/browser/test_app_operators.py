@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import fiftyone.operators as foo
 import pytest
 import yaml
-from app_pages import PLUGIN, REPO, expect, output_value, pixels
+from app_pages import BUILT, PLUGIN, REPO, expect, pixels, segmented
 from fiftyone import ViewField as F
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
@@ -77,7 +77,7 @@ def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(f
     gt_before = field_documents(dataset, "gt")
 
     shown = app.run(prompt)
-    expect(shown).to_contain_text(output_value("key", "references"))
+    expect(shown).to_contain_text(BUILT)
     app.screenshot("done")
     dataset.reload()
     assert dataset.list_runs() == ["references"]
@@ -97,7 +97,7 @@ def test_segment_by_reference_on_a_saved_view_shows_its_progress_and_adds_a_fiel
     prompt = app.operator_form("Segment by reference")
     expect(app.field(prompt, "Output field")).to_have_value("ntt_predictions")
     shown = app.run(prompt)  # with the paper's 32 x 32 prompts per image: long enough to watch
-    expect(shown).to_contain_text(output_value("field", "ntt_predictions"))
+    expect(shown).to_contain_text(segmented("ntt_predictions", 3))
     app.screenshot("done")
     states = app.shown()
     assert states[0]["text"].startswith("Loading the models"), states
