@@ -37,7 +37,7 @@ class EvaluateByReference(foo.Operator):
         return form(ctx, "Evaluate reference segmentation", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.evaluation import check_eval_key
+        from ntt_core.fiftyone.evaluation import DEFAULT_EVAL_KEY, check_eval_key
         from ntt_core.fiftyone.fields import detections_fields
         from ntt_core.fiftyone.predictions import prediction_record
 
@@ -59,7 +59,7 @@ class EvaluateByReference(foo.Operator):
             description,
             default=default_gt if default_gt in gt_choices else None,
         )
-        key_prop = inputs.str("eval_key", default="eval_ntt", label="Evaluation key")
+        key_prop = inputs.str("eval_key", default=DEFAULT_EVAL_KEY, label="Evaluation key")
         inputs.bool(
             "exclude_references",
             default=True,
@@ -96,7 +96,7 @@ class EvaluateByReference(foo.Operator):
         self,
         sample_collection,
         pred_field: str,
-        eval_key: str = "eval_ntt",
+        eval_key: str | None = None,
         gt_field: str | None = None,
         exclude_references: bool = True,
         use_masks: bool = True,
@@ -105,11 +105,9 @@ class EvaluateByReference(foo.Operator):
     ):
         params = dict(
             pred_field=pred_field,
-            eval_key=eval_key,
             exclude_references=exclude_references,
             use_masks=use_masks,
             overwrite=overwrite,
         )
-        if gt_field:
-            params["gt_field"] = gt_field
+        params.update({name: value for name, value in (("eval_key", eval_key), ("gt_field", gt_field)) if value})
         return call(self, sample_collection, params, delegate)

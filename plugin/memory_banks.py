@@ -56,7 +56,7 @@ class BuildMemoryBank(foo.Operator):
         return form(ctx, "Build memory bank", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.bank_runs import check_bank_key
+        from ntt_core.fiftyone.bank_runs import DEFAULT_BANK_KEY, check_bank_key
         from ntt_core.fiftyone.fields import detections_fields
         from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG, count_references
 
@@ -72,7 +72,7 @@ class BuildMemoryBank(foo.Operator):
             inputs.str("tag", default=DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
         inputs.list("classes", types.String(), label="Classes", description="Classes to include (empty: all)")
         count_input(ctx, inputs, "max_per_class", "Max references per class", description="First ones in dataset order")
-        key_prop = inputs.str("bank_key", default="references", label="Memory bank name")
+        key_prop = inputs.str("bank_key", default=DEFAULT_BANK_KEY, label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
         model_inputs(inputs)
 
@@ -131,9 +131,9 @@ class BuildMemoryBank(foo.Operator):
         self,
         sample_collection,
         gt_field: str,
-        bank_key: str = "references",
+        bank_key: str | None = None,
         reference_mode: str = "label_tag",
-        tag: str = "reference",
+        tag: str | None = None,
         label_ids=None,
         classes=None,
         max_per_class: int | None = None,
@@ -159,7 +159,7 @@ class BuildMemoryBank(foo.Operator):
             dtype=dtype,
             overwrite=overwrite,
         )
-        return call(self, sample_collection, params, delegate)
+        return call(self, sample_collection, {k: v for k, v in params.items() if v is not None}, delegate)
 
 
 class ExportMemoryBank(foo.Operator):

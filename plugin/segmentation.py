@@ -25,14 +25,12 @@ from .common import (
 
 
 def _target_problem(inputs, target) -> None:
-    """An error in the form when the target cannot be segmented; a notice when it was mapped."""
+    """An error in the form when the target cannot be processed; a notice when it was mapped."""
     from ntt_core.errors import NttError
-    from ntt_core.fiftyone.fields import FiftyOneAdapterError, image_collection
+    from ntt_core.fiftyone.fields import images_to_process
 
     try:
-        images, note = image_collection(target)
-        if len(images) == 0:
-            raise FiftyOneAdapterError("the target view is empty: nothing to process")
+        _, note = images_to_process(target)
     except NttError as error:
         invalid(inputs.view("target_problem", types.Error(label=str(error))), str(error))
         return
@@ -75,13 +73,15 @@ class SegmentByReference(foo.Operator):
         return form(ctx, "Segment by reference", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.predictions import check_prediction_field, planning_unfinished
+        from ntt_core.fiftyone.predictions import DEFAULT_PREDICTION_FIELD, check_prediction_field, planning_unfinished
+        from ntt_core.settings import Settings
 
+        paper = Settings()
         shard = ctx.params.get("shard_sample_ids") is not None
         if not shard:
             _target_problem(inputs, ctx.target_view())
         bank_choice(inputs, ctx)
-        field_prop = inputs.str("pred_field", default="ntt_predictions", label="Output field")
+        field_prop = inputs.str("pred_field", default=DEFAULT_PREDICTION_FIELD, label="Output field")
         inputs.bool("overwrite", default=False, label="Overwrite the field if it exists (clears all its values)")
         inputs.bool(
             "skip_existing",
@@ -90,24 +90,29 @@ class SegmentByReference(foo.Operator):
             description="Resumes an interrupted run; needs the same bank, models and settings as the field's run record",
         )
         inputs.float(
-            "score_threshold", min=0.0, max=1.0, default=0.0, label="Score threshold", description="0 as in the paper"
+            "score_threshold",
+            min=0.0,
+            max=1.0,
+            default=paper.score_threshold,
+            label="Score threshold",
+            description=f"{paper.score_threshold:g} as in the paper",
         )
-        count_input(ctx, inputs, "max_detections", "Max instances per image", default=100)
+        count_input(ctx, inputs, "max_detections", "Max instances per image", default=paper.max_detections)
         count_input(
             ctx,
             inputs,
             "points_per_side",
             "Prompt grid points per side",
-            default=32,
-            description="32 as in the paper",
+            default=paper.points_per_side,
+            description=f"{paper.points_per_side} as in the paper",
         )
         inputs.float(
             "sam_iou_threshold",
             min=0.0,
             max=1.0,
-            default=0.4,
+            default=paper.sam_iou_threshold,
             label="SAM2 IoU threshold",
-            description="0.4 as in the paper",
+            description=f"{paper.sam_iou_threshold:g} as in the paper",
         )
         count_input(ctx, inputs, "batch_size", "Images per batch", default=1)
         count_input(
@@ -184,13 +189,13 @@ class SegmentByReference(foo.Operator):
         self,
         sample_collection,
         bank_key: str,
-        pred_field: str = "ntt_predictions",
+        pred_field: str | None = None,
         overwrite: bool = False,
         skip_existing: bool = False,
-        score_threshold: float = 0.0,
-        max_detections: int = 100,
-        points_per_side: int = 32,
-        sam_iou_threshold: float = 0.4,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+        points_per_side: int | None = None,
+        sam_iou_threshold: float | None = None,
         batch_size: int = 1,
         num_shards: int = 1,
         sam2: str = "",
@@ -199,15 +204,17 @@ class SegmentByReference(foo.Operator):
         dtype: str = "auto",
         delegate: bool = False,
     ):
+        """Segment ``sample_collection`` with ``bank_key``; a setting left None is the form's default
+        (the paper's, from ``ntt_core.settings.Settings``; the field ``ntt_predictions``)."""
+        thresholds = dict(score_threshold=score_threshold, sam_iou_threshold=sam_iou_threshold)
         params = dict(
             bank_key=bank_key,
             pred_field=pred_field,
             overwrite=overwrite,
             skip_existing=skip_existing,
-            score_threshold=float(score_threshold),
+            **{name: float(value) for name, value in thresholds.items() if value is not None},
             max_detections=max_detections,
             points_per_side=points_per_side,
-            sam_iou_threshold=float(sam_iou_threshold),
             batch_size=batch_size,
             num_shards=num_shards,
             sam2=sam2,
@@ -215,7 +222,7 @@ class SegmentByReference(foo.Operator):
             device=device,
             dtype=dtype,
         )
-        return call(self, sample_collection, params, delegate)
+        return call(self, sample_collection, {k: v for k, v in params.items() if v is not None}, delegate)
 
 
 class BoxesToMasks(foo.Operator):
@@ -236,7 +243,8 @@ class BoxesToMasks(foo.Operator):
         return form(ctx, "Boxes to masks", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.fields import check_output_field, detections_fields, protected_fields
+        from ntt_core.fiftyone.fields import check_output_field, detections_fields
+        from ntt_core.fiftyone.labels import check_in_place
 
         _target_problem(inputs, ctx.target_view())
         fields = detections_fields(ctx.dataset)
@@ -246,9 +254,7 @@ class BoxesToMasks(foo.Operator):
         )
         in_field = current(ctx, inputs, "in_field")
         if current(ctx, inputs, "in_place"):
-            if in_field in protected_fields(ctx.dataset):
-                message = f"'{in_field}' is a ground-truth field: write to a new field"
-                invalid(inputs.view("in_place_problem", types.Error(label=message)), message)
+            check(inputs.properties["in_place"], lambda: check_in_place(ctx.dataset, in_field))
         else:
             out_prop = inputs.str("out_field", default=f"{in_field}_masks", label="Output field")
             inputs.bool("overwrite", default=False, label="Overwrite the output field if it exists")

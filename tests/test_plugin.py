@@ -29,10 +29,12 @@ from fiftyone.operators.server import create_response_generator
 from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
 
 from ntt_core.fiftyone.labels import PREDICTION_ATTRIBUTES
+from ntt_core.settings import Settings
 from plugin.common import PROGRESS_INTERVAL_S, run_with_progress
 
 PLUGIN = "@ntt/no-time-to-train"
 REPO = Path(__file__).resolve().parents[1]
+FORM_SETTINGS = ("score_threshold", "points_per_side", "max_detections", "sam_iou_threshold")
 FAST = dict(points_per_side=2, sam_iou_threshold=0.0, max_detections=5)  # 4 prompts per image
 
 
@@ -359,6 +361,8 @@ def test_forms_resolve_with_paper_defaults(dataset, models):
         defaults["score_threshold"] == 0.0 and defaults["points_per_side"] == 32 and defaults["max_detections"] == 100
     )
     assert defaults["sam_iou_threshold"] == 0.4 and defaults["sam2"] == "" and defaults["dinov2"] == ""
+    paper = Settings()  # the form reads its defaults from the library's settings
+    assert {n: defaults[n] for n in FORM_SETTINGS} == {n: getattr(paper, n) for n in FORM_SETTINGS}
     assert (
         props["bank_key"].invalid and "no memory bank: run 'Build memory bank' first" in props["bank_key"].error_message
     )
@@ -463,8 +467,8 @@ BAD_PARAMS = [
     (
         "boxes_to_masks",
         dict(in_field="gt", in_place=True),
-        "in_place_problem",
-        "'gt' is a ground-truth field: write to a new field",
+        "in_place",  # the library's check (labels.check_in_place), under its own field
+        "'gt' is a ground-truth field: write the masks to a new field instead",
     ),
     (
         "import_memory_bank",

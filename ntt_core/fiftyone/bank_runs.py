@@ -9,6 +9,8 @@ import fiftyone.core.utils as fou
 
 from .fields import BANK_METHOD, FiftyOneAdapterError, check_key
 
+DEFAULT_BANK_KEY = "references"
+
 # imports torch: loaded at first use, so that forms resolve in the App without it
 memory_bank = fou.lazy_import("ntt_core.memory_bank")
 

@@ -48,6 +48,14 @@ def image_collection(samples) -> tuple[fo.core.collections.SampleCollection, str
     return samples, note
 
 
+def images_to_process(samples) -> tuple[fo.core.collections.SampleCollection, str]:
+    """:func:`image_collection`, refusing an empty collection."""
+    images, note = image_collection(samples)
+    if len(images) == 0:
+        raise FiftyOneAdapterError("the target view is empty: nothing to process")
+    return images, note
+
+
 def check_detections_field(samples, name: str, role: str = "field") -> None:
     """Raise unless ``name`` is a ``Detections`` field of ``samples``."""
     if not name:

@@ -15,7 +15,7 @@ from .fields import (
     Progress,
     check_detections_field,
     check_output_field,
-    image_collection,
+    images_to_process,
     protected_fields,
 )
 
@@ -69,6 +69,12 @@ def declare_prediction_attributes(dataset, field_name: str) -> None:
             dataset.add_sample_field(path, kind)
 
 
+def check_in_place(dataset, field_name: str) -> None:
+    """Raise if ``field_name`` may not get its masks in place: it is ground truth (:func:`.fields.protected_fields`)."""
+    if field_name in protected_fields(dataset):
+        raise FiftyOneAdapterError(f"'{field_name}' is a ground-truth field: write the masks to a new field instead")
+
+
 def boxes_to_masks(
     samples,
     in_field: str,
@@ -83,14 +89,13 @@ def boxes_to_masks(
     ``out_field``; ``out_field=None`` or equal to ``in_field`` writes in place, which is refused
     for ground-truth fields. Returns ``{"field", "filled", "kept", "failed", "samples"}``.
     """
-    samples, _ = image_collection(samples)
+    samples, _ = images_to_process(samples)
     dataset = samples._root_dataset
     check_detections_field(samples, in_field, "input field")
     in_place = out_field in (None, in_field)
     out_field = in_field if in_place else out_field
     if in_place:
-        if in_field in protected_fields(dataset):
-            raise FiftyOneAdapterError(f"'{in_field}' is a ground-truth field: write the masks to a new field instead")
+        check_in_place(dataset, in_field)
     elif check_output_field(dataset, out_field, overwrite=overwrite):
         dataset.clear_sample_field(out_field)
     else:

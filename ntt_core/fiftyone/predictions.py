@@ -15,12 +15,20 @@ import numpy as np
 from ..input_rules import check_count
 from ..settings import MEMORY_ONLY, Settings
 from .bank_runs import load_memory_bank, memory_bank_info
-from .fields import PREDICTION_METHOD, FiftyOneAdapterError, Progress, check_output_field, image_collection
+from .fields import (
+    PREDICTION_METHOD,
+    FiftyOneAdapterError,
+    Progress,
+    check_output_field,
+    image_collection,
+    images_to_process,
+)
 from .labels import declare_prediction_attributes, instances_to_detections
 
 # imports torch: loaded at first use, so that forms resolve in the App without it
 pipeline = fou.lazy_import("ntt_core.predictor")
 
+DEFAULT_PREDICTION_FIELD = "ntt_predictions"
 PREDICTION_RUN_PREFIX = "ntt_predictions_"
 #: Keys of a prediction record that must agree before ``skip_existing`` may resume a field.
 RECORD_MATCH_KEYS = ("bank_key", "bank_sha256", "segmenter_fingerprint", "encoder_fingerprint", "dtype", "settings")
@@ -119,11 +127,9 @@ def _resume_part(record: dict, key: str):
 
 
 def _target(samples):
-    """The image samples to segment (:func:`.fields.image_collection`), their dataset and the
-    collection's note; an empty target is refused."""
-    samples, note = image_collection(samples)
-    if len(samples) == 0:
-        raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    """The image samples to segment (:func:`.fields.images_to_process`), their dataset and the
+    collection's note."""
+    samples, note = images_to_process(samples)
     return samples, samples._root_dataset, note
 
 
