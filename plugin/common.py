@@ -198,75 +198,135 @@ def from_app(ctx) -> bool:
     return not ctx.delegated and "operator_uri" in ctx.request_params
 
 
-def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[[int, int], None]], dict]):
-    """Run ``work(progress)``, which returns the report and calls ``progress(done, total)`` as it goes.
+def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[..., None]], dict]):
+    """Run ``work(progress)``, which returns the report and calls ``progress(done, total, detail="")``
+    as it goes (``detail``: what is happening now, e.g. "image 3 of 40: prompts 256/1024").
 
     From Python and in delegated runs: returns its :func:`result` (progress goes to
-    ``ctx.set_progress``). From the App, which shows progress only from operators that run as
+    ``ctx.set_progress``; a delegated run asked to stop from the panel, see
+    ``ntt_core.fiftyone.stops``, stops at its next progress without ``detail``, i.e. after the
+    image it is on). From the App, which shows progress only from operators that run as
     generators (``execute_as_generator=True``): returns a generator of App messages instead (see
     :func:`_stream`); such an operator must run all of its work through this.
     """
     if from_app(ctx):
         return _stream(operator, ctx, label, work)
+    stop_requested = _stop_check(ctx)
+
+    def progress(done: int, total: int, detail: str = "") -> None:
+        ctx.set_progress(**_progress(label, done, total, detail))
+        if not detail and stop_requested():
+            from ntt_core.errors import RunStopped
+
+            raise RunStopped("stopped from the Memory banks panel")
+
     if ctx.delegated:  # the first heartbeat, before the models load (see ntt_core.shards)
-        ctx.set_progress(progress=0.0, label=f"{label}: loading the models")
-    report = work(lambda done, total: ctx.set_progress(**_progress(label, done, total)))
+        ctx.set_progress(progress=0.0, label=LOADING)
+    report = work(progress)
     return finish(operator, ctx, report)
 
 
+def _stop_check(ctx) -> Callable[[], bool]:
+    """Whether this delegated run was asked to stop (read at most every ``STOP_POLL_S``); never for other runs."""
+    operation_id = getattr(ctx, "_delegated_operation_id", None)  # set by FiftyOne's delegated service
+    if not ctx.delegated or operation_id is None:
+        return lambda: False
+    from ntt_core.fiftyone.stops import stop_requested
+
+    asked_at = [float("-inf")]
+
+    def check() -> bool:
+        if time.monotonic() - asked_at[0] < STOP_POLL_S:
+            return False
+        asked_at[0] = time.monotonic()
+        return stop_requested(ctx.dataset, str(operation_id))
+
+    return check
+
+
+LOADING = "Loading the models"
 PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second
+KEEPALIVE_S = 1.0  # an App run sends its progress at least this often, so it sees when nobody reads it
+GONE_AFTER_S = 10.0  # an App run whose messages nobody read for this long stops (page closed, server stopping)
+STOP_POLL_S = 2.0
 _END = object()
 
 
-def _progress(label: str, done: int, total: int) -> dict:
-    return {"progress": done / max(total, 1), "label": f"{label}: {done}/{total}"}
+def _progress(label: str, done: int, total: int, detail: str = "") -> dict:
+    return {"progress": done / max(total, 1), "label": detail or f"{label}: {done}/{total}"}
 
 
 def _stream(operator, ctx, label: str, work):
     """Run ``work`` in a thread; yield the App a ``set_progress`` for its latest progress at most
-    every ``PROGRESS_INTERVAL_S``, then its report as the operator's output (or its error, which
-    also goes to the server's log), then a dataset reload (finished samples are saved either way).
+    every ``PROGRESS_INTERVAL_S`` (and the last one again every ``KEEPALIVE_S``), then its report as
+    the operator's output (or its error, which also goes to the server's log), then a dataset
+    reload (finished samples are saved either way).
 
     A failure is shown rather than raised: an exception raised while FiftyOne streams the messages
-    breaks the response, and the App then shows nothing. A run whose App page goes away finishes.
+    breaks the response, and the App then shows nothing. When the App's request goes away (the page
+    is closed or reloaded, or the server is stopping: SIGTERM cancels the requests after a grace
+    period), FiftyOne stops reading or closes this generator; the work's next progress (a prompt
+    batch of a segmentation) then raises :class:`~ntt_core.errors.RunStopped`, so the run ends
+    with what it has written, and no server thread waits on it.
     """
+    from ntt_core.errors import RunStopped
+
     events: queue.SimpleQueue = queue.SimpleQueue()
     outcome: dict = {}
+    read_at = [time.monotonic()]  # when FiftyOne last asked for a message
+    gone = threading.Event()
+
+    def progress(done: int, total: int, detail: str = "") -> None:
+        if gone.is_set() or time.monotonic() - read_at[0] > GONE_AFTER_S:
+            gone.set()
+            raise RunStopped("the App's request went away (page closed or reloaded, or the server is stopping)")
+        events.put((done, total, detail))
 
     def run() -> None:
         try:
-            outcome["report"] = work(lambda done, total: events.put((done, total)))
+            outcome["report"] = work(progress)
         except BaseException as error:  # shown in the App below
             outcome["error"] = error
         finally:
             events.put(_END)
 
     threading.Thread(target=run, name=f"{operator.config.name}-run", daemon=True).start()
-    yield ctx.ops.set_progress(label="Loading the models")
-    latest, shown_at = None, float("-inf")
-    while True:
-        due = shown_at + PROGRESS_INTERVAL_S
-        try:
-            event = events.get(timeout=None if latest is None else max(0.0, due - time.monotonic()))
-        except queue.Empty:  # the pending progress is due
-            event = None
-        if event is _END:
-            break
-        latest = event or latest
-        if time.monotonic() >= due:
+    try:
+        shown = {"label": LOADING}
+        yield ctx.ops.set_progress(**shown)
+        read_at[0] = time.monotonic()
+        latest, shown_at = None, float("-inf")
+        while True:
+            due = shown_at + PROGRESS_INTERVAL_S
+            wait = KEEPALIVE_S if latest is None else max(0.0, due - time.monotonic())
+            try:
+                event = events.get(timeout=wait)
+            except queue.Empty:  # the pending progress is due, or it is time to say the run is alive
+                event = None
+            if event is _END:
+                break
+            latest = event or latest
+            if latest is None:  # nothing new: the last progress again
+                yield ctx.ops.set_progress(**shown)
+                read_at[0] = time.monotonic()
+            elif time.monotonic() >= due:
+                shown = _progress(label, *latest)
+                yield ctx.ops.set_progress(**shown)
+                read_at[0] = time.monotonic()
+                latest, shown_at = None, time.monotonic()
+        if latest is not None:
             yield ctx.ops.set_progress(**_progress(label, *latest))
-            latest, shown_at = None, time.monotonic()
-    if latest is not None:
-        yield ctx.ops.set_progress(**_progress(label, *latest))
-    if "error" in outcome:
-        error = outcome["error"]
-        logger.error("%s failed: %s", operator.uri, error, exc_info=error)
-        outputs = types.Object()
-        outputs.view("error", types.Error(label=f"{operator.config.label} failed", description=str(error)))
-        yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
-    else:
-        yield ctx.ops.show_output(operator.resolve_output(ctx).to_json(), result(operator, outcome["report"]))
-    yield ctx.ops.reload_dataset()
+        if "error" in outcome:
+            error = outcome["error"]
+            logger.error("%s failed: %s", operator.uri, error, exc_info=error)
+            outputs = types.Object()
+            outputs.view("error", types.Error(label=f"{operator.config.label} failed", description=str(error)))
+            yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
+        else:
+            yield ctx.ops.show_output(operator.resolve_output(ctx).to_json(), result(operator, outcome["report"]))
+        yield ctx.ops.reload_dataset()
+    finally:  # closed before the end: nobody is reading any more
+        gone.set()
 
 
 def report_output(ctx, label: str):

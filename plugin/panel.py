@@ -34,6 +34,10 @@ REVIEW_HELP = (
     "**Add 'not_this_class' labels as negatives**; tag references `remove_reference` and click "
     "**Remove tagged references**."
 )
+STOP_NOTE = (
+    "Stop requested: the run stops after the image it is on and keeps every sample written so far. "
+    "To resume, run Segment by reference into the same field with 'Skip samples that already have predictions'."
+)
 THUMBNAILS_PER_CLASS = 8
 
 
@@ -106,6 +110,13 @@ class MemoryBanksPanel(foo.Panel):
     def delete(self, ctx):
         ctx.prompt(operator_uri("delete_memory_bank"), params=self._bank(ctx), on_success=self.refresh)
 
+    def stop_run(self, ctx):
+        require_library()
+        from ntt_core.fiftyone.stops import request_stop
+
+        request_stop(ctx.dataset, ctx.params["operation_id"])
+        ctx.panel.state.message = STOP_NOTE
+
     def show_matched_reference(self, ctx):
         try:
             require_library()
@@ -168,6 +179,7 @@ class MemoryBanksPanel(foo.Panel):
             return types.Property(panel, view=types.GridView(orientation="vertical"))
         from ntt_core.fiftyone.bank_runs import list_memory_banks
 
+        self._render_running(ctx, panel)
         banks = list_memory_banks(ctx.dataset)
         if not banks:
             panel.md(EMPTY_STATE, name="empty")
@@ -177,6 +189,21 @@ class MemoryBanksPanel(foo.Panel):
             panel.md(THRESHOLD_NOTE, name="threshold_note")
             panel.md(REVIEW_HELP, name="review_help")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+    def _render_running(self, ctx, panel) -> None:
+        """The scheduled segmentations a worker is running, each with its progress and a stop button."""
+        from ntt_core.fiftyone.stops import running_segmentations
+
+        for index, run in enumerate(running_segmentations(ctx.dataset)):
+            row = panel.h_stack(f"running_{index}", gap=1, align_y="center")
+            row.md(f"**Running:** {run['label']}: {run['progress'] or 'starting'}", name="progress")
+            row.btn(
+                "stop",
+                label="Stop requested" if run["stop_requested"] else "Stop after this image",
+                on_click=self.stop_run,
+                params={"operation_id": run["id"]},
+                disabled=run["stop_requested"],
+            )
 
     def _render_bank(self, ctx, panel, name: str, key: str) -> None:
         from ntt_core.errors import NttError

@@ -330,3 +330,35 @@ def test_a_missing_library_is_shown_in_the_panel(segmented, monkeypatch):
     view = rendered(panel_event("on_load", segmented))
     assert view["library_missing"]["view"]["label"] == "The ntt_core library is missing"
     assert "pip install" in view["library_missing"]["view"]["description"]
+
+
+def test_a_running_scheduled_segmentation_can_be_stopped_from_the_panel(segmented, models):
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    from ntt_core.fiftyone.stops import stop_requested
+    from plugin.panel import STOP_NOTE
+
+    params = dict(bank_key="references", pred_field="later", **FAST, **models)
+    queued = foo.execute_operator(
+        uri("segment_by_reference"), dict(dataset=segmented), params=params, request_delegation=True
+    )
+    service, operation_id = DelegatedOperationService(), queued.result["id"]
+    try:
+        assert not any(path.startswith("running_") for path in rendered(panel_event("on_load", segmented)))
+        service.set_running(operation_id)  # what a worker does when it takes the operation
+        service.set_progress(operation_id, dict(progress=0.5, label="image 2 of 4: prompts 2/4"))
+        view = rendered(panel_event("on_load", segmented))
+        assert view["running_0.progress"]["default"].endswith(": image 2 of 4: prompts 2/4")
+        stop = view["running_0.stop"]["view"]
+        assert (stop["label"], stop["disabled"], stop["params"]) == (
+            "Stop after this image",
+            False,
+            {"operation_id": str(operation_id)},
+        )
+        view = rendered(panel_event("stop_run", segmented, params={"operation_id": str(operation_id)}))
+        assert view["message"]["view"]["label"] == STOP_NOTE
+        assert stop_requested(segmented, str(operation_id))
+        stop = view["running_0.stop"]["view"]
+        assert (stop["label"], stop["disabled"]) == ("Stop requested", True)
+    finally:
+        service.delete_operation(operation_id)

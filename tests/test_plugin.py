@@ -30,7 +30,7 @@ from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attrib
 
 from ntt_core.fiftyone.labels import PREDICTION_ATTRIBUTES
 from ntt_core.settings import Settings
-from plugin.common import PROGRESS_INTERVAL_S, run_with_progress
+from plugin.common import PROGRESS_INTERVAL_S, one_line, run_with_progress
 
 PLUGIN = "@ntt/no-time-to-train"
 REPO = Path(__file__).resolve().parents[1]
@@ -236,6 +236,71 @@ def test_delegated_runs_execute_in_the_delegated_service(dataset, models):
     assert without_eval_attributes(dataset, "gt", "ev") == gt_before
 
 
+def test_a_delegated_run_asked_to_stop_stops_after_its_image_and_keeps_what_it_wrote(dataset, models):
+    from ntt_core.fiftyone.stops import request_stop
+
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    params = dict(bank_key="references", pred_field="pred", **FAST, **models)
+    queued = foo.execute_operator(
+        uri("segment_by_reference"), dict(dataset=dataset), params=params, request_delegation=True
+    )
+    request_stop(dataset, str(queued.result["id"]))  # what the panel's stop button does
+    (result,) = DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    assert one_line(result.error) == (
+        "stopped from the Memory banks panel: stopped after 1 of 3 samples; the finished samples are saved in "
+        "'pred'. To resume, run Segment by reference into 'pred' again with skip_existing "
+        "('Skip samples that already have predictions')"
+    )
+    assert len(dataset.exists("pred")) == 1  # the image it was on is written, nothing after it
+    resumed = foo.get_operator(uri("segment_by_reference"))(dataset, skip_existing=True, **params)["report"]
+    assert resumed["processed"] == 2 and resumed["skipped_existing"] == 1
+
+
+def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset, models, monkeypatch):
+    """The page went away (or the server is stopping): FiftyOne closes the message generator; the
+    segmentation ends at its next prompt batch, writing nothing of the image it was on."""
+    import plugin.common
+
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    operator = foo.get_operator(uri("segment_by_reference"))
+    params = dict(bank_key="references", pred_field="pred", **FAST, **models)
+    ctx = ExecutionContext(
+        dict(operator_uri=operator.uri, dataset_name=dataset.name, view=dataset.view()._serialize(), params=params),
+        Executor(),
+    )
+    reports, entered = [], __import__("threading").Event()
+
+    def work(progress):
+        try:
+            return operator._run(ctx, plugin.common.params_with_defaults(operator, ctx), slow_after_first(progress))
+        except BaseException as error:
+            reports.append(error)
+            raise
+
+    def slow_after_first(progress):
+        def watched(done, total, detail=""):
+            if done == 1 and detail:  # image 2: let the reader go away, then continue
+                entered.set()
+                time.sleep(0.5)
+            progress(done, total, detail)
+
+        return watched
+
+    messages = run_with_progress(operator, ctx, "Images", work)
+    next(messages)  # "Loading the models"
+    while not entered.is_set():
+        next(messages)
+    messages.close()  # what FiftyOne does when the request goes away
+    deadline = time.monotonic() + 60
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (error,) = reports
+    assert str(error).startswith(
+        "the App's request went away (page closed or reloaded, or the server is stopping): stopped after 1 of 3 samples"
+    )
+    assert len(dataset.exists("pred")) == 1
+
+
 def test_sharded_run_queues_fixed_shards_that_label_each_sample_once(dataset, models, tmp_path):
     more = scenes_dataset(tmp_path, count=5, size=(64, 80), seed=9)
     dataset.add_samples(more)
@@ -266,8 +331,16 @@ def test_an_app_run_streams_its_progress_then_its_report_and_a_reload(dataset, m
     assert set(names[1:-2]) == {"set_progress"}
     steps = [params for _, params in messages[1:-2]]
     values = [step["progress"] for step in steps]
-    assert values and values == sorted(set(values)) and values[-1] == 1.0
-    assert [step["label"] for step in steps] == [f"Images: {round(v * 3)}/3" for v in values]
+    assert values and values == sorted(values) and values[-1] == 1.0  # never backwards
+    labels = [step["label"] for step in steps]  # what is happening now, at every stage of each image
+    assert labels[0] == "image 1 of 3: image encoders" and labels[-1] == "Images: 3/3", labels
+    assert {re.sub(r"\d+", "N", label) for label in labels} <= {
+        "image N of N: image encoders",
+        "image N of N: prompts N/N",
+        "image N of N: post-processing",
+        "image N of N: writing",
+        "Images: N/N",
+    }, labels
     output = messages[-2][1]
     shown = output["outputs"]["type"]["properties"]  # as resolve_output shows it: the summary, as Markdown
     assert list(shown) == ["summary"] and shown["summary"]["view"]["name"] == "MarkdownView"

@@ -18,7 +18,9 @@ BANK_METHOD = "ntt_memory_bank"
 PREDICTION_METHOD = "ntt_predictions"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
-Progress = Callable[[int, int], None]  # (done, total)
+#: ``progress(done, total)``; some runs add ``detail``, a line on what is happening now ("image 3 of 40:
+#: prompts 256/1024"). A :class:`~ntt_core.errors.RunStopped` it raises stops the run (see each run).
+Progress = Callable[..., None]
 
 
 class FiftyOneAdapterError(NttError):

@@ -12,6 +12,7 @@ import fiftyone.core.models as fomo
 import fiftyone.core.utils as fou
 import numpy as np
 
+from ..errors import RunStopped
 from ..input_rules import check_count
 from ..settings import MEMORY_ONLY, Settings
 from .bank_runs import load_memory_bank, memory_bank_info
@@ -153,7 +154,10 @@ def segment_by_reference(
     (only samples whose field is still empty are processed). Unreadable images stay empty and
     are reported. ``should_stop`` is asked before each batch is written (one call a batch); when it
     says so the run stops with an error, writing nothing more (a delegated shard whose operation
-    was marked failed). Returns ``{"field",
+    was marked failed). ``progress(done, total, detail)`` is called at every stage of each batch
+    (image encoders, each prompt batch, post-processing, writing) and after it; a
+    :class:`~ntt_core.errors.RunStopped` it raises stops the run there (inside a batch: nothing of
+    the batch is written) with the resume hint. Returns ``{"field",
     "processed", "instances", "skipped_existing", "failed", "note"}``.
     """
     check_count(batch_size, "batch_size")
@@ -175,10 +179,15 @@ def segment_by_reference(
         "failed": [],
         "note": note,
     }
-    for start in range(0, len(ids), batch_size):
+    total = len(ids)
+    for start in range(0, total, batch_size):
         batch_ids, batch_paths = ids[start : start + batch_size], paths[start : start + batch_size]
+        now = _batch_progress(progress, start, len(batch_ids), total)
+        predictor.on_stage = now
         try:
             results = predictor.predict_paths(batch_paths)
+        except RunStopped as stop:
+            raise _stopped(stop, start, total, pred_field) from None
         except Exception as error:
             raise FiftyOneAdapterError(
                 f"segmentation stopped after {start} of {len(ids)} samples: {str(error) or type(error).__name__}. "
@@ -190,6 +199,8 @@ def segment_by_reference(
                 f"stopped after {start} of {len(ids)} samples: this run's operation is no longer running "
                 f"(marked failed or taken over); the finished samples are saved in '{pred_field}'"
             )
+        if now is not None:
+            now("writing", 0, 1)  # stopping here writes nothing of the batch
         values = {}
         for sample_id, result in zip(batch_ids, results):
             if isinstance(result, Exception):
@@ -201,8 +212,33 @@ def segment_by_reference(
             dataset.set_values(pred_field, values, key_field="id")
         report["processed"] += len(values)
         if progress is not None:
-            progress(start + len(batch_ids), len(ids))
+            try:
+                progress(start + len(batch_ids), total)
+            except RunStopped as stop:  # after the batch is written
+                raise _stopped(stop, start + len(batch_ids), total, pred_field) from None
     return report
+
+
+def _batch_progress(progress: Progress | None, start: int, count: int, total: int):
+    """``on_stage(stage, done, total)`` for the batch of ``count`` images from ``start``: ``progress``
+    with the detail "image 3 of 40: prompts 256/1024" (None without ``progress``)."""
+    if progress is None:
+        return None
+    images = f"image {start + 1}" if count == 1 else f"images {start + 1}-{start + count}"
+
+    def now(stage: str, done: int, of: int) -> None:
+        what = f"{stage} {done}/{of}" if stage == "prompts" else stage
+        progress(start, total, detail=f"{images} of {total}: {what}")
+
+    return now
+
+
+def _stopped(stop: RunStopped, done: int, total: int, pred_field: str) -> RunStopped:
+    return RunStopped(
+        f"{stop}: stopped after {done} of {total} samples; the finished samples are saved in '{pred_field}'. "
+        f"To resume, run Segment by reference into '{pred_field}' again with skip_existing "
+        "('Skip samples that already have predictions')"
+    )
 
 
 def start_sharded_prediction(
