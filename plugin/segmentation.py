@@ -38,6 +38,64 @@ def _target_problem(inputs, target) -> None:
         inputs.view("target_note", types.Notice(label=note))
 
 
+SCHEDULE_ADVICE = (
+    "A long run: Schedule is pre-selected, so the App stays usable; start a worker on the server with "
+    "`fiftyone delegated launch` (the Memory banks panel shows its progress and can stop it). "
+    "Execute runs it now, in this page, until it finishes."
+)
+
+
+def _run_plan(ctx, params: dict):
+    """``(plan, seconds, line, schedule)`` of a segmentation with ``params`` (None when the form has
+    an error that makes it unknowable): the samples it would process, its estimated seconds (None
+    when no figure is kept for the device, models and grid), the form's line on the estimate, and
+    whether to recommend *Schedule*: over ``LONG_RUN_S``, or unknown with the paper's models on a
+    device that may be a CPU."""
+    from ntt_core.errors import NttError
+    from ntt_core.fiftyone.predictions import DEFAULT_PREDICTION_FIELD, segmentation_plan
+    from ntt_core.fiftyone.timings import LONG_RUN_S, estimate, timing_key
+    from ntt_core.settings import Settings
+
+    get = lambda name, default: default if params.get(name) is None else params[name]  # noqa: E731
+    try:
+        plan = segmentation_plan(
+            ctx.target_view(),
+            params.get("bank_key"),
+            get("pred_field", DEFAULT_PREDICTION_FIELD),
+            skip_existing=bool(params.get("skip_existing")),
+            skip_references=bool(params.get("skip_reference_samples")),
+        )
+    except NttError:
+        return None
+    sam2, dinov2, device = get("sam2", ""), get("dinov2", ""), get("device", "auto")
+    key = timing_key(device, sam2, dinov2, int(get("points_per_side", Settings().points_per_side)))
+    seconds, line = estimate(key, plan["samples"])
+    paper_models_on_cpu = not sam2 and not dinov2 and device in ("auto", "cpu")
+    schedule = (seconds is not None and seconds > LONG_RUN_S) or (seconds is None and paper_models_on_cpu)
+    return plan, seconds, line, schedule
+
+
+def _timed(progress, key: str):
+    """``progress`` that also keeps the seconds per image of this run (after its first image when
+    no figure exists yet, and at its end): see ``ntt_core.fiftyone.timings``."""
+    import time
+
+    from ntt_core.fiftyone.timings import record_timing, seconds_per_image
+
+    started, counted = time.monotonic(), 0
+    first = seconds_per_image(key) is None
+
+    def timed(done: int, total: int, detail: str = "") -> None:
+        nonlocal started, counted, first
+        if not detail and done > counted and (first or done == total):
+            now = time.monotonic()
+            record_timing(key, now - started, done - counted)
+            started, counted, first = now, done, False
+        progress(done, total, detail)
+
+    return timed
+
+
 def _shard_watch(ctx) -> dict:
     """For a delegated shard: a unique label among re-runs of the shard, and the check that stops it
     once its operation was marked failed (``segment_by_reference``'s ``should_stop``)."""
@@ -123,12 +181,51 @@ class SegmentByReference(foo.Operator):
             default=1,
             description="Above 1: queue that many delegated operations over fixed parts of the target for `fiftyone delegated launch` workers",
         )
+        inputs.bool(
+            "skip_reference_samples",
+            default=False,
+            label="Leave out the samples holding the bank's references",
+            description="They are segmented too by default; evaluation leaves them out either way",
+        )
         model_inputs(inputs)
         field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
         shards = current(ctx, inputs, "num_shards")
         planning = isinstance(shards, int) and shards > 1 and planning_unfinished(ctx.dataset, field)
         skip = current(ctx, inputs, "skip_existing") or shard or planning  # a planning step that died continues
         check(field_prop, lambda: check_prediction_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip))
+        if not shard:
+            self._plan(ctx, inputs)
+
+    def _plan(self, ctx, inputs) -> None:
+        """What the run will do: how many samples (the reference samples among them or not), how long
+        on the chosen device (from the kept figure), and the advice to schedule a long run."""
+        found = _run_plan(ctx, {name: current(ctx, inputs, name) for name in inputs.properties})
+        if found is None:
+            return
+        plan, seconds, line, schedule = found
+        existing = f"; {plan['existing']} already have predictions and are skipped" if plan["existing"] else ""
+        if plan["references"]:
+            left_out = current(ctx, inputs, "skip_reference_samples")
+            where = "left out" if left_out else "among them"
+            references = f"; the {plan['references']} sample(s) holding the bank's references are {where}"
+        else:
+            references = "; none of them holds the bank's references"
+        inputs.view("plan", types.Notice(label=f"Segments {plan['samples']} sample(s){existing}{references}."))
+        inputs.view("estimate", types.Notice(label=line))
+        if schedule:
+            inputs.view("schedule_advice", types.Warning(label=SCHEDULE_ADVICE))
+
+    def resolve_execution_options(self, ctx):
+        """Immediate or scheduled; a long run (see :func:`_run_plan`) defaults to *Schedule*."""
+        from fiftyone.operators.executor import ExecutionOptions
+
+        shard = ctx.params.get("shard_sample_ids") is not None
+        found = None if shard else _run_plan(ctx, params_with_defaults(self, ctx))  # the App may send no params
+        return ExecutionOptions(
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=bool(found and found[3]),
+        )
 
     def resolve_run_name(self, ctx):
         return _shard_label(ctx.params) if ctx.params.get("shard") else self.config.label
@@ -139,7 +236,13 @@ class SegmentByReference(foo.Operator):
 
     def _run(self, ctx, p: dict, progress) -> dict:
         require_library()
-        from ntt_core.fiftyone.predictions import finish_planning, segment_by_reference, start_sharded_prediction
+        from ntt_core.fiftyone.predictions import (
+            finish_planning,
+            segment_by_reference,
+            start_sharded_prediction,
+            without_references,
+        )
+        from ntt_core.fiftyone.timings import timing_key
         from ntt_core.models import load_models
         from ntt_core.settings import Settings
 
@@ -157,6 +260,10 @@ class SegmentByReference(foo.Operator):
         run = dict(
             bank_key=p["bank_key"], pred_field=p["pred_field"], segmenter=segmenter, encoder=encoder, settings=settings
         )
+        progress = _timed(progress, timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"]))
+        target = ctx.target_view()
+        if p.get("skip_reference_samples"):
+            target = without_references(target, p["bank_key"])
         if p.get("shard_sample_ids") is not None:
             target = ctx.dataset.select(p["shard_sample_ids"])
             return segment_by_reference(
@@ -167,13 +274,11 @@ class SegmentByReference(foo.Operator):
             from ntt_core.shards import live_shard_sample_ids
 
             assigned = live_shard_sample_ids(ctx.dataset.name, p["pred_field"]) if not p["overwrite"] else set()
-            shards = start_sharded_prediction(
-                ctx.target_view(), **run, num_shards=p["num_shards"], **flags, assigned=assigned
-            )
+            shards = start_sharded_prediction(target, **run, num_shards=p["num_shards"], **flags, assigned=assigned)
             queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
             finish_planning(ctx.dataset, p["pred_field"])
             return {"field": p["pred_field"], "shards": queued, "left_to_queued_shards": len(assigned)}
-        return segment_by_reference(ctx.target_view(), **run, batch_size=p["batch_size"], **flags, progress=progress)
+        return segment_by_reference(target, **run, batch_size=p["batch_size"], **flags, progress=progress)
 
     def _queue_shard(self, ctx, p: dict, sample_ids: list[str], index: int, count: int) -> dict:
         """Queue one shard: a delegated operation over fixed sample ids, resuming the field."""
@@ -198,6 +303,7 @@ class SegmentByReference(foo.Operator):
         sam_iou_threshold: float | None = None,
         batch_size: int = 1,
         num_shards: int = 1,
+        skip_reference_samples: bool = False,
         sam2: str = "",
         dinov2: str = "",
         device: str = "auto",
@@ -217,6 +323,7 @@ class SegmentByReference(foo.Operator):
             points_per_side=points_per_side,
             batch_size=batch_size,
             num_shards=num_shards,
+            skip_reference_samples=skip_reference_samples,
             sam2=sam2,
             dinov2=dinov2,
             device=device,

@@ -22,12 +22,14 @@ from fiftyone.operators.executor import (
     ExecutionRunState,
     Executor,
     execute_or_delegate_operator,
+    resolve_execution_options,
     resolve_type,
 )
 from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.operators.server import create_response_generator
 from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
 
+from ntt_core.fiftyone.bank_runs import memory_bank_info
 from ntt_core.fiftyone.labels import PREDICTION_ATTRIBUTES
 from ntt_core.settings import Settings
 from plugin.common import PROGRESS_INTERVAL_S, one_line, run_with_progress
@@ -234,6 +236,49 @@ def test_delegated_runs_execute_in_the_delegated_service(dataset, models):
     (result,) = run_queued(dataset)
     assert result.result["report"]["eval_key"] == "ev" and dataset.list_evaluations() == ["ev"]
     assert without_eval_attributes(dataset, "gt", "ev") == gt_before
+
+
+def execution_options(name: str, collection, params: dict) -> dict:
+    request = dict(dataset_name=collection._root_dataset.name, view=collection.view()._serialize(), params=params)
+    return asyncio.run(resolve_execution_options(OperatorRegistry(), uri(name), request)).to_dict()
+
+
+def test_the_segment_form_says_what_will_run_how_long_it_takes_and_advises_schedule_when_long(dataset, models):
+    from ntt_core.fiftyone.timings import record_timing, timing_key
+
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    grid = 3  # a grid no other test runs: no figure is kept for it yet
+    params = dict(bank_key="references", pred_field="pred", **{**FAST, "points_per_side": grid}, **models)
+    props = inputs_of("segment_by_reference", dataset, params)
+    held = len(set(dataset.values("id")) & set(memory_bank_info(dataset, "references")["reference_sample_ids"]))
+    assert held == 2
+    assert (
+        props["plan"].view.label
+        == "Segments 3 sample(s); the 2 sample(s) holding the bank's references are among them."
+    )
+    assert props["estimate"].view.label.startswith("No time measured yet on 'cpu' for these models and grid")
+    assert "schedule_advice" not in props  # the tiny models: not the paper's
+    assert execution_options("segment_by_reference", dataset, params)["default_choice_to_delegated"] is False
+    paper = {**params, "sam2": "", "dinov2": ""}  # the paper's models on a CPU, no figure yet: schedule
+    assert "Schedule is pre-selected" in inputs_of("segment_by_reference", dataset, paper)["schedule_advice"].view.label
+    options = execution_options("segment_by_reference", dataset, paper)
+    assert options["default_choice_to_delegated"] is True and options["allow_immediate_execution"] is True
+
+    left_out = {**params, "skip_reference_samples": True}
+    plan = inputs_of("segment_by_reference", dataset, left_out)["plan"].view.label
+    assert plan == "Segments 1 sample(s); the 2 sample(s) holding the bank's references are left out."
+    report = foo.get_operator(uri("segment_by_reference"))(dataset, skip_reference_samples=True, **params)["report"]
+    assert report["processed"] == 1 and len(dataset.exists("pred")) == 1
+
+    estimate = inputs_of("segment_by_reference", dataset, {**params, "pred_field": "other"})["estimate"].view.label
+    assert re.fullmatch(
+        r"About \d+ s on 'cpu' for 3 image\(s\) \([\d.]+ s per image measured on this machine .*", estimate
+    )
+    key = timing_key("cpu", models["sam2"], models["dinov2"], grid)
+    record_timing(key, 50 * 1000.0, 50)  # a slow machine's figure: 1000 s per image
+    slow = {**params, "pred_field": "other"}
+    assert "About 50 min on 'cpu'" in inputs_of("segment_by_reference", dataset, slow)["estimate"].view.label
+    assert execution_options("segment_by_reference", dataset, slow)["default_choice_to_delegated"] is True
 
 
 def test_a_delegated_run_asked_to_stop_stops_after_its_image_and_keeps_what_it_wrote(dataset, models):

@@ -241,6 +241,27 @@ def _stopped(stop: RunStopped, done: int, total: int, pred_field: str) -> RunSto
     )
 
 
+def without_references(samples, bank_key: str):
+    """``samples`` less the samples holding ``bank_key``'s references."""
+    dataset = samples._root_dataset
+    return samples.exclude(memory_bank_info(dataset, bank_key).get("reference_sample_ids", []))
+
+
+def segmentation_plan(
+    samples, bank_key: str, pred_field: str, skip_existing: bool = False, skip_references: bool = False
+) -> dict:
+    """What a run over ``samples`` would process: ``{"samples"`` (to segment), ``"existing"`` (skipped:
+    they have predictions), ``"references"`` (samples holding the bank's references among those of
+    ``samples``), ``"note"}``; ``skip_references`` leaves those out (:func:`without_references`)."""
+    samples, dataset, note = _target(samples)
+    chosen = without_references(samples, bank_key)
+    references = len(samples) - len(chosen)
+    if not skip_references:
+        chosen = samples
+    existing = len(chosen.exists(pred_field)) if skip_existing and dataset.has_field(pred_field) else 0
+    return {"samples": len(chosen) - existing, "existing": existing, "references": references, "note": note}
+
+
 def start_sharded_prediction(
     samples,
     bank_key: str,
