@@ -22,6 +22,8 @@ import fiftyone.operators.types as types
 
 INSTALL_HINT = "install the library with `pip install -e <repository>` (or `pip install -r requirements.txt`) in the environment that runs FiftyOne"
 DEVICES = ("auto", "cuda", "cpu", "mps")
+#: Starts every operator's label, so that typing it in the App's operator browser lists them all.
+LABEL_PREFIX = "NTT: "
 DTYPES = ("auto", "float32", "bfloat16")
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,11 @@ def require_library() -> None:
             sys.path.append(str(repo))
             return require_library()
         raise LibraryMissingError(f"the ntt_core library is not importable ({error}); {INSTALL_HINT}") from None
+
+
+def product_label(text: str) -> str:
+    """An operator's label in the App: :data:`LABEL_PREFIX` and ``text``."""
+    return LABEL_PREFIX + text
 
 
 def form(ctx, title: str, build: Callable) -> types.Property:
@@ -320,7 +327,10 @@ def _stream(operator, ctx, label: str, work):
             error = outcome["error"]
             logger.error("%s failed: %s", operator.uri, error, exc_info=error)
             outputs = types.Object()
-            outputs.view("error", types.Error(label=f"{operator.config.label} failed", description=str(error)))
+            outputs.view(
+                "error",
+                types.Error(label=f"{operator.config.label.removeprefix(LABEL_PREFIX)} failed", description=str(error)),
+            )
             yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
         else:
             yield ctx.ops.show_output(operator.resolve_output(ctx).to_json(), result(operator, outcome["report"]))

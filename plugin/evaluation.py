@@ -13,6 +13,7 @@ from .common import (
     finish,
     form,
     params_with_defaults,
+    product_label,
     report_output,
     require_library,
 )
@@ -27,7 +28,7 @@ class EvaluateByReference(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="evaluate_by_reference",
-            label="Evaluate reference segmentation (COCO)",
+            label=product_label("Evaluate reference segmentation (COCO)"),
             description="COCO mAP with masks in the Model Evaluation panel, plus pycocotools bbox/segm AP",
             dynamic=True,
             allow_delegated_execution=True,

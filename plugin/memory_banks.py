@@ -18,6 +18,7 @@ from .common import (
     model_inputs,
     model_options,
     params_with_defaults,
+    product_label,
     report_output,
     require_library,
     result,
@@ -45,7 +46,7 @@ class BuildMemoryBank(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="build_memory_bank",
-            label="Build memory bank from reference instances",
+            label=product_label("Build memory bank from reference instances"),
             description="Describe tagged or selected ground-truth instances with DINOv2 and store them as a named memory bank",
             dynamic=True,
             allow_delegated_execution=True,
@@ -169,7 +170,7 @@ class ExportMemoryBank(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="export_memory_bank",
-            label="Export memory bank",
+            label=product_label("Export memory bank"),
             description="Write a stored memory bank to a folder (manifest.json + features.safetensors)",
             dynamic=True,
         )
@@ -203,7 +204,7 @@ class ImportMemoryBank(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="import_memory_bank",
-            label="Import memory bank",
+            label=product_label("Import memory bank"),
             description="Read a memory bank folder (exported from any dataset, or written by the CLI) into this dataset",
             dynamic=True,
         )
@@ -242,7 +243,7 @@ class DeleteMemoryBank(foo.Operator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(name="delete_memory_bank", label="Delete memory bank", dynamic=True)
+        return foo.OperatorConfig(name="delete_memory_bank", label=product_label("Delete memory bank"), dynamic=True)
 
     def resolve_input(self, ctx):
         return form(ctx, "Delete memory bank", self._form)

@@ -11,6 +11,7 @@ from . import reports
 from .common import (
     bank_choice,
     call,
+    check,
     current,
     finish,
     form,
@@ -18,6 +19,7 @@ from .common import (
     model_inputs,
     model_options,
     params_with_defaults,
+    product_label,
     report_output,
     require_library,
     result,
@@ -85,7 +87,7 @@ class ShowMatchedReference(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="show_matched_reference",
-            label="Show matched reference",
+            label=product_label("Show matched reference"),
             description="Open the reference instance whose descriptor best matched the selected prediction",
             dynamic=True,
         )
@@ -134,9 +136,13 @@ class _AddReferences(foo.Operator):
         from ntt_core.errors import NttError
         from ntt_core.fiftyone.bank_runs import list_memory_banks, memory_bank_info
         from ntt_core.fiftyone.fields import check_detections_field
+        from ntt_core.fiftyone.review import check_not_in_bank
 
-        bank_of_selection(ctx, inputs)
+        bank_prop = bank_of_selection(ctx, inputs)
         labels = self._labels(ctx, inputs)
+        key = current(ctx, inputs, "bank_key")
+        if labels and key in list_memory_banks(ctx.dataset):
+            check(bank_prop, lambda: check_not_in_bank(ctx.dataset, key, labels))
         counts: dict[str, int] = {}
         for field, ids in labels.items():
             try:
@@ -151,7 +157,6 @@ class _AddReferences(foo.Operator):
             role = "negative references of" if self.negative else "shots of"
             found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
             inputs.view("found", types.Notice(label=f"{sum(counts.values())} label(s) become {role}: {found}"))
-        key = current(ctx, inputs, "bank_key")
         info = memory_bank_info(ctx.dataset, key) if key in list_memory_banks(ctx.dataset) else {}
         inputs.str(
             "dinov2",
@@ -174,8 +179,9 @@ class _AddReferences(foo.Operator):
 
     def _run(self, ctx, p: dict, progress) -> dict:
         require_library()
-        from ntt_core.fiftyone.review import add_to_memory_bank, load_bank_models
+        from ntt_core.fiftyone.review import add_to_memory_bank, check_not_in_bank, load_bank_models
 
+        check_not_in_bank(ctx.dataset, p["bank_key"], self._labels(ctx, None))  # before the models load
         options = model_options(p)
         encoder, segmenter = load_bank_models(ctx.dataset, p["bank_key"], p["dinov2"], p["sam2"], **options)
         return add_to_memory_bank(
@@ -199,7 +205,7 @@ class AddToMemoryBank(_AddReferences):
     def config(self):
         return foo.OperatorConfig(
             name="add_to_memory_bank",
-            label="Add selected predictions to references",
+            label=product_label("Add selected predictions to references"),
             description="Accepted predictions (or any selected labels) become new shots of their class in a memory bank",
             dynamic=True,
             allow_delegated_execution=True,
@@ -228,7 +234,7 @@ class AddNegativeReferences(_AddReferences):
     def config(self):
         return foo.OperatorConfig(
             name="add_negative_references",
-            label="Add 'not_this_class' labels as negative references",
+            label=product_label("Add 'not_this_class' labels as negative references"),
             description="Labels tagged not_this_class (e.g. false positives) damp look-alikes of their class",
             dynamic=True,
             allow_delegated_execution=True,
@@ -267,7 +273,7 @@ class RemoveFromMemoryBank(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="remove_from_memory_bank",
-            label="Remove tagged references",
+            label=product_label("Remove tagged references"),
             description="Remove the memory bank entries whose labels carry a tag (remove_reference)",
             dynamic=True,
         )

@@ -18,6 +18,7 @@ from .common import (
     model_inputs,
     model_options,
     params_with_defaults,
+    product_label,
     report_output,
     require_library,
     run_with_progress,
@@ -43,6 +44,14 @@ SCHEDULE_ADVICE = (
     "`fiftyone delegated launch` (the Memory banks panel shows its progress and can stop it). "
     "Execute runs it now, in this page, until it finishes."
 )
+
+
+def form_settings(params: dict):
+    """The method's settings that the form sets (the others: the paper's)."""
+    from ntt_core.settings import Settings
+
+    names = ("points_per_side", "sam_iou_threshold", "max_detections", "score_threshold")
+    return Settings(**{name: params[name] for name in names})
 
 
 def _run_plan(ctx, params: dict):
@@ -120,7 +129,7 @@ class SegmentByReference(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="segment_by_reference",
-            label="Segment by reference",
+            label=product_label("Segment by reference"),
             description="Find every instance of a memory bank's classes and write them as Detections with instance masks",
             dynamic=True,
             allow_delegated_execution=True,
@@ -131,7 +140,13 @@ class SegmentByReference(foo.Operator):
         return form(ctx, "Segment by reference", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.predictions import DEFAULT_PREDICTION_FIELD, check_prediction_field, planning_unfinished
+        from ntt_core.fiftyone.bank_runs import list_memory_banks
+        from ntt_core.fiftyone.predictions import (
+            DEFAULT_PREDICTION_FIELD,
+            check_prediction_field,
+            check_resume,
+            planning_unfinished,
+        )
         from ntt_core.settings import Settings
 
         paper = Settings()
@@ -192,7 +207,16 @@ class SegmentByReference(foo.Operator):
         shards = current(ctx, inputs, "num_shards")
         planning = isinstance(shards, int) and shards > 1 and planning_unfinished(ctx.dataset, field)
         skip = current(ctx, inputs, "skip_existing") or shard or planning  # a planning step that died continues
-        check(field_prop, lambda: check_prediction_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip))
+        exists = check(
+            field_prop, lambda: check_prediction_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip)
+        )
+        key = current(ctx, inputs, "bank_key")
+        if exists and skip and not overwrite and key in list_memory_banks(ctx.dataset):
+            values = {name: current(ctx, inputs, name) for name in inputs.properties}
+            check(
+                inputs.properties["skip_existing"],
+                lambda: check_resume(ctx.dataset, field, key, form_settings(values)),
+            )
         if not shard:
             self._plan(ctx, inputs)
 
@@ -244,19 +268,13 @@ class SegmentByReference(foo.Operator):
         )
         from ntt_core.fiftyone.timings import timing_key
         from ntt_core.models import load_models
-        from ntt_core.settings import Settings
 
         if p["overwrite"] and p.get("shard_sample_ids") is None:
             from ntt_core.shards import check_no_live_shards
 
             check_no_live_shards(ctx.dataset.name, p["pred_field"])
         segmenter, encoder = load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
-        settings = Settings(
-            points_per_side=p["points_per_side"],
-            sam_iou_threshold=p["sam_iou_threshold"],
-            max_detections=p["max_detections"],
-            score_threshold=p["score_threshold"],
-        )
+        settings = form_settings(p)
         run = dict(
             bank_key=p["bank_key"], pred_field=p["pred_field"], segmenter=segmenter, encoder=encoder, settings=settings
         )
@@ -339,7 +357,7 @@ class BoxesToMasks(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="boxes_to_masks",
-            label="Boxes to masks (SAM2)",
+            label=product_label("Boxes to masks (SAM2)"),
             description="Fill the masks of box-only detections with SAM2 box prompts, into a new field",
             dynamic=True,
             allow_delegated_execution=True,

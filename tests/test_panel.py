@@ -362,3 +362,16 @@ def test_a_running_scheduled_segmentation_can_be_stopped_from_the_panel(segmente
         assert (stop["label"], stop["disabled"]) == ("Stop requested", True)
     finally:
         service.delete_operation(operation_id)
+
+
+@pytest.mark.bad_input
+def test_a_negative_that_is_already_a_reference_is_refused_in_the_form(dataset):
+    bank = load_memory_bank(dataset, "references")
+    reference = dataset.select_labels(ids=[bank.reference_ids[0]], fields="gt").values("gt.detections", unwind=True)[0]
+    dataset.untag_labels("reference", "gt")
+    dataset.select_labels(ids=[reference.id], fields="gt").tag_labels("not_this_class", "gt")
+    before = memory_bank_info(dataset, "references")["sha256"]
+    reason = f"1 of these label\\(s\\) are already entries of memory bank 'references' \\({reference.id}\\): remove their tag"
+    with pytest.raises(ExecutionError, match=f"Validation error. Path: bank_key. Reason: {reason}"):
+        foo.execute_operator(uri("add_negative_references"), dict(dataset=dataset), params={"bank_key": "references"})
+    assert memory_bank_info(dataset, "references")["sha256"] == before

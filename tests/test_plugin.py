@@ -135,6 +135,12 @@ def test_the_plugin_lists_without_importing_torch():
     assert PLUGIN in listed.stdout
 
 
+def test_every_operator_label_starts_with_the_product_prefix():
+    labels = [op.config.label for op in foo.list_operators() if op.uri.startswith(f"{PLUGIN}/")]
+    labels = [label for label in labels if label != "Memory banks"]  # the panel, not in the operator browser
+    assert len(labels) == 11 and all(label.startswith("NTT: ") for label in labels), labels
+
+
 def test_fiftyone_finds_the_plugin_requirements():
     import fiftyone.plugins as fop
     from packaging.requirements import Requirement
@@ -169,6 +175,7 @@ def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
         assert det.mask is not None and det.reference_id in {d.id for d in tagged}
         assert {"sam_iou", "semantic_score", "merge_factor"} <= set(det.field_names)
     assert field_documents(dataset, "gt") == gt_before
+    assert dataset.list_runs(method="ntt_predictions") == ["segmentation_pred"]  # a key that says what it is
     # the attributes are in the schema, which the App's sidebar offers as filters
     schema = dataset.get_field_schema(flat=True)
     assert {name: type(schema[f"pred.detections.{name}"]).__name__ for name in PREDICTION_ATTRIBUTES} == {
@@ -676,3 +683,16 @@ def test_ground_truth_changes_only_by_evaluation_attributes_after_every_operator
     assert dataset.count("gt.detections.ev") > 0  # the evaluation did annotate the ground truth
     dataset.delete_evaluation("ev")
     assert field_documents(dataset, "gt") == before
+
+
+@pytest.mark.bad_input
+def test_a_resume_with_other_settings_is_refused_in_the_form_naming_each_setting(segmented, models):
+    params = dict(bank_key="references", pred_field="pred", skip_existing=True, **models)
+    props = inputs_of("segment_by_reference", segmented, {**params, **FAST, "points_per_side": 3, "max_detections": 7})
+    assert props["skip_existing"].invalid
+    assert props["skip_existing"].error_message == (
+        "field 'pred' was written with a different settings: resuming would mix results (max_detections: 5 in the "
+        "field, 7 now; points_per_side: 2 in the field, 3 now); use the same bank, models and settings, overwrite "
+        "the field, or choose another field"
+    )
+    assert not inputs_of("segment_by_reference", segmented, {**params, **FAST})["skip_existing"].invalid

@@ -89,6 +89,13 @@ def load_memory_bank(dataset, key: str):
     return memory_bank.MemoryBank.from_payload(payload)
 
 
+def bank_reference_ids(dataset, key: str) -> list[str]:
+    """The label ids of bank ``key``'s entries (shots and negatives), read from its manifest alone."""
+    _check_bank_exists(dataset, key)
+    results = dataset._root_dataset.load_run_results(key, cache=False, load_view=False)
+    return list((getattr(results, "bank", None) or {}).get("manifest", {}).get("reference_ids", []))
+
+
 def delete_memory_bank(dataset, key: str) -> None:
     _check_bank_exists(dataset, key)
     dataset._root_dataset.delete_run(key)

@@ -1,4 +1,4 @@
-"""Predictions into a dataset: the record of how a field was made (run ``ntt_predictions_<field>``),
+"""Predictions into a dataset: the record of how a field was made (run ``segmentation_<field>``),
 resuming and sharded runs, and the predictor as a FiftyOne ``Model``. Each batch is written as
 soon as it is done, one atomic update per sample."""
 
@@ -30,22 +30,26 @@ from .labels import declare_prediction_attributes, instances_to_detections
 pipeline = fou.lazy_import("ntt_core.predictor")
 
 DEFAULT_PREDICTION_FIELD = "ntt_predictions"
-PREDICTION_RUN_PREFIX = "ntt_predictions_"
+PREDICTION_RUN_PREFIX = "segmentation_"
+LEGACY_RUN_PREFIX = "ntt_predictions_"  # records written before: still read
 #: Keys of a prediction record that must agree before ``skip_existing`` may resume a field.
 RECORD_MATCH_KEYS = ("bank_key", "bank_sha256", "segmenter_fingerprint", "encoder_fingerprint", "dtype", "settings")
 
 
 def prediction_run_key(field_name: str) -> str:
+    """The key of the run that records how ``field_name`` was segmented: ``segmentation_<field>``."""
     return PREDICTION_RUN_PREFIX + field_name
 
 
 def prediction_record(dataset, field_name: str) -> dict | None:
-    """How ``field_name`` was predicted (bank, models, settings), or None if not by this tool."""
+    """How ``field_name`` was predicted (bank, models, settings), or None if not by this tool
+    (a record under the earlier key ``ntt_predictions_<field>`` is read too)."""
     dataset = dataset._root_dataset
-    key = prediction_run_key(field_name)
-    if key not in dataset.list_runs(method=PREDICTION_METHOD):
-        return None
-    return dataset.get_run_info(key).config.serialize()
+    runs = dataset.list_runs(method=PREDICTION_METHOD)
+    for key in (prediction_run_key(field_name), LEGACY_RUN_PREFIX + field_name):
+        if key in runs:
+            return dataset.get_run_info(key).config.serialize()
+    return None
 
 
 def make_prediction_record(dataset, field_name: str, bank_key: str, segmenter, encoder, settings: Settings) -> dict:
@@ -98,12 +102,7 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
             raise FiftyOneAdapterError(
                 f"field '{name}' was not written by segment-by-reference (no run record): cannot resume it; choose another field"
             )
-        differ = [k for k in RECORD_MATCH_KEYS if _resume_part(existing, k) != _resume_part(record, k)]
-        if differ:
-            raise FiftyOneAdapterError(
-                f"field '{name}' was written with a different {', '.join(differ)}: resuming would mix results; "
-                "use the same bank, models and settings, overwrite the field, or choose another field"
-            )
+        _check_same_run(name, existing, record)
         declare_prediction_attributes(dataset, name)  # a field written before they were declared
         return
     if exists:
@@ -116,6 +115,46 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
         raise FiftyOneAdapterError(f"run key '{key}' is taken by another run")
     dataset.register_run(key, dataset.init_run(method=PREDICTION_METHOD, **record), overwrite=True)
     declare_prediction_attributes(dataset, name)
+
+
+def check_resume(dataset, pred_field: str, bank_key: str, settings: Settings) -> None:
+    """Before the models load: raise if resuming ``pred_field`` with ``bank_key`` and ``settings``
+    would mix results (the bank or a setting differs from the field's record); each difference is
+    named with both values. The models are compared when the run starts (:func:`prepare_prediction_field`)."""
+    existing = prediction_record(dataset, pred_field)
+    if existing is None:
+        return
+    bank = memory_bank_info(dataset, bank_key)
+    partial = {"bank_key": bank_key, "bank_sha256": bank["sha256"], "settings": settings.to_dict()}
+    _check_same_run(pred_field, existing, partial)
+
+
+def _check_same_run(name: str, existing: dict, record: dict) -> None:
+    """Raise unless ``record`` agrees with the field's ``existing`` record on :data:`RECORD_MATCH_KEYS`
+    (those that ``record`` has)."""
+    differ, details = [], []
+    for key in (k for k in RECORD_MATCH_KEYS if k in record):
+        old, new = _resume_part(existing, key), _resume_part(record, key)
+        if old == new:
+            continue
+        differ.append(key)
+        if key == "settings" and isinstance(old, dict) and isinstance(new, dict):
+            names = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
+            details += [f"{n}: {old.get(n)!r} in the field, {new.get(n)!r} now" for n in names]
+        else:
+            details.append(f"{key}: {_short(old)} in the field, {_short(new)} now")
+    if differ:
+        raise FiftyOneAdapterError(
+            f"field '{name}' was written with a different {', '.join(differ)}: resuming would mix results "
+            f"({'; '.join(details)}); use the same bank, models and settings, overwrite the field, or choose "
+            "another field"
+        )
+
+
+def _short(value) -> str:
+    """A recorded value as the error shows it: fingerprints and checksums cut to 12 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:13] + "…'"
 
 
 def _resume_part(record: dict, key: str):
