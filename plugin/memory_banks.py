@@ -15,6 +15,7 @@ from .common import (
     field_choice,
     finish,
     form,
+    invalid,
     model_inputs,
     model_options,
     params_with_defaults,
@@ -59,7 +60,7 @@ class BuildMemoryBank(foo.Operator):
     def _form(self, ctx, inputs):
         from ntt_core.fiftyone.bank_runs import DEFAULT_BANK_KEY, check_bank_key
         from ntt_core.fiftyone.fields import detections_fields
-        from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG, count_references
+        from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG
 
         target = ctx.target_view()
         fields = detections_fields(ctx.dataset)
@@ -72,29 +73,39 @@ class BuildMemoryBank(foo.Operator):
         if mode != "label_ids":
             inputs.str("tag", default=DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
         inputs.list("classes", types.String(), label="Classes", description="Classes to include (empty: all)")
+        gt_field = current(ctx, inputs, "gt_field")
+        if gt_field in fields:  # the counts right after the choices they follow
+            self._counts(ctx, inputs, target, gt_field, mode)
         count_input(ctx, inputs, "max_per_class", "Max references per class", description="First ones in dataset order")
         key_prop = inputs.str("bank_key", default=DEFAULT_BANK_KEY, label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
         model_inputs(inputs)
-
-        gt_field = current(ctx, inputs, "gt_field")
-        if gt_field in fields:
-            counts = check(
-                inputs.properties.get("tag") or inputs.properties["classes"],
-                lambda: count_references(
-                    target,
-                    gt_field,
-                    mode=mode,
-                    tag=current(ctx, inputs, "tag"),
-                    label_ids=selected_label_ids(ctx, gt_field),
-                    classes=ctx.params.get("classes") or None,
-                ),
-            )
-            if counts:
-                found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
-                inputs.view("found", types.Notice(label=f"References found per class: {found}"))
         key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
         check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite))
+
+    def _counts(self, ctx, inputs, target, gt_field: str, mode: str) -> None:
+        """References found per class, or the error under the field it is about (the classes, else
+        the tag, else the field)."""
+        from ntt_core.errors import NttError
+        from ntt_core.fiftyone.references import ClassesNotFoundError, count_references
+
+        try:
+            counts = count_references(
+                target,
+                gt_field,
+                mode=mode,
+                tag=current(ctx, inputs, "tag"),
+                label_ids=selected_label_ids(ctx, gt_field),
+                classes=ctx.params.get("classes"),
+            )
+        except NttError as error:
+            about = (
+                "classes" if isinstance(error, ClassesNotFoundError) else "tag" if mode != "label_ids" else "gt_field"
+            )
+            invalid(inputs.properties[about], str(error))
+            return
+        found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+        inputs.view("found", types.Notice(label=f"References found per class: {found}"))
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)
@@ -119,7 +130,7 @@ class BuildMemoryBank(foo.Operator):
             mode=p["reference_mode"],
             tag=p.get("tag", DEFAULT_REFERENCE_TAG),
             label_ids=selected_label_ids(ctx, p["gt_field"]),
-            classes=p.get("classes") or None,
+            classes=p.get("classes"),
             max_per_class=p.get("max_per_class"),
             overwrite=p["overwrite"],
             progress=progress,

@@ -554,7 +554,7 @@ BAD_PARAMS = [
     (
         "build_memory_bank",
         dict(gt_field="gt", classes=["unicorn"]),
-        "tag",
+        "classes",  # under the field it is about
         "no reference found: no label of 'gt' is tagged 'reference' among classes 'unicorn'",
     ),
     (
@@ -696,3 +696,19 @@ def test_a_resume_with_other_settings_is_refused_in_the_form_naming_each_setting
         "the field, or choose another field"
     )
     assert not inputs_of("segment_by_reference", segmented, {**params, **FAST})["skip_existing"].invalid
+
+
+def test_the_build_form_ignores_empty_class_rows_and_shows_counts_after_the_choices(dataset):
+    props = inputs_of("build_memory_bank", dataset, {"classes": ["", "  "]})  # the App's "Add" makes empty rows
+    assert not any(p.invalid for p in props.values())
+    names = list(props)
+    assert names.index("found") == names.index("classes") + 1  # right after the field, tag and class choices
+    everything = inputs_of("build_memory_bank", dataset)["found"].view.label
+    assert props["found"].view.label == everything
+
+    props = inputs_of("build_memory_bank", dataset, {"classes": ["nope"]})
+    assert props["classes"].invalid and not props["tag"].invalid  # the error under the field it is about
+    assert (
+        props["classes"].error_message
+        == "no reference found: no label of 'gt' is tagged 'reference' among classes 'nope'"
+    )
