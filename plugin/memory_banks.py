@@ -229,24 +229,39 @@ class ImportMemoryBank(foo.Operator):
         inputs.str(
             "directory", required=True, label="Folder", description="Holds manifest.json and features.safetensors"
         )
-        key_prop = inputs.str("bank_key", default="imported", label="Memory bank name")
+        key_prop = inputs.str(
+            "bank_key",
+            default="",
+            allow_empty=True,
+            label="Memory bank name",
+            description="Empty: the folder's name, as the bank was exported",
+        )
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
-        key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
-        check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite))
+        key, overwrite = _import_key(ctx.params), current(ctx, inputs, "overwrite")
+        if check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite)) is None and not key_prop.invalid:
+            inputs.view("name", types.Notice(label=f"Imported as memory bank '{key}'"))
 
     def execute(self, ctx):
         require_library()
         from ntt_core.fiftyone.bank_runs import import_memory_bank
 
         p = params_with_defaults(self, ctx)
-        bank = import_memory_bank(ctx.dataset, p["bank_key"], p["directory"], overwrite=p["overwrite"])
-        return finish(self, ctx, {"bank_key": p["bank_key"], "classes": list(bank.classes), "counts": bank.counts()})
+        key = _import_key(p)
+        bank = import_memory_bank(ctx.dataset, key, p["directory"], overwrite=p["overwrite"])
+        return finish(self, ctx, {"bank_key": key, "classes": list(bank.classes), "counts": bank.counts()})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Imported")
 
-    def __call__(self, sample_collection, directory: str, bank_key: str = "imported", overwrite: bool = False):
+    def __call__(self, sample_collection, directory: str, bank_key: str = "", overwrite: bool = False):
+        """Import the bank in ``directory``, named ``bank_key`` (empty: the folder's name)."""
         return call(self, sample_collection, dict(directory=str(directory), bank_key=bank_key, overwrite=overwrite))
+
+
+def _import_key(params: dict) -> str:
+    from ntt_core.fiftyone.bank_runs import imported_bank_key
+
+    return params.get("bank_key") or imported_bank_key(params.get("directory"))
 
 
 class DeleteMemoryBank(foo.Operator):
@@ -260,7 +275,17 @@ class DeleteMemoryBank(foo.Operator):
         return form(ctx, "Delete memory bank", self._form)
 
     def _form(self, ctx, inputs):
+        from ntt_core.fiftyone.bank_runs import list_memory_banks, memory_bank_info
+
         bank_choice(inputs, ctx)
+        key = current(ctx, inputs, "bank_key")
+        if key in list_memory_banks(ctx.dataset):
+            entries = memory_bank_info(ctx.dataset, key).get("num_references")
+            warning = (
+                f"Deletes memory bank '{key}' ({entries} entries) from this dataset: this cannot be undone "
+                "(Export keeps a copy). Labels and predictions stay as they are."
+            )
+            inputs.view("confirm", types.Warning(label=warning))
 
     def execute(self, ctx):
         require_library()

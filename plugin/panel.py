@@ -110,6 +110,12 @@ class MemoryBanksPanel(foo.Panel):
     def delete(self, ctx):
         ctx.prompt(operator_uri("delete_memory_bank"), params=self._bank(ctx), on_success=self.refresh)
 
+    def export(self, ctx):
+        ctx.prompt(operator_uri("export_memory_bank"), params=self._bank(ctx), on_success=self.refresh)
+
+    def import_bank(self, ctx):
+        ctx.prompt(operator_uri("import_memory_bank"), on_success=self.refresh)
+
     def stop_run(self, ctx):
         require_library()
         from ntt_core.fiftyone.stops import request_stop
@@ -162,13 +168,16 @@ class MemoryBanksPanel(foo.Panel):
         panel = types.Object()
         actions = panel.h_stack("actions", gap=1)
         actions.btn("build", label="Build memory bank", on_click=self.build, variant="contained")
-        actions.btn(
+        actions.btn("import_bank", label="Import", on_click=self.import_bank)
+        _button(
+            actions,
             "show_matched_reference",
-            label="Show matched reference",
-            on_click=self.show_matched_reference,
-            disabled=not ctx.selected_labels,
+            "Show matched reference",
+            self.show_matched_reference,
+            None if ctx.selected_labels else NEEDS_PREDICTION,
         )
         actions.btn("refresh", label="Refresh", on_click=self.refresh)
+        _why_disabled(panel, "actions_disabled", [None if ctx.selected_labels else NEEDS_PREDICTION])
         message = ctx.panel.get_state("message")
         if message:
             panel.view("message", types.Warning(label=message))
@@ -223,21 +232,19 @@ class MemoryBanksPanel(foo.Panel):
                 self._render_thumbnails(panel, f"{name}_class_{index}", entry)
         buttons = panel.h_stack(f"{name}_actions", gap=1)
         on = {"bank_key": key}
+        reasons = []
         if overview is not None:
             buttons.btn("segment", label="Segment current view", on_click=self.segment, params=on, variant="contained")
-            buttons.btn(
-                "preview",
-                label="Preview on selected samples",
-                on_click=self.preview,
-                params=on,
-                disabled=not ctx.selected,
-            )
-            buttons.btn(
+            reasons.append(None if ctx.selected else NEEDS_SAMPLES)
+            _button(buttons, "preview", "Preview on selected samples", self.preview, reasons[-1], params=on)
+            reasons.append(None if ctx.selected_labels else NEEDS_LABELS)
+            _button(
+                buttons,
                 "add_selected",
-                label="Add selected predictions to references",
-                on_click=self.add_selected,
+                "Add selected predictions to references",
+                self.add_selected,
+                reasons[-1],
                 params=on,
-                disabled=not ctx.selected_labels,
             )
             buttons.btn(
                 "add_negatives",
@@ -246,7 +253,9 @@ class MemoryBanksPanel(foo.Panel):
                 params=on,
             )
             buttons.btn("remove_tagged", label="Remove tagged references", on_click=self.remove_tagged, params=on)
+            buttons.btn("export", label="Export", on_click=self.export, params=on)
         buttons.btn("delete", label="Delete memory bank", on_click=self.delete, params=on)
+        _why_disabled(panel, f"{name}_disabled", reasons)
 
     def _render_thumbnails(self, panel, name: str, entry: dict) -> None:
         row = panel.h_stack(name, gap=1, align_y="center")
@@ -268,11 +277,32 @@ class MemoryBanksPanel(foo.Panel):
             row.md(f"+{entry['more']} more", name="more")
 
 
+NEEDS_PREDICTION = "Show matched reference: select a prediction in the sample modal first"
+NEEDS_SAMPLES = "Preview: select samples in the grid first"
+NEEDS_LABELS = "Add selected predictions: select predictions (sample modal or patches view) first"
+
+
+def _button(row, name: str, label: str, on_click, why_disabled: str | None, **options) -> None:
+    """A button that is disabled when ``why_disabled`` says why (shown as its tooltip)."""
+    row.btn(name, label=label, on_click=on_click, disabled=why_disabled is not None, title=why_disabled, **options)
+
+
+def _why_disabled(panel, name: str, reasons: list[str | None]) -> None:
+    """One line under a row of buttons saying why the disabled ones are disabled."""
+    shown = [reason for reason in reasons if reason]
+    if shown:
+        panel.md("*" + "; ".join(shown) + ".*", name=name)
+
+
 def summary_markdown(overview: dict) -> str:
     """A bank's header, models, source and per-class table (shots, negatives, suggested threshold)."""
-    source = f"`{overview['gt_field']}`" if overview["gt_field"] else "an imported folder"
+    fields = overview.get("source_fields") or {}
+    if fields:  # every field its entries are labels of: ground truth, accepted predictions
+        source = ", ".join(f"`{field}` ({count})" for field, count in fields.items())
+    else:
+        source = f"`{overview['gt_field']}`" if overview["gt_field"] else "an imported folder"
     if overview.get("tag"):
-        source += f" (label tag `{overview['tag']}`)"
+        source += f"; built from label tag `{overview['tag']}`"
     segmenter = f"SAM2 `{overview['segmenter_id']}`" if overview["segmenter_id"] else "no SAM2 (masks given)"
     lines = [
         f"### Memory bank `{overview['key']}`",

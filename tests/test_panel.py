@@ -20,7 +20,7 @@ from test_plugin import FAST, uri
 from ntt_core.bank_review import suggest_thresholds
 from ntt_core.fiftyone import review
 from ntt_core.fiftyone.bank_runs import load_memory_bank, memory_bank_info
-from plugin.panel import EMPTY_STATE
+from plugin.panel import EMPTY_STATE, NEEDS_LABELS, NEEDS_PREDICTION, NEEDS_SAMPLES
 
 PANEL = uri("memory_banks")
 
@@ -123,7 +123,7 @@ def test_each_bank_shows_models_classes_shots_thumbnails_and_suggestions(segment
     summary = view["bank_0_summary"]["default"]
     assert summary.startswith("### Memory bank `references`")
     assert f"DINOv2 `{models['dinov2']}` at 56 px, SAM2 `{models['sam2']}`" in summary
-    assert "from `gt` (label tag `reference`)" in summary
+    assert f"entries from `gt` ({len(bank.reference_ids)}); built from label tag `reference`" in summary
     assert "| Class | Shots | Negatives | Suggested threshold | Leave-one-out scores |" in summary
     for name, entry in suggest_thresholds(bank).items():
         threshold = "–" if entry["threshold"] is None else f"{entry['threshold']:.2f}"
@@ -151,11 +151,18 @@ def test_each_bank_shows_models_classes_shots_thumbnails_and_suggestions(segment
         "add_selected": "Add selected predictions to references",
         "add_negatives": "Add 'not_this_class' labels as negatives",
         "remove_tagged": "Remove tagged references",
+        "export": "Export",
         "delete": "Delete memory bank",
     }
-    assert (
-        view["bank_0_actions.preview"]["view"]["disabled"] and view["bank_0_actions.add_selected"]["view"]["disabled"]
-    )
+    for button, why in (("preview", NEEDS_SAMPLES), ("add_selected", NEEDS_LABELS)):  # disabled, saying why
+        assert (
+            view[f"bank_0_actions.{button}"]["view"]["disabled"],
+            view[f"bank_0_actions.{button}"]["view"]["title"],
+        ) == (True, why)
+    assert view["bank_0_disabled"]["default"] == f"*{NEEDS_SAMPLES}; {NEEDS_LABELS}.*"
+    assert view["actions.show_matched_reference"]["view"]["title"] == NEEDS_PREDICTION
+    assert view["actions_disabled"]["default"] == f"*{NEEDS_PREDICTION}.*"
+    assert view["actions.import_bank"]["view"]["label"] == "Import"
     assert "not applied" in view["threshold_note"]["default"]
     assert "tag false positives `not_this_class`" in view["review_help"]["default"]
 
@@ -181,6 +188,8 @@ def test_buttons_open_the_operators_forms_prefilled(segmented, models):
         "add_negatives": (uri("add_negative_references"), on),
         "remove_tagged": (uri("remove_from_memory_bank"), on),
         "delete": (uri("delete_memory_bank"), on),
+        "export": (uri("export_memory_bank"), on),
+        "import_bank": (uri("import_memory_bank"), None),
     }
     for method, (operator, params) in expected.items():
         requests = panel_event(method, segmented, params=on, selected=[first])
@@ -188,6 +197,17 @@ def test_buttons_open_the_operators_forms_prefilled(segmented, models):
         assert (prompt["operator_uri"], prompt["params"]) == (operator, params), method
         assert prompt["on_success"] == f"{PANEL}#refresh"
         assert rendered(requests)["bank_0_actions.preview"]["view"]["disabled"] is False  # a sample is selected
+
+
+def test_delete_asks_for_confirmation_and_says_what_it_did(dataset):
+    props = form_of("delete_memory_bank", dataset, {"bank_key": "references"})
+    entries = memory_bank_info(dataset, "references")["num_references"]
+    assert props["confirm"].view.label.startswith(
+        f"Deletes memory bank 'references' ({entries} entries) from this dataset: this cannot be undone"
+    )
+    result = foo.execute_operator(uri("delete_memory_bank"), dict(dataset=dataset), params={"bank_key": "references"})
+    assert result.result["summary"] == "Memory bank **references** deleted."
+    assert dataset.list_runs(method="ntt_memory_bank") == []
 
 
 def test_preview_runs_segment_by_reference_on_the_selected_samples_only(segmented, models):
@@ -291,6 +311,8 @@ def test_review_loop_through_the_operators(dataset, models):
 
     summary = rendered(panel_event("on_load", dataset))["bank_0_summary"]["default"]
     assert f"| {look_alike.label} | {final.counts()[look_alike.label]} | 1 |" in summary
+    gt_entries = len(bank.reference_ids) - 1  # one removed
+    assert f"entries from `gt` ({gt_entries}), `pred` (3)" in summary  # every field its entries come from
     dataset.untag_labels("remove_reference", label_fields="gt")  # the test's own tag: the operators only read gt
     assert field_documents(dataset, "gt") == gt_before
 

@@ -210,6 +210,10 @@ def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
     try:
         report = foo.get_operator(uri("import_memory_bank"))(other, folder, bank_key="copied")["report"]
         assert report["counts"] == {d.label: 1 for d in tagged}
+        props = inputs_of("import_memory_bank", other, {"directory": str(folder)})
+        assert props["name"].view.label == "Imported as memory bank 'bank'"  # the exported folder's name
+        assert foo.get_operator(uri("import_memory_bank"))(other, folder)["report"]["bank_key"] == "bank"
+        assert sorted(other.list_runs(method="ntt_memory_bank")) == ["bank", "copied"]
     finally:
         other.delete()
     foo.get_operator(uri("delete_memory_bank"))(dataset, "refs")
@@ -512,7 +516,7 @@ def test_forms_resolve_with_paper_defaults(dataset, models):
             {"pred_field": "pred", "gt_field": "gt", "eval_key": "eval_ntt", "exclude_references": True},
         ),
         ("export_memory_bank", {"bank_key": "references"}),
-        ("import_memory_bank", {"bank_key": "imported", "overwrite": False}),
+        ("import_memory_bank", {"bank_key": "", "overwrite": False}),  # empty: the folder's name
         ("delete_memory_bank", {"bank_key": "references"}),
     ],
 )

@@ -3,6 +3,8 @@ payload is the run result, its checksum and description the run config."""
 
 from __future__ import annotations
 
+import keyword
+import re
 from pathlib import Path
 
 import fiftyone.core.utils as fou
@@ -107,6 +109,13 @@ def export_memory_bank(dataset, key: str, directory: str | Path) -> Path:
     if directory.exists() and any(directory.iterdir()):
         raise FiftyOneAdapterError(f"{directory}: export folder is not empty")
     return load_memory_bank(dataset, key).save(directory)
+
+
+def imported_bank_key(directory: str | Path | None) -> str:
+    """The name an imported bank keeps: its folder's (as exported, e.g. ``.../references``), made a
+    valid key; ``imported`` when the folder's name cannot be one."""
+    name = re.sub(r"\W", "_", Path(directory).name) if directory else ""
+    return name if name.isidentifier() and not keyword.iskeyword(name) else "imported"
 
 
 def import_memory_bank(dataset, key: str, directory: str | Path, overwrite: bool = False):

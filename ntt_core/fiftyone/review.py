@@ -116,9 +116,18 @@ def bank_overview(dataset, key: str, per_class: int = 8, size: int = 96) -> dict
         "timestamp": info["timestamp"],
         "sha256": info["sha256"],
         "num_references": len(bank.reference_ids),
+        "source_fields": _count_fields(located.values()),
         "not_found": len(bank.reference_ids) - len(located),
         "classes": classes,
     }
+
+
+def _count_fields(entries) -> dict[str, int]:
+    """Entries per field their labels are in (ground truth, and predictions accepted into the bank)."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.field] = counts.get(entry.field, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _thumbnail(entry: ReferenceLabel, images: dict, size: int, colour, context: float) -> str | None:
