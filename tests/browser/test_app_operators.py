@@ -142,7 +142,7 @@ def test_form_errors_show_inline_and_disable_execute(app, banked):
     dataset.save_view("nothing", dataset.match(F("filepath") == ""))  # saved before the App loads the dataset
     app.open(dataset)
     prompt = app.operator_form("Segment by reference")
-    execute = prompt.get_by_role("button", name="Execute")
+    execute = app.primary(prompt)  # Execute, or Schedule where this machine's figures make the run long
     expect(prompt.get_by_text("field 'ntt_predictions' already exists: choose another name")).to_be_visible()
     expect(execute).to_be_disabled()
     app.screenshot("existing-field")
@@ -154,7 +154,7 @@ def test_form_errors_show_inline_and_disable_execute(app, banked):
     assert app.sample_count() == 0
     prompt = app.operator_form("Segment by reference")
     expect(prompt.get_by_text("the target view is empty: nothing to process")).to_be_visible()
-    expect(prompt.get_by_role("button", name="Execute")).to_be_disabled()
+    expect(app.primary(prompt)).to_be_disabled()
     app.screenshot("empty-view")
     assert field_documents(dataset, "ntt_predictions") == before
     assert not dataset.has_field("new_predictions")
@@ -257,16 +257,28 @@ def test_a_long_segmentation_shows_its_size_and_estimate_and_defaults_to_schedul
         ExecutionStore.create(STORE).delete(key)
 
 
-def test_the_prediction_attributes_are_filters_in_the_sidebar(app, banked, tiny_models):
-    sam2, dinov2 = tiny_models
-    segment = foo.get_operator(f"{PLUGIN}/segment_by_reference")
-    params = dict(points_per_side=4, sam_iou_threshold=0.0, sam2=str(sam2), dinov2=str(dinov2), device="cpu")
-    segment(banked, "references", "ntt_predictions", **params)
-    app.open(banked)
+def test_the_prediction_attributes_are_filters_in_the_sidebar(app, dataset, tiny_models):
+    models = dict(sam2=str(tiny_models[0]), dinov2=str(tiny_models[1]), device="cpu")
+
+    def build_and_segment():  # in a thread: Playwright's event loop runs in this one (see the queue test)
+        foo.get_operator(f"{PLUGIN}/build_memory_bank")(dataset, "gt", **models)
+        segment = foo.get_operator(f"{PLUGIN}/segment_by_reference")
+        segment(dataset, "references", "ntt_predictions", points_per_side=4, sam_iou_threshold=0.0, **models)
+
+    with ThreadPoolExecutor(1) as worker:
+        worker.submit(build_and_segment).result()
+    app.open(dataset)
     sidebar = app.page.get_by_test_id("sidebar")
     sidebar.get_by_test_id("sidebar-field-arrow-enabled-ntt_predictions").click()  # the field's attributes
     for name in ("confidence", "semantic_score", "sam_iou", "merge_factor"):
         expect(sidebar.locator(f"[data-cy^=numeric-filter-][data-cy$='.{name}']")).to_have_count(1)
-    expect(sidebar.locator("[data-cy^=sidebar-field-][data-cy$='.reference_id']")).to_have_count(1)
-    app.screenshot("sidebar-filters", sidebar)
-    app.open_sample(0)  # with the field's filters on show: no console error (checked at the end)
+    expect(sidebar.locator("[data-cy^=categorical-filter-][data-cy$='.reference_id']")).to_have_count(1)
+    semantic = sidebar.locator("[data-cy^=numeric-filter-][data-cy$='.semantic_score']")
+    semantic.scroll_into_view_if_needed()
+    minimum = semantic.locator("input").first
+    minimum.fill("0.5")
+    minimum.press("Enter")
+    expect(semantic.get_by_text("Reset")).to_be_visible()  # the filter is on
+    app.page.wait_for_timeout(1000)  # the grid redraws with it
+    app.screenshot("sidebar-filters")
+    app.open_sample(0)  # filtered, then a sample opened: no console error (checked at the end)
