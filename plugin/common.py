@@ -177,6 +177,16 @@ def model_inputs(inputs, segmenter: bool = True, encoder: bool = True) -> None:
     )
 
 
+def check_models(ctx, inputs) -> None:
+    """Mark a model field that names a model no loader can load (the offline demo's stand-ins)."""
+    from ntt_core.fiftyone.bank_runs import check_loadable_model
+
+    for name, role in (("sam2", "SAM2"), ("dinov2", "DINOv2")):
+        if name in inputs.properties:
+            source = current(ctx, inputs, name)
+            check(inputs.properties[name], lambda source=source, role=role: check_loadable_model(source, role))
+
+
 def model_options(params: dict) -> dict:
     """Device and dtype keyword arguments of the model loaders (which read "auto" themselves)."""
     return {name: params[name] for name in ("device", "dtype")}

@@ -10,6 +10,7 @@ from .common import (
     bank_choice,
     call,
     check,
+    check_models,
     count_input,
     current,
     field_choice,
@@ -80,6 +81,7 @@ class BuildMemoryBank(foo.Operator):
         key_prop = inputs.str("bank_key", default=DEFAULT_BANK_KEY, label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
         model_inputs(inputs)
+        check_models(ctx, inputs)
         key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
         check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite))
 

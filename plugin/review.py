@@ -12,6 +12,7 @@ from .common import (
     bank_choice,
     call,
     check,
+    check_models,
     current,
     finish,
     form,
@@ -172,6 +173,7 @@ class _AddReferences(foo.Operator):
             description="Only for labels without a mask (box prompts); empty: such labels are skipped",
         )
         model_inputs(inputs, segmenter=False, encoder=False)  # device and dtype
+        check_models(ctx, inputs)
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)

@@ -10,6 +10,7 @@ from .common import (
     bank_choice,
     call,
     check,
+    check_models,
     count_input,
     current,
     field_choice,
@@ -203,6 +204,7 @@ class SegmentByReference(foo.Operator):
             description="They are segmented too by default; evaluation leaves them out either way",
         )
         model_inputs(inputs)
+        check_models(ctx, inputs)
         field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
         shards = current(ctx, inputs, "num_shards")
         planning = isinstance(shards, int) and shards > 1 and planning_unfinished(ctx.dataset, field)
@@ -386,6 +388,7 @@ class BoxesToMasks(foo.Operator):
             out_field, overwrite = current(ctx, inputs, "out_field"), current(ctx, inputs, "overwrite")
             check(out_prop, lambda: check_output_field(ctx.dataset, out_field, overwrite=overwrite))
         model_inputs(inputs, encoder=False)
+        check_models(ctx, inputs)
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)

@@ -716,3 +716,23 @@ def test_the_build_form_ignores_empty_class_rows_and_shows_counts_after_the_choi
         props["classes"].error_message
         == "no reference found: no label of 'gt' is tagged 'reference' among classes 'nope'"
     )
+
+
+@pytest.mark.bad_input
+def test_the_offline_stand_in_models_are_refused_plainly_in_the_forms(segmented, models):
+    """A bank of `ntt demo --offline` names stand-ins that no model loader can load: the forms say so
+    (the panel pre-fills the bank's models, so Preview and Segment show it)."""
+    message = (
+        "'standin:connected-regions' is an offline stand-in model of `ntt demo --offline`: it cannot be loaded "
+        "here, so banks built with it cannot segment from the App; give a SAM2 checkpoint (hub id, short name or "
+        "local folder) and a bank built with it"
+    )
+    params = dict(
+        bank_key="references", pred_field="new", sam2="standin:connected-regions", dinov2="standin:colour-stats"
+    )
+    props = inputs_of("segment_by_reference", segmented, params)
+    assert (props["sam2"].invalid, props["sam2"].error_message) == (True, message)
+    assert props["dinov2"].error_message.startswith("'standin:colour-stats' is an offline stand-in model")
+    with pytest.raises(ExecutionError, match="Path: sam2. Reason: 'standin:connected-regions' is an offline"):
+        run("segment_by_reference", segmented, {**params, **FAST})
+    assert not segmented.has_field("new")

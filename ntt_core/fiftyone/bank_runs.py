@@ -12,6 +12,19 @@ import fiftyone.core.utils as fou
 from .fields import BANK_METHOD, FiftyOneAdapterError, check_key
 
 DEFAULT_BANK_KEY = "references"
+STANDIN_PREFIX = "standin:"  # model ids of ntt_core.standins
+
+
+def check_loadable_model(source: str, role: str) -> None:
+    """Raise if the model field ``source`` names an offline stand-in (``standin:*``, a bank of
+    ``ntt demo --offline``): those are made in code by the demo, no model loader can load them."""
+    if isinstance(source, str) and source.startswith(STANDIN_PREFIX):
+        raise FiftyOneAdapterError(
+            f"'{source}' is an offline stand-in model of `ntt demo --offline`: it cannot be loaded here, so "
+            f"banks built with it cannot segment from the App; give a {role} checkpoint (hub id, short name or "
+            "local folder) and a bank built with it"
+        )
+
 
 # imports torch: loaded at first use, so that forms resolve in the App without it
 memory_bank = fou.lazy_import("ntt_core.memory_bank")
