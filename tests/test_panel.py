@@ -20,7 +20,7 @@ from test_plugin import FAST, uri
 from ntt_core.bank_review import suggest_thresholds
 from ntt_core.fiftyone import review
 from ntt_core.fiftyone.bank_runs import load_memory_bank, memory_bank_info
-from plugin.panel import EMPTY_STATE, NEEDS_LABELS, NEEDS_PREDICTION, NEEDS_SAMPLES
+from ntt_plugin.panel import EMPTY_STATE, NEEDS_LABELS, NEEDS_PREDICTION, NEEDS_SAMPLES
 
 PANEL = uri("memory_banks")
 
@@ -358,7 +358,7 @@ def test_a_running_scheduled_segmentation_can_be_stopped_from_the_panel(segmente
     from fiftyone.operators.delegated import DelegatedOperationService
 
     from ntt_core.fiftyone.stops import stop_requested
-    from plugin.panel import STOP_NOTE
+    from ntt_plugin.panel import STOP_NOTE
 
     params = dict(bank_key="references", pred_field="later", **FAST, **models)
     queued = foo.execute_operator(

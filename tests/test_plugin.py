@@ -32,7 +32,7 @@ from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attrib
 from ntt_core.fiftyone.bank_runs import memory_bank_info
 from ntt_core.fiftyone.labels import PREDICTION_ATTRIBUTES
 from ntt_core.settings import Settings
-from plugin.common import PROGRESS_INTERVAL_S, one_line, run_with_progress
+from ntt_plugin.common import PROGRESS_INTERVAL_S, one_line, run_with_progress
 
 PLUGIN = "@ntt/no-time-to-train"
 REPO = Path(__file__).resolve().parents[1]
@@ -315,7 +315,7 @@ def test_a_delegated_run_asked_to_stop_stops_after_its_image_and_keeps_what_it_w
 def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset, models, monkeypatch):
     """The page went away (or the server is stopping): FiftyOne closes the message generator; the
     segmentation ends at its next prompt batch, writing nothing of the image it was on."""
-    import plugin.common
+    import ntt_plugin.common
 
     foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
     operator = foo.get_operator(uri("segment_by_reference"))
@@ -328,7 +328,7 @@ def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset
 
     def work(progress):
         try:
-            return operator._run(ctx, plugin.common.params_with_defaults(operator, ctx), slow_after_first(progress))
+            return operator._run(ctx, ntt_plugin.common.params_with_defaults(operator, ctx), slow_after_first(progress))
         except BaseException as error:
             reports.append(error)
             raise

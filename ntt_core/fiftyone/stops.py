@@ -1,6 +1,6 @@
 """Stopping a scheduled (delegated) run: the Memory banks panel lists this dataset's running
 segmentations and records a stop request in FiftyOne's execution store; the run reads it after
-each image (``plugin.common.run_with_progress``) and ends with everything written so far kept."""
+each image (``ntt_plugin.common.run_with_progress``) and ends with everything written so far kept."""
 
 from __future__ import annotations
 

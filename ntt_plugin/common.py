@@ -37,7 +37,7 @@ def require_library() -> None:
     """Make ``ntt_core`` importable, or raise a :class:`LibraryMissingError` saying how to install it.
 
     A plugin folder that holds the whole repository (``fiftyone plugins download``) has the
-    library next to ``plugin/``: it is importable from there without installing it.
+    library next to ``ntt_plugin/``: it is importable from there without installing it.
     """
     try:
         importlib.import_module("ntt_core.fiftyone.fields")
