@@ -29,10 +29,9 @@ THRESHOLD_NOTE = (
     "use one as *Score threshold* in Segment by reference, or filter `confidence` in the sidebar."
 )
 REVIEW_HELP = (
-    "Review: select a prediction and click **Show matched reference**; select accepted predictions and click "
-    "**Add selected predictions to references**; tag false positives `not_this_class` and click "
-    "**Add 'not_this_class' labels as negatives**; tag references `remove_reference` and click "
-    "**Remove tagged references**."
+    "Review: select a prediction and click **Matched reference**; select accepted predictions and click "
+    "**Accept selected** (they become shots); tag false positives `not_this_class` and click "
+    "**Add negatives**; tag references `remove_reference` and click **Remove tagged**."
 )
 STOP_NOTE = (
     "Stop requested: the run stops after the image it is on and keeps every sample written so far. "
@@ -172,7 +171,7 @@ class MemoryBanksPanel(foo.Panel):
         _button(
             actions,
             "show_matched_reference",
-            "Show matched reference",
+            "Matched reference",
             self.show_matched_reference,
             None if ctx.selected_labels else NEEDS_PREDICTION,
         )
@@ -230,31 +229,22 @@ class MemoryBanksPanel(foo.Panel):
             panel.md(summary_markdown(overview), name=f"{name}_summary")
             for index, entry in enumerate(overview["classes"]):
                 self._render_thumbnails(panel, f"{name}_class_{index}", entry)
+        # short labels in rows of at most four, so that a split layout or the modal's tab does not wrap them
         buttons = panel.h_stack(f"{name}_actions", gap=1)
         on = {"bank_key": key}
         reasons = []
         if overview is not None:
-            buttons.btn("segment", label="Segment current view", on_click=self.segment, params=on, variant="contained")
+            buttons.btn("segment", label="Segment view", on_click=self.segment, params=on, variant="contained")
             reasons.append(None if ctx.selected else NEEDS_SAMPLES)
-            _button(buttons, "preview", "Preview on selected samples", self.preview, reasons[-1], params=on)
-            reasons.append(None if ctx.selected_labels else NEEDS_LABELS)
-            _button(
-                buttons,
-                "add_selected",
-                "Add selected predictions to references",
-                self.add_selected,
-                reasons[-1],
-                params=on,
-            )
-            buttons.btn(
-                "add_negatives",
-                label="Add 'not_this_class' labels as negatives",
-                on_click=self.add_negatives,
-                params=on,
-            )
-            buttons.btn("remove_tagged", label="Remove tagged references", on_click=self.remove_tagged, params=on)
+            _button(buttons, "preview", "Preview selected", self.preview, reasons[-1], params=on)
             buttons.btn("export", label="Export", on_click=self.export, params=on)
-        buttons.btn("delete", label="Delete memory bank", on_click=self.delete, params=on)
+        buttons.btn("delete", label="Delete", on_click=self.delete, params=on)
+        if overview is not None:
+            review = panel.h_stack(f"{name}_review", gap=1)
+            reasons.append(None if ctx.selected_labels else NEEDS_LABELS)
+            _button(review, "add_selected", "Accept selected", self.add_selected, reasons[-1], params=on)
+            review.btn("add_negatives", label="Add negatives", on_click=self.add_negatives, params=on)
+            review.btn("remove_tagged", label="Remove tagged", on_click=self.remove_tagged, params=on)
         _why_disabled(panel, f"{name}_disabled", reasons)
 
     def _render_thumbnails(self, panel, name: str, entry: dict) -> None:

@@ -144,20 +144,25 @@ def test_each_bank_shows_models_classes_shots_thumbnails_and_suggestions(segment
             assert thumb["view"]["operator"] == f"{PANEL}#open_reference"
             entry = located[params["reference_id"]]
             assert (params["sample_id"], params["field"]) == (entry.sample_id, "gt") and entry.label.label == name
-    labels = {path.split(".")[-1]: p["view"]["label"] for path, p in view.items() if path.startswith("bank_0_actions.")}
-    assert labels == {
-        "segment": "Segment current view",
-        "preview": "Preview on selected samples",
-        "add_selected": "Add selected predictions to references",
-        "add_negatives": "Add 'not_this_class' labels as negatives",
-        "remove_tagged": "Remove tagged references",
-        "export": "Export",
-        "delete": "Delete memory bank",
+    rows = {
+        row: {path.split(".")[-1]: p["view"]["label"] for path, p in view.items() if path.startswith(f"bank_0_{row}.")}
+        for row in ("actions", "review")
     }
-    for button, why in (("preview", NEEDS_SAMPLES), ("add_selected", NEEDS_LABELS)):  # disabled, saying why
+    assert rows == {  # short labels, at most four a row: they fit a split layout and the modal's tab
+        "actions": {"segment": "Segment view", "preview": "Preview selected", "export": "Export", "delete": "Delete"},
+        "review": {
+            "add_selected": "Accept selected",
+            "add_negatives": "Add negatives",
+            "remove_tagged": "Remove tagged",
+        },
+    }
+    for row, button, why in (
+        ("actions", "preview", NEEDS_SAMPLES),
+        ("review", "add_selected", NEEDS_LABELS),
+    ):  # disabled, saying why
         assert (
-            view[f"bank_0_actions.{button}"]["view"]["disabled"],
-            view[f"bank_0_actions.{button}"]["view"]["title"],
+            view[f"bank_0_{row}.{button}"]["view"]["disabled"],
+            view[f"bank_0_{row}.{button}"]["view"]["title"],
         ) == (True, why)
     assert view["bank_0_disabled"]["default"] == f"*{NEEDS_SAMPLES}; {NEEDS_LABELS}.*"
     assert view["actions.show_matched_reference"]["view"]["title"] == NEEDS_PREDICTION
@@ -342,7 +347,7 @@ def test_a_damaged_bank_is_shown_as_an_error_that_can_still_be_deleted(dataset):
     assert view["bank_0_error"]["view"]["label"] == "Memory bank 'references' cannot be read"
     assert "does not match the checksum in its run config" in view["bank_0_error"]["view"]["description"]
     labels = [p["view"]["label"] for path, p in view.items() if path.startswith("bank_0_actions.")]
-    assert labels == ["Delete memory bank"]
+    assert labels == ["Delete"]
 
 
 @pytest.mark.bad_input
