@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
@@ -66,7 +68,9 @@ def _run_plan(ctx, params: dict):
     from ntt_core.fiftyone.timings import LONG_RUN_S, estimate, timing_key
     from ntt_core.settings import Settings
 
-    get = lambda name, default: default if params.get(name) is None else params[name]  # noqa: E731
+    def get(name: str, default):
+        return default if params.get(name) is None else params[name]
+
     try:
         plan = segmentation_plan(
             ctx.target_view(),
@@ -88,8 +92,6 @@ def _run_plan(ctx, params: dict):
 def _timed(progress, key: str):
     """``progress`` that also keeps the seconds per image of this run (after its first image when
     no figure exists yet, and at its end): see ``ntt_core.fiftyone.timings``."""
-    import time
-
     from ntt_core.fiftyone.timings import record_timing, seconds_per_image
 
     started, counted = time.monotonic(), 0

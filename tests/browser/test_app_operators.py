@@ -249,6 +249,7 @@ def test_a_long_segmentation_shows_its_size_and_estimate_and_defaults_to_schedul
         expect(prompt.get_by_text("About 3 min on 'auto' for 6 image(s)")).to_be_visible()
         expect(prompt.get_by_text("A long run: Schedule is pre-selected")).to_be_visible()
         expect(prompt.get_by_role("button", name="Schedule", exact=True)).to_be_visible()
+        prompt.get_by_text("A long run: Schedule is pre-selected").scroll_into_view_if_needed()  # above the buttons
         app.screenshot("schedule-default", prompt)
         prompt.locator(".MuiDialogActions-root [aria-haspopup=menu]").click()
         expect(app.page.get_by_role("menuitem").filter(has_text="Execute")).to_have_count(1)
