@@ -30,7 +30,12 @@ class Predictor:
     ``predict(images)`` takes ``[H, W, 3]`` uint8 arrays and returns one :class:`Instances` each;
     ``predict_paths`` does the same for a batch of files; ``predict_stream`` runs a whole list of
     files batch by batch, the one loop the CLI, the benchmarks and FiftyOne segmentation share.
+    ``on_stage(stage, done, total)``, when set, is told each stage of a batch as it starts: "image
+    encoders", "prompts" (after each prompt batch, with the prompts decoded of all), "post-processing"
+    (progress for a person watching; an exception it raises stops the batch there).
     """
+
+    on_stage: Callable[[str, int, int], None] | None = None
 
     def __init__(
         self,
@@ -69,6 +74,8 @@ class Predictor:
         if len(sizes) != len(arrays) or any(len(size) != 2 or min(size) < 1 for size in sizes):
             raise ValueError(f"sizes must be one (height, width) of positive integers per image, got {sizes}")
         frame, size = self.segmenter.input_size, self.encoder.input_size
+        progress = self.on_stage or (lambda name, done, total: None)
+        progress("image encoders", 0, 1)
         with stage("preprocess"):
             frames = torch.cat([square_frame(a, frame) for a in arrays]).to(self.segmenter.device)
         with stage("sam2_encoder"):
@@ -85,7 +92,9 @@ class Predictor:
                 self.points,
                 self.settings.prompt_batch(self.segmenter.device.type),
                 self.settings.sam_iou_threshold,
+                on_batch=None if self.on_stage is None else lambda done, total: progress("prompts", done, total),
             )
+        progress("post-processing", 0, 1)
         return [self._instances(c, dense[i], sizes[i]) for i, c in enumerate(candidates)]
 
     def predict_paths(
