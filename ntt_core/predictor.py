@@ -21,6 +21,7 @@ from .merging import crop_masks, full_resolution_stats, soft_merge_factors, wind
 from .models import FeatureEncoder, PromptSegmenter
 from .proposals import Candidates, class_nms, point_grid, propose
 from .settings import Settings
+from .stages import stage
 
 
 class Predictor:
@@ -73,21 +74,27 @@ class Predictor:
         if len(sizes) != len(arrays) or any(len(size) != 2 or min(size) < 1 for size in sizes):
             raise ValueError(f"sizes must be one (height, width) of positive integers per image, got {sizes}")
         frame, size = self.segmenter.input_size, self.encoder.input_size
-        frames = torch.cat([square_frame(a, frame) for a in arrays]).to(self.segmenter.device)
-        stage = self.on_stage or (lambda name, done, total: None)
-        stage("image encoders", 0, 1)
-        sam_features = self.segmenter.embed(frames)
-        dense = self.encoder.encode(bicubic(frames.to(self.encoder.device), (size, size)))  # [B, C, g, g]
-        candidates = propose(
-            self.segmenter,
-            sam_features,
-            len(arrays),
-            self.points,
-            self.settings.prompt_batch(self.segmenter.device.type),
-            self.settings.sam_iou_threshold,
-            on_batch=None if self.on_stage is None else lambda done, total: stage("prompts", done, total),
-        )
-        stage("post-processing", 0, 1)
+        progress = self.on_stage or (lambda name, done, total: None)
+        progress("image encoders", 0, 1)
+        with stage("preprocess"):
+            frames = torch.cat([square_frame(a, frame) for a in arrays]).to(self.segmenter.device)
+        with stage("sam2_encoder"):
+            sam_features = self.segmenter.embed(frames)
+        with stage("preprocess"):
+            resized = bicubic(frames.to(self.encoder.device), (size, size))
+        with stage("dinov2_encoder"):
+            dense = self.encoder.encode(resized)  # [B, C, g, g]
+        with stage("mask_postprocess"):  # gathering the kept candidates; decoding is its own stage inside
+            candidates = propose(
+                self.segmenter,
+                sam_features,
+                len(arrays),
+                self.points,
+                self.settings.prompt_batch(self.segmenter.device.type),
+                self.settings.sam_iou_threshold,
+                on_batch=None if self.on_stage is None else lambda done, total: progress("prompts", done, total),
+            )
+        progress("post-processing", 0, 1)
         return [self._instances(c, dense[i], sizes[i]) for i, c in enumerate(candidates)]
 
     def predict_paths(
@@ -103,7 +110,9 @@ class Predictor:
         good, arrays = [], []
         for i, path in enumerate(paths):
             try:
-                arrays.append(self._check(load_image(path, exif_orientation), name=str(path)))
+                with stage("decode"):
+                    image = load_image(path, exif_orientation)
+                arrays.append(self._check(image, name=str(path)))
                 good.append(i)
             except ImageError as error:
                 results[i] = error
@@ -155,37 +164,42 @@ class Predictor:
         s = self.settings
         classes = self.bank.classes
         device = dense.device
-        logits = candidates.logits.to(device)
-        sam_iou = candidates.sam_iou.to(device)
-        masks = logits > 0  # [N, m, m]
-        nonempty = masks.flatten(1).any(1)
-        logits, sam_iou, masks = logits[nonempty], sam_iou[nonempty], masks[nonempty]
-        if logits.shape[0] == 0:
-            return Instances.empty(image_size, classes)
+        with stage("mask_postprocess", items=candidates.logits.shape[0]):
+            logits = candidates.logits.to(device)
+            sam_iou = candidates.sam_iou.to(device)
+            masks = logits > 0  # [N, m, m]
+            nonempty = masks.flatten(1).any(1)
+            logits, sam_iou, masks = logits[nonempty], sam_iou[nonempty], masks[nonempty]
+            if logits.shape[0] == 0:
+                return Instances.empty(image_size, classes)
+            low_boxes = mask_boxes(masks)  # [N, 4] at SAM2's mask resolution
 
-        descriptors = F.normalize(pool_features(dense, masks), dim=1)  # [N, C]
-        semantic, labels = score_classes(
-            descriptors, self.prototypes, self.negative_prototypes, self.has_negative, s.negative_temperature
-        )
-        low_boxes = mask_boxes(masks)  # [N, 4] at SAM2's mask resolution
-        keep = class_nms(low_boxes, sam_iou, labels, s.nms_iou_threshold, s.pre_merge_keep)
-        keep = keep[semantic[keep] > 0]  # in decreasing SAM-IoU order
-        if keep.numel() == 0:
-            return Instances.empty(image_size, classes)
-        logits, sam_iou, low_boxes = logits[keep], sam_iou[keep], low_boxes[keep]
-        descriptors, semantic, labels = descriptors[keep], semantic[keep], labels[keep]
+        with stage("matching", items=logits.shape[0]):
+            descriptors = F.normalize(pool_features(dense, masks), dim=1)  # [N, C]
+            semantic, labels = score_classes(
+                descriptors, self.prototypes, self.negative_prototypes, self.has_negative, s.negative_temperature
+            )
+        with stage("nms", items=logits.shape[0]):
+            keep = class_nms(low_boxes, sam_iou, labels, s.nms_iou_threshold, s.pre_merge_keep)
+            keep = keep[semantic[keep] > 0]  # in decreasing SAM-IoU order
+            if keep.numel() == 0:
+                return Instances.empty(image_size, classes)
+            logits, sam_iou, low_boxes = logits[keep], sam_iou[keep], low_boxes[keep]
+            descriptors, semantic, labels = descriptors[keep], semantic[keep], labels[keep]
 
-        windows = window_bounds(low_boxes, logits.shape[-1], image_size)
-        areas, boxes, intersections = full_resolution_stats(logits, labels, windows, image_size)
-        factors = soft_merge_factors(areas, intersections, descriptors, s.soft_merge_exponent)
-        scores = semantic * factors
-        valid = (areas > 0) & (scores >= s.score_threshold)
-        order = torch.nonzero(valid).flatten()
-        order = order[scores[order].argsort(descending=True, stable=True)][: s.max_detections]
-
-        reference = best_references(descriptors[order], labels[order], self.references, self.reference_class)
-        boxes = boxes[order]
-        crops = crop_masks(logits[order], boxes, image_size)
+        with stage("merge", items=logits.shape[0]):
+            windows = window_bounds(low_boxes, logits.shape[-1], image_size)
+            areas, boxes, intersections = full_resolution_stats(logits, labels, windows, image_size)
+            factors = soft_merge_factors(areas, intersections, descriptors, s.soft_merge_exponent)
+            scores = semantic * factors
+            valid = (areas > 0) & (scores >= s.score_threshold)
+            order = torch.nonzero(valid).flatten()
+            order = order[scores[order].argsort(descending=True, stable=True)][: s.max_detections]
+        with stage("matching"):
+            reference = best_references(descriptors[order], labels[order], self.references, self.reference_class)
+        with stage("merge"):
+            boxes = boxes[order]
+            crops = crop_masks(logits[order], boxes, image_size)
         rows = self.reference_rows[reference.cpu()].tolist()
         return Instances(
             image_size=tuple(image_size),
