@@ -111,7 +111,7 @@ class Sam2VideoPropagator:
         self.sessions[track] = session
         with autocast(self.device, self.dtype):
             output = self.model(session, frame_idx=index)
-        return output.pred_masks[0, 0].float(), output.object_score_logits[0].float()
+        return output.pred_masks[0, 0].float(), output.object_score_logits.reshape(-1)[0].float()
 
     @torch.inference_mode()
     def propagate(self, tracks: list[int], index: int, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +121,7 @@ class Sam2VideoPropagator:
             with autocast(self.device, self.dtype):
                 output = self.model(session, frame_idx=index, reverse=reverse)
             logits.append(output.pred_masks[0, 0].float())
-            scores.append(output.object_score_logits[0].float())
+            scores.append(output.object_score_logits.reshape(-1)[0].float())
             self._trim(session, index)
         if not tracks:
             side = self.mask_size

@@ -124,3 +124,77 @@ def test_every_video_weight_is_placed_and_an_image_only_file_is_refused(meta_vid
     stray = {**state, "memory_attention.layers.9.linear1.weight": torch.zeros(2, 2)}
     with pytest.raises(CheckpointError, match="no place in the model"):
         sam2_video_from_state_dict(stray, tiny_meta_sam2_config(WIDTH))
+
+
+def tiny_video_config():
+    """A tiny transformers Sam2VideoConfig (the tiny Meta-sized image part and small memory modules)."""
+    from transformers import Sam2VideoConfig
+
+    image = tiny_meta_sam2_config(WIDTH)
+    return Sam2VideoConfig(
+        vision_config=image.vision_config.to_dict(),
+        prompt_encoder_config=image.prompt_encoder_config.to_dict(),
+        mask_decoder_config=image.mask_decoder_config.to_dict(),
+        image_size=SIDE,
+        memory_attention_hidden_size=WIDTH,
+        memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64,
+        memory_attention_rope_feat_sizes=[SIDE // 16] * 2,
+        memory_encoder_hidden_size=WIDTH,
+        mask_downsampler_embed_dim=WIDTH,
+        memory_fuser_num_layers=1,
+        memory_fuser_embed_dim=WIDTH,
+        memory_fuser_intermediate_dim=64,
+    )
+
+
+class Spy:
+    """Records what the tracker asks of a real propagator (and passes every call through)."""
+
+    def __init__(self, inner):
+        self.inner, self.reverse_steps, self.releases = inner, 0, []
+        self.input_size, self.mask_size, self.model_id = inner.input_size, inner.mask_size, inner.model_id
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def propagate(self, tracks, index, reverse=False):
+        self.reverse_steps += bool(reverse)
+        return self.inner.propagate(tracks, index, reverse)
+
+    def release(self, track):
+        self.releases.append((track, len(self.inner.sessions)))
+        self.inner.release(track)
+
+
+def test_tiny_transformers_video_model_tracks_through_the_real_session(tiny_models, tmp_path):
+    """save_pretrained -> load_propagator (the users' loader) -> tracker: forward and backward
+    propagation and the release of ended tracks through transformers' inference sessions."""
+    from transformers import Sam2VideoModel
+
+    from ntt_core.memory_bank import build_memory_bank
+    from ntt_core.models import load_encoder, load_segmenter
+    from ntt_core.predictor import Predictor
+    from ntt_core.settings import Settings
+    from ntt_core.synthetic import make_dataset, reference_images
+    from ntt_core.tracking import TrackingSettings, VideoTracker
+
+    torch.manual_seed(0)
+    folder = tmp_path / "sam2_video"
+    Sam2VideoModel(tiny_video_config()).save_pretrained(folder)
+    segmenter, encoder = load_segmenter(str(folder), device="cpu"), load_encoder(str(tiny_models[1]), device="cpu")
+    settings = Settings(points_per_side=4)
+    references = make_dataset(1, seed=1, size=(64, 80), classes=("disc", "square"))
+    bank = build_memory_bank(reference_images(references), encoder, settings=settings, classes=("disc", "square"))
+    spy = Spy(load_propagator(str(folder), device="cpu", feature_frames=3))
+    tracker = VideoTracker(Predictor(segmenter, encoder, bank, settings), spy, TrackingSettings(2, 0.5, 1))
+    video = make_dataset(5, seed=2, size=(64, 80), classes=("disc", "square"))
+    frames = list(tracker.run(scene.image for scene in video))
+
+    assert [f.index for f in frames] == list(range(5))
+    late = [t for t in tracker.tracks.values() if t.key_scores and t.first_frame > 0]
+    assert tracker.tracks and spy.reverse_steps > 0 and late  # tracks started at later key frames went back
+    assert sorted(track for track, _ in spy.releases) == sorted(tracker.tracks)  # every track released once
+    assert not spy.inner.sessions and not spy.inner.frames  # no state left after the video
+    for frame in frames:
+        assert set(frame.track_ids.tolist()) <= set(tracker.tracks)
