@@ -10,6 +10,7 @@ present where its object score logit is > 0 (SAM2's occlusion head).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Protocol
@@ -109,7 +110,7 @@ class Sam2VideoPropagator:
         session.add_mask_inputs(session.obj_id_to_idx(track), index, mask[None, None].float())
         session.obj_with_new_inputs = [track]
         self.sessions[track] = session
-        with autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype), _single_mask_decoding(self.model):
             output = self.model(session, frame_idx=index)
         return output.pred_masks[0, 0].float(), output.object_score_logits.reshape(-1)[0].float()
 
@@ -140,6 +141,21 @@ class Sam2VideoPropagator:
 
     def release(self, track: int) -> None:
         self.sessions.pop(track, None)
+
+
+@contextlib.contextmanager
+def _single_mask_decoding(model):
+    """Decode one mask per prompt inside the block, as Meta's SAM2 does when it turns a mask prompt into
+    the conditioning frame's object pointer (``_use_mask_as_output`` -> ``_forward_sam_heads`` with
+    ``multimask_output=False``). transformers 5.23 decodes three there and takes the best token,
+    which changes every later frame (measured: up to 0.6 in the first propagated frame's logits on a
+    tiny SAM2.1). A mask prompt is the block's only decoder call, so nothing else is affected."""
+    decode = model._single_frame_forward
+    model._single_frame_forward = functools.partial(decode, multimask_output=False)
+    try:
+        yield
+    finally:
+        del model._single_frame_forward  # the class's method again
 
 
 def load_video_weights(source: ModelSource):

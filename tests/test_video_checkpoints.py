@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import build_tiny_meta_sam2, randomise, tiny_meta_sam2_config
+from tiny_models import META_SAM2_CONFIGS, build_tiny_meta_sam2, randomise, tiny_meta_sam2_config
 
 from ntt_core.checkpoints import CheckpointError
 from ntt_core.frames import square_frame
@@ -51,9 +51,7 @@ def video_folder(tmp_path_factory):
     return folder, frames
 
 
-# SAM2 (the paper's and the default checkpoint) only: for SAM2.1 the first propagated frame's logits
-# differ from Meta's by up to 0.6 (later frames 0.1), not yet explained (see the issue 19 report).
-@pytest.fixture(scope="module", params=["sam2"])
+@pytest.fixture(scope="module", params=sorted(META_SAM2_CONFIGS))
 def meta_video(request, tmp_path_factory):
     """(Meta's SAM2VideoPredictor with random weights, its checkpoint file with a sidecar image config)."""
     pytest.importorskip("sam2")
