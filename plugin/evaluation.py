@@ -39,12 +39,16 @@ class EvaluateByReference(foo.Operator):
         from ntt_core.fiftyone.predictions import prediction_record
 
         ctx.target_view()
-        fields = detections_fields(ctx.dataset)
-        predicted = [name for name in fields if prediction_record(ctx.dataset, name)]
+        fields, record_of = detections_fields(ctx.dataset), prediction_record
+        if ctx.dataset.media_type == "video":  # frame-level fields, evaluated frame by frame
+            from ntt_core.fiftyone.videos import frame_prediction_record, video_detections_fields
+
+            fields, record_of = video_detections_fields(ctx.dataset), frame_prediction_record
+        predicted = [name for name in fields if record_of(ctx.dataset, name)]
         ordered = predicted + [name for name in fields if name not in predicted]
         field_choice(inputs, "pred_field", ordered, "Predictions", "The Detections to evaluate")
         pred_field = current(ctx, inputs, "pred_field")
-        record = prediction_record(ctx.dataset, pred_field) if pred_field in fields else None
+        record = record_of(ctx.dataset, pred_field) if pred_field in fields else None
         gt_choices = [name for name in fields if name != pred_field]
         default_gt = (record or {}).get("gt_field")
         description = "Never modified, apart from the evaluation's own attributes"

@@ -21,6 +21,8 @@ from .common import (
     require_library,
     run_with_progress,
 )
+from .videos import is_video, target_problem, tracking_inputs
+from .videos import run as run_video
 
 
 def _target_problem(inputs, target) -> None:
@@ -28,6 +30,8 @@ def _target_problem(inputs, target) -> None:
     from ntt_core.errors import NttError
     from ntt_core.fiftyone.fields import FiftyOneAdapterError, image_collection
 
+    if is_video(target):
+        return target_problem(inputs, target)
     try:
         images, note = image_collection(target)
         if len(images) == 0:
@@ -115,7 +119,11 @@ class SegmentByReference(foo.Operator):
             default=1,
             description="Above 1: queue that many delegated operations over fixed parts of the target for `fiftyone delegated launch` workers",
         )
+        if is_video(ctx.dataset):
+            tracking_inputs(ctx, inputs)
         model_inputs(inputs)
+        if is_video(ctx.dataset):
+            return  # the frame field is checked when the run starts
         field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
         shards = current(ctx, inputs, "num_shards")
         planning = isinstance(shards, int) and shards > 1 and planning_unfinished(ctx.dataset, field)
@@ -130,6 +138,8 @@ class SegmentByReference(foo.Operator):
         return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
 
     def _run(self, ctx, p: dict, progress) -> dict:
+        if is_video(ctx.dataset):
+            return run_video(ctx, p, progress)
         require_library()
         from ntt_core.fiftyone.predictions import finish_planning, segment_by_reference, start_sharded_prediction
         from ntt_core.models import load_models
@@ -195,6 +205,9 @@ class SegmentByReference(foo.Operator):
         device: str = "auto",
         dtype: str = "auto",
         delegate: bool = False,
+        key_frame_stride: int = 10,
+        match_iou: float = 0.5,
+        lost_frames: int = 10,
     ):
         params = dict(
             bank_key=bank_key,
@@ -211,6 +224,9 @@ class SegmentByReference(foo.Operator):
             dinov2=dinov2,
             device=device,
             dtype=dtype,
+            key_frame_stride=key_frame_stride,  # video datasets only
+            match_iou=float(match_iou),
+            lost_frames=lost_frames,
         )
         return call(self, sample_collection, params, delegate)
 

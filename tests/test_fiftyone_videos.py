@@ -185,3 +185,39 @@ def test_bad_videos_and_views_get_clear_errors(videos, models, tmp_path):
         segment_videos_by_reference(
             videos, "shapes", "other", models[0], other, lambda: RegionPropagator(input_size=128), settings=SETTINGS
         )
+
+
+def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos, tiny_models, tmp_path):
+    """The Segment and Evaluate operators on a video dataset with tiny random weights saved as users'
+    are: transformers' inference sessions forward, backward and released, through the plugin."""
+    import fiftyone.operators as foo
+    from test_video_checkpoints import tiny_video_config
+    from transformers import Sam2VideoModel
+
+    from ntt_core.models import load_encoder
+
+    torch.manual_seed(0)
+    folder = tmp_path / "sam2_video"
+    Sam2VideoModel(tiny_video_config()).save_pretrained(folder)
+    encoder = load_encoder(str(tiny_models[1]), device="cpu")
+    references = make_dataset(3, seed=100, size=(96, 128), classes=CLASSES)
+    bank = build_memory_bank(reference_images(references), encoder, settings=SETTINGS, classes=CLASSES)
+    save_memory_bank(videos, "tiny", bank, source={"gt_field": "frames.gt"})
+    before = frame_gt(videos)
+
+    segment = foo.get_operator("@ntt/no-time-to-train/segment_by_reference")
+    result = segment(
+        videos, "tiny", "sam", sam2=str(folder), dinov2=str(tiny_models[1]), device="cpu", points_per_side=4,
+        key_frame_stride=5, lost_frames=2,
+    )  # fmt: skip
+    report = result["report"]
+    assert (report["videos"], report["frames"], report["failed"]) == (2, 2 * FRAMES, [])
+    assert all(count is not None for count in videos.values("sam_tracks"))
+    indices = [i for frames in videos.values("frames.sam.detections.index") for f in frames for i in f or []]
+    assert indices and min(indices) >= 1
+    assert frame_gt(videos) == before
+
+    evaluate = foo.get_operator("@ntt/no-time-to-train/evaluate_by_reference")
+    evaluation = evaluate(videos, "frames.sam", "eval_tiny")["report"]
+    assert evaluation["gt_field"] == "frames.gt" and 0.0 <= evaluation["mAP"] <= 1.0
+    assert "segm" in evaluation["pycocotools"] and evaluation["pycocotools"]["segm"] is not None

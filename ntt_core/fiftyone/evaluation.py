@@ -40,6 +40,10 @@ def evaluate(
     references are excluded unless ``exclude_references=False``. Returns a report with
     ``mAP`` (FiftyOne), ``pycocotools`` and ``notes``.
     """
+    if samples.media_type == "video" or samples._is_frames or samples._is_clips:
+        from .videos import evaluate_video  # frame fields, every frame an image
+
+        return evaluate_video(samples, pred_field, eval_key, gt_field, classes, use_masks, overwrite)
     samples, note = image_collection(samples)
     dataset = samples._root_dataset
     check_detections_field(samples, pred_field, "prediction field")
@@ -92,6 +96,21 @@ def evaluate(
         compute_mAP=True,
         classes=classes,
     )
+    store_pycocotools_figures(results, figures)
+    return {
+        "eval_key": eval_key,
+        "gt_field": gt_field,
+        "samples": len(view),
+        "classes": classes,
+        "mAP": float(results.mAP()),
+        "use_masks": use_masks,
+        "pycocotools": {t: figures.get(t) for t in ("bbox", "segm")},
+        "notes": notes,
+    }
+
+
+def store_pycocotools_figures(results, figures: dict) -> None:
+    """Keep the pycocotools figures on a FiftyOne evaluation as custom metrics (the App lists them)."""
     results.custom_metrics = {
         name: {
             "key": name,
@@ -103,16 +122,6 @@ def evaluate(
         for name, (iou_type, metric) in PYCOCOTOOLS_METRICS.items()
     }
     results.save()
-    return {
-        "eval_key": eval_key,
-        "gt_field": gt_field,
-        "samples": len(view),
-        "classes": classes,
-        "mAP": float(results.mAP()),
-        "use_masks": use_masks,
-        "pycocotools": {t: figures.get(t) for t in ("bbox", "segm")},
-        "notes": notes,
-    }
 
 
 def check_eval_key(dataset, eval_key: str, overwrite: bool = False) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 from .. import coco
 from ..settings import Settings
 from .bank_runs import load_memory_bank, memory_bank_info
-from .evaluation import _coco_entry, check_eval_key
+from .evaluation import _coco_entry, check_eval_key, store_pycocotools_figures
 from .fields import PREDICTION_METHOD, FiftyOneAdapterError, Progress, check_new_field_name
 from .predictions import RECORD_MATCH_KEYS, _resume_part, prediction_record, prediction_run_key
 
@@ -251,19 +251,41 @@ def _finish(dataset, sample_id: str, field: str, tracker, frames: int) -> None:
     view.set_values(field + TRACKS_SUFFIX, [len(tracks)])
 
 
+def frame_prediction_record(dataset, field: str) -> dict | None:
+    """How the frame field ``field`` (``frames.`` optional) was predicted, or None if not by this tool."""
+    return prediction_record(dataset, "frames_" + field.removeprefix("frames."))
+
+
+def video_detections_fields(dataset) -> list[str]:
+    """The frame-level ``Detections`` fields of a video dataset, as ``frames.<name>``."""
+    schema = dataset.get_frame_field_schema() or {}
+    return sorted(
+        f"frames.{name}"
+        for name, kind in schema.items()
+        if issubclass(getattr(kind, "document_type", None) or object, fo.Detections)
+    )
+
+
 def evaluate_video(
     samples,
     pred_field: str,
     eval_key: str,
-    gt_field: str,
+    gt_field: str | None = None,
     classes=None,
     use_masks: bool = True,
     overwrite: bool = False,
 ) -> dict:
     """FiftyOne's COCO evaluation of the frame field ``pred_field`` against ``gt_field`` (both given
-    with or without ``frames.``), masks, mAP, plus pycocotools bbox/segm figures with every frame an image."""
+    with or without ``frames.``; ground truth defaults to the bank's), masks, mAP, plus pycocotools
+    bbox/segm figures with every frame an image, stored on the evaluation as for images."""
     samples, note = video_collection(samples)
     dataset = samples._root_dataset
+    record = frame_prediction_record(dataset, pred_field) or {}
+    gt_field = gt_field or record.get("gt_field")
+    if not gt_field:
+        raise FiftyOneAdapterError(
+            f"'{pred_field}' has no prediction record naming its ground truth: give the ground-truth field"
+        )
     pred_field, gt_field = (name if name.startswith("frames.") else f"frames.{name}" for name in (pred_field, gt_field))
     schema = dataset.get_frame_field_schema() or {}
     for name, role in ((pred_field, "prediction field"), (gt_field, "ground-truth field")):
@@ -274,7 +296,6 @@ def evaluate_video(
         raise FiftyOneAdapterError("the prediction and ground-truth fields must differ")
     if check_eval_key(dataset, eval_key, overwrite):
         dataset.delete_evaluation(eval_key)
-    record = prediction_record(dataset, pred_field.replace(".", "_", 1)) or {}
     classes = list(classes or record.get("classes") or samples.distinct(f"{pred_field}.detections.label"))
     figures = _pycocotools_frames(samples, pred_field, gt_field, classes)
     results = samples.evaluate_detections(
@@ -286,6 +307,7 @@ def evaluate_video(
         compute_mAP=True,
         classes=classes,
     )
+    store_pycocotools_figures(results, figures)
     return {
         "eval_key": eval_key,
         "gt_field": gt_field,
