@@ -17,7 +17,7 @@ import fiftyone.core.media as fom
 import fiftyone.core.utils as fou
 import numpy as np
 
-from .. import coco
+from .. import coco_evaluation
 from ..settings import Settings
 from .bank_runs import load_memory_bank, memory_bank_info
 from .evaluation import _coco_entry, check_eval_key, store_pycocotools_figures
@@ -349,4 +349,4 @@ def _pycocotools_frames(samples, pred_field: str, gt_field: str, classes) -> dic
         "annotations": annotations,
         "categories": [{"id": i, "name": n} for n, i in category.items()],
     }
-    return coco.evaluate(truth, results)
+    return coco_evaluation.evaluate(truth, results)
