@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import bson
 import numpy as np
 import pytest
 import torch
-from test_video_tracking import CLASSES, OBJECTS, TRACKING
+from video_scenes import CLASSES, FRAMES, OBJECTS, TRACKING, tiny_video_config, write_video
 
 from ntt_core.memory_bank import build_memory_bank
 from ntt_core.settings import Settings
@@ -30,17 +29,7 @@ from ntt_core.fiftyone.bank_runs import save_memory_bank  # noqa: E402
 from ntt_core.fiftyone.fields import FiftyOneAdapterError  # noqa: E402
 from ntt_core.fiftyone.videos import evaluate_video, segment_videos_by_reference  # noqa: E402
 
-FRAMES = 31
 SETTINGS = Settings(points_per_side=16)
-
-
-def write_video(frames, path) -> str:
-    """Frames -> a lossless video file (FFV1 in Matroska: decoded back exactly)."""
-    height, width = frames[0].shape[:2]
-    command = ["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}"]
-    command += ["-r", "10", "-i", "-", "-c:v", "ffv1", "-pix_fmt", "bgr0", str(path)]
-    subprocess.run(command, input=np.stack(frames).tobytes(), check=True)
-    return str(path)
 
 
 def ground_truth(video, t) -> fo.Detections:
@@ -191,7 +180,6 @@ def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos
     """The Segment and Evaluate operators on a video dataset with tiny random weights saved as users'
     are: transformers' inference sessions forward, backward and released, through the plugin."""
     import fiftyone.operators as foo
-    from test_video_checkpoints import tiny_video_config
     from transformers import Sam2VideoModel
 
     from ntt_core.models import load_encoder

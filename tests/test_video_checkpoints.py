@@ -16,15 +16,14 @@ import pytest
 import torch
 from PIL import Image
 from tiny_models import META_SAM2_CONFIGS, build_tiny_meta_sam2, randomise, tiny_meta_sam2_config
+from video_scenes import SIDE, WIDTH, tiny_video_config
 
 from ntt_core.checkpoints import CheckpointError
 from ntt_core.frames import square_frame
 from ntt_core.meta_checkpoints import convert_sam2_state_dict, sam2_video_from_state_dict
 from ntt_core.propagation import load_propagator
 
-WIDTH = 128  # a multiple of the 64 memory channels, and another width (Meta drops the projection then)
 FRAMES = 6
-SIDE = 128
 TOLERANCE = 2e-2  # bfloat16 memory features on both sides
 
 
@@ -122,28 +121,6 @@ def test_every_video_weight_is_placed_and_an_image_only_file_is_refused(meta_vid
     stray = {**state, "memory_attention.layers.9.linear1.weight": torch.zeros(2, 2)}
     with pytest.raises(CheckpointError, match="no place in the model"):
         sam2_video_from_state_dict(stray, tiny_meta_sam2_config(WIDTH))
-
-
-def tiny_video_config():
-    """A tiny transformers Sam2VideoConfig (the tiny Meta-sized image part and small memory modules)."""
-    from transformers import Sam2VideoConfig
-
-    image = tiny_meta_sam2_config(WIDTH)
-    return Sam2VideoConfig(
-        vision_config=image.vision_config.to_dict(),
-        prompt_encoder_config=image.prompt_encoder_config.to_dict(),
-        mask_decoder_config=image.mask_decoder_config.to_dict(),
-        image_size=SIDE,
-        memory_attention_hidden_size=WIDTH,
-        memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=64,
-        memory_attention_rope_feat_sizes=[SIDE // 16] * 2,
-        memory_encoder_hidden_size=WIDTH,
-        mask_downsampler_embed_dim=WIDTH,
-        memory_fuser_num_layers=1,
-        memory_fuser_embed_dim=WIDTH,
-        memory_fuser_intermediate_dim=64,
-    )
 
 
 class Spy:

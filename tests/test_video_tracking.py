@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from video_scenes import CLASSES, DISC, FRAMES, OBJECTS, SQUARE, STAR, TRACKING, TRIANGLE
 
 from ntt_core.coco import instances_to_coco_results
 from ntt_core.coco_evaluation import evaluate
@@ -18,19 +19,8 @@ from ntt_core.memory_bank import build_memory_bank
 from ntt_core.predictor import Predictor
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter, RegionPropagator
-from ntt_core.synthetic import MovingShape, coco_ground_truth, make_dataset, make_video, reference_images
+from ntt_core.synthetic import coco_ground_truth, make_dataset, make_video, reference_images
 from ntt_core.tracking import TrackingSettings, VideoError, VideoTracker
-
-CLASSES = ("disc", "square", "triangle", "star")
-DISC, SQUARE, TRIANGLE, STAR = range(4)  # object indices in the video
-OBJECTS = [
-    MovingShape("disc", start=(30, 40), velocity=(1.0, 0.0), radius=12),
-    MovingShape("square", start=(115, 58), velocity=(-2.5, 0.0), radius=13),  # over the disc's lower part
-    MovingShape("triangle", start=(-12, 82), velocity=(2.5, 0.0), radius=9, first=12),  # enters at the left
-    MovingShape("star", start=(100, 20), velocity=(3.0, 0.0), radius=10),  # leaves on the right
-]
-FRAMES = 31
-TRACKING = TrackingSettings(key_frame_stride=10, match_iou=0.5, lost_frames=4)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from .options import EXIT_BAD_INPUT, EXIT_HELP, EXIT_INTERRUPTED, EXIT_OK, HelpF
 from .output import log_warnings_to_stderr
 from .predict import add_parser as add_predict
 from .sample_references import add_parser as add_sample_references
+from .track import add_parser as add_track
 
 #: The subcommands, in the order ``ntt --help`` lists them.
 COMMANDS = (
@@ -21,6 +22,7 @@ COMMANDS = (
     add_build_memory,
     add_predict,
     add_evaluate,
+    add_track,
     add_demo,
     model_downloads.add_parser,
     shards.add_parser,

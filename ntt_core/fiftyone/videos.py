@@ -9,7 +9,7 @@ rest (a half-written video is cleared and redone).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import fiftyone as fo
 import fiftyone.core.fields as fof
@@ -27,7 +27,7 @@ from .predictions import RECORD_MATCH_KEYS, _resume_part, prediction_record, pre
 # these import torch: loaded at first use, so that forms resolve in the App without it
 pipeline = fou.lazy_import("ntt_core.predictor")
 tracking = fou.lazy_import("ntt_core.tracking")
-etav = fou.lazy_import("eta.core.video")
+video_files = fou.lazy_import("ntt_core.video_files")
 
 TRACKS_SUFFIX = "_tracks"  # sample field: the number of tracks of a finished video
 
@@ -46,24 +46,6 @@ def video_collection(samples) -> tuple[fo.core.collections.SampleCollection, str
             f"only video samples can be tracked; this collection holds media of type '{samples.media_type}'"
         )
     return samples, note
-
-
-def read_frames(path: str) -> Iterator[np.ndarray]:
-    """The frames of a video file (or an ffmpeg frame pattern such as ``frames/%06d.png``), one at a
-    time, as ``[H, W, 3]`` uint8 RGB; :class:`~ntt_core.tracking.VideoError` for a video ffmpeg cannot read
-    or one without frames."""
-    try:
-        reader = etav.FFmpegVideoReader(path)
-    except Exception as error:  # ffprobe's errors, a missing ffmpeg
-        reason = " ".join(str(error).split())[:300] or type(error).__name__
-        raise tracking.VideoError(f"video {path!r} cannot be read (ffmpeg: {reason})") from None
-    count = 0
-    with reader:
-        for frame in reader:
-            count += 1
-            yield np.ascontiguousarray(frame)
-    if count == 0:
-        raise tracking.VideoError(f"video {path!r} has no frames (zero-length video)")
 
 
 def _record(dataset, field: str, bank_key: str, segmenter, encoder, propagator, settings, tracking_settings) -> dict:
@@ -217,7 +199,7 @@ def _track_sample(sample, tracker, field: str, report: dict, total: int, progres
     """Track one video, writing its frames as they are settled; the number of frames written."""
     names = tracker.class_names
     written = 0
-    for frame in tracker.run(read_frames(sample.filepath)):
+    for frame in tracker.run(video_files.read_frames(sample.filepath)):
         sample.frames[frame.index + 1][field] = frame_detections(frame, names)
         written += 1
         report["frames"] += 1
