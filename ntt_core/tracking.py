@@ -3,8 +3,10 @@
 Frames stream in once each. Key frames are the first frame and every ``key_frame_stride``-th one.
 Between key frames every live track is propagated forwards. On a key frame the bank's instances are
 found with the image pipeline (:class:`~ntt_core.predictor.Predictor`); each detection is matched to
-the live track whose propagated mask overlaps it most (mask IoU >= ``match_iou``, one-to-one, best
-pairs first); an unmatched detection starts a new track, which is also propagated backwards over the
+the live track whose propagated mask overlaps it most (mask IoU >= ``match_iou`` on SAM2's
+low-resolution mask grid over the square input frame, one-to-one, best
+pairs first; a matched track keeps following its own mask, the detection adds its score); an
+unmatched detection starts a new track, which is also propagated backwards over the
 frames since the previous key frame (an object that entered between two key frames is found from
 its entry). A track whose object score stays <= 0 for ``lost_frames`` frames in a row ends and its
 propagator state is released. Only the frames since the previous key frame are held.
@@ -129,6 +131,12 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
 
 
+def _squared(mask: np.ndarray, side: int) -> torch.Tensor:
+    """``[H, W]`` bool -> ``[side, side]`` bool on the square input frame (bilinear, >= 0.5)."""
+    full = torch.from_numpy(mask)[None, None].float()
+    return F.interpolate(full, size=(side, side), mode="bilinear", align_corners=False)[0, 0] >= 0.5
+
+
 def greedy_matches(iou: torch.Tensor, threshold: float) -> list[tuple[int, int]]:
     """One-to-one (row, column) pairs with IoU >= ``threshold``, highest IoU first."""
     pairs = torch.nonzero(iou >= threshold)
@@ -217,22 +225,21 @@ class VideoTracker:
         instances = self.predictor.predict([frame])[0]
         if len(instances) == 0:
             return
-        side = self.propagator.input_size
-        detections = torch.stack([torch.from_numpy(instances.full_mask(i)) for i in range(len(instances))])  # [D, H, W]
+        side, low = self.propagator.input_size, self.propagator.mask_size
+        # [D, S, S] on the square input frame, one full-size mask at a time
+        squares = torch.stack([_squared(instances.full_mask(i), side) for i in range(len(instances))])
         live = list(found)
-        if live:
-            propagated = self._frame_masks([found[t][0] for t in live], frame.shape[:2])
-            matches = greedy_matches(mask_iou(detections, propagated), self.settings.match_iou)
-        else:
-            matches = []
+        matches = []
+        if live:  # IoU on SAM2's low-resolution grid: cheap for any frame size
+            detected = F.adaptive_avg_pool2d(squares[:, None].float(), low)[:, 0] >= 0.5
+            propagated = torch.stack([found[t][0] for t in live]).cpu() > 0
+            matches = greedy_matches(mask_iou(detected, propagated), self.settings.match_iou)
         matched = {d for d, _ in matches}
         for d, col in matches:
             self.tracks[live[col]].add_key_detection(int(instances.labels[d]), float(instances.scores[d]))
-        squares = F.interpolate(detections[:, None].float(), size=(side, side), mode="bilinear")[:, 0] >= 0.5
         for d in range(len(instances)):
-            if d in matched or not bool(squares[d].any()):
-                continue
-            self._start(d, index, squares[d], instances, pending)
+            if d not in matched and bool(squares[d].any()):
+                self._start(d, index, squares[d], instances, pending)
 
     def _start(self, d: int, index: int, square: torch.Tensor, instances: Instances, pending: dict) -> None:
         track_id = len(self.tracks) + 1

@@ -50,11 +50,15 @@ def _file_frames(path: Path) -> Iterator[np.ndarray]:
     import eta.core.video as etav
 
     try:
-        reader = etav.FFmpegVideoReader(str(path))
+        info = etav.VideoStreamInfo.build_for(str(path))  # ffprobe
+    except IndexError:  # ffprobe found streams, none of them video
+        raise VideoError(f"video {str(path)!r} cannot be read: it has no video stream") from None
     except Exception as error:  # ffprobe's errors, a missing ffmpeg
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise VideoError(f"video {str(path)!r} cannot be read (ffmpeg: {reason})") from None
-    with reader:
+    if info.total_frame_count == 0:
+        raise VideoError(f"video {str(path)!r} has no frames (zero-length video)")
+    with etav.FFmpegVideoReader(str(path)) as reader:
         for frame in reader:
             yield np.ascontiguousarray(frame)
 

@@ -79,6 +79,20 @@ def test_track_bad_input_exits_with_one_line(setup, capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(args(folder, tiny_models, "--key-frame-stride", "0"))
     assert "key_frame_stride" in capsys.readouterr().err
+    mixed = tmp_path / "mixed" / "sizes"  # a frame folder whose frames change size
+    mixed.mkdir(parents=True)
+    Image.new("RGB", (64, 48)).save(mixed / "0.png")
+    Image.new("RGB", (48, 64)).save(mixed / "1.png")
+    code = main(
+        [
+            *args(folder, tiny_models)[:4],
+            str(mixed.parent),
+            "--out",
+            str(tmp_path / "m"),
+            *args(folder, tiny_models)[7:],
+        ]
+    )
+    assert code == EXIT_ALL_FAILED and "frame sizes vary inside one video" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     code = main([*args(folder, tiny_models)[:4], str(empty), "--out", str(tmp_path / "o"), "--device", "cpu"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import bson
 import numpy as np
@@ -149,10 +150,15 @@ def test_a_failed_video_keeps_the_ones_before_and_a_rerun_finishes(videos, model
 def test_bad_videos_and_views_get_clear_errors(videos, models, tmp_path):
     broken = tmp_path / "broken.mkv"
     broken.write_bytes(b"not a video")
-    videos.add_sample(fo.Sample(filepath=str(broken)))
+    empty = tmp_path / "empty.avi"  # a video stream without frames
+    command = ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=black:s=32x32:r=10", "-t", "0"]
+    subprocess.run([*command, str(empty)], check=True)
+    videos.add_samples([fo.Sample(filepath=str(broken)), fo.Sample(filepath=str(empty))])
     report = run(videos, models)
-    assert report["videos"] == 2 and len(report["failed"]) == 1
-    assert "cannot be read" in report["failed"][0]["reason"]
+    assert report["videos"] == 2 and len(report["failed"]) == 2
+    reasons = sorted(failure["reason"] for failure in report["failed"])
+    assert "cannot be read" in reasons[1] and "broken.mkv" in reasons[1]
+    assert "has no frames (zero-length video)" in reasons[0] and "empty.avi" in reasons[0]
 
     clips = videos.to_clips("frames.gt")
     with pytest.raises(FiftyOneAdapterError, match="already exists"):

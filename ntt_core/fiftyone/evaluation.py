@@ -87,16 +87,7 @@ def evaluate(
         notes.append(f"some '{gt_field}' labels have no mask: FiftyOne's evaluation uses boxes")
     figures = pycocotools_figures(view, pred_field, gt_field, classes)  # before anything is written
     notes += figures["notes"]
-    results = view.evaluate_detections(
-        pred_field,
-        gt_field=gt_field,
-        eval_key=eval_key,
-        method="coco",
-        use_masks=use_masks,
-        compute_mAP=True,
-        classes=classes,
-    )
-    store_pycocotools_figures(results, figures)
+    results = coco_evaluation_with_figures(view, pred_field, gt_field, eval_key, use_masks, classes, figures)
     return {
         "eval_key": eval_key,
         "gt_field": gt_field,
@@ -109,8 +100,18 @@ def evaluate(
     }
 
 
-def store_pycocotools_figures(results, figures: dict) -> None:
-    """Keep the pycocotools figures on a FiftyOne evaluation as custom metrics (the App lists them)."""
+def coco_evaluation_with_figures(view, pred_field, gt_field, eval_key, use_masks, classes, figures: dict):
+    """FiftyOne's COCO evaluation (masks or boxes, mAP) with the pycocotools ``figures`` kept on it as
+    custom metrics (the App lists them); returns its results."""
+    results = view.evaluate_detections(
+        pred_field,
+        gt_field=gt_field,
+        eval_key=eval_key,
+        method="coco",
+        use_masks=use_masks,
+        compute_mAP=True,
+        classes=classes,
+    )
     results.custom_metrics = {
         name: {
             "key": name,
@@ -122,6 +123,7 @@ def store_pycocotools_figures(results, figures: dict) -> None:
         for name, (iou_type, metric) in PYCOCOTOOLS_METRICS.items()
     }
     results.save()
+    return results
 
 
 def check_eval_key(dataset, eval_key: str, overwrite: bool = False) -> bool:

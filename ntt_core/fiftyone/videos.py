@@ -19,10 +19,10 @@ import numpy as np
 
 from .. import coco_evaluation
 from ..settings import Settings
-from .bank_runs import load_memory_bank, memory_bank_info
-from .evaluation import _coco_entry, check_eval_key, store_pycocotools_figures
+from .bank_runs import load_memory_bank
+from .evaluation import _coco_entry, check_eval_key, coco_evaluation_with_figures
 from .fields import PREDICTION_METHOD, FiftyOneAdapterError, Progress, check_new_field_name
-from .predictions import RECORD_MATCH_KEYS, _resume_part, prediction_record, prediction_run_key
+from .predictions import RECORD_MATCH_KEYS, _resume_part, make_prediction_record, prediction_record, prediction_run_key
 
 # these import torch: loaded at first use, so that forms resolve in the App without it
 pipeline = fou.lazy_import("ntt_core.predictor")
@@ -49,22 +49,10 @@ def video_collection(samples) -> tuple[fo.core.collections.SampleCollection, str
 
 
 def _record(dataset, field: str, bank_key: str, segmenter, encoder, propagator, settings, tracking_settings) -> dict:
-    bank = memory_bank_info(dataset, bank_key)
-    return {
-        "pred_field": f"frames.{field}",
-        "bank_key": bank_key,
-        "bank_sha256": bank["sha256"],
-        "classes": list(bank["classes"]),
-        "gt_field": bank.get("gt_field"),
-        "reference_sample_ids": list(bank.get("reference_sample_ids", [])),
-        "segmenter_id": segmenter.model_id,
-        "segmenter_fingerprint": segmenter.fingerprint,
-        "encoder_id": encoder.model_id,
-        "encoder_fingerprint": encoder.fingerprint,
-        "propagator_id": propagator.model_id,
-        "dtype": [str(getattr(model, "dtype", None)) for model in (segmenter, encoder)],
-        "settings": {**settings.to_dict(), **vars(tracking_settings)},
-    }
+    """The image pipeline's record (see :func:`.predictions.make_prediction_record`) plus the video parts."""
+    record = make_prediction_record(dataset, f"frames.{field}", bank_key, segmenter, encoder, settings)
+    record["settings"] = {**record["settings"], **vars(tracking_settings)}
+    return {**record, "propagator_id": propagator.model_id}
 
 
 def _prepare_field(dataset, field: str, record: dict, overwrite: bool, skip_existing: bool) -> None:
@@ -280,16 +268,7 @@ def evaluate_video(
         dataset.delete_evaluation(eval_key)
     classes = list(classes or record.get("classes") or samples.distinct(f"{pred_field}.detections.label"))
     figures = _pycocotools_frames(samples, pred_field, gt_field, classes)
-    results = samples.evaluate_detections(
-        pred_field,
-        gt_field=gt_field,
-        eval_key=eval_key,
-        method="coco",
-        use_masks=use_masks,
-        compute_mAP=True,
-        classes=classes,
-    )
-    store_pycocotools_figures(results, figures)
+    results = coco_evaluation_with_figures(samples, pred_field, gt_field, eval_key, use_masks, classes, figures)
     return {
         "eval_key": eval_key,
         "gt_field": gt_field,
