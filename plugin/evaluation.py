@@ -77,15 +77,15 @@ class EvaluateByReference(foo.Operator):
         from ntt_core.fiftyone.evaluation import evaluate
 
         p = params_with_defaults(self, ctx)
-        report = evaluate(
-            ctx.target_view(),
-            p["pred_field"],
-            p["eval_key"],
-            gt_field=p["gt_field"],
-            exclude_references=p["exclude_references"],
-            use_masks=p["use_masks"],
-            overwrite=p["overwrite"],
-        )
+        options = dict(gt_field=p["gt_field"], use_masks=p["use_masks"], overwrite=p["overwrite"])
+        if ctx.dataset.media_type == "video":  # frame fields, every frame an image; no reference samples
+            from ntt_core.fiftyone.videos import evaluate_video
+
+            report = evaluate_video(ctx.target_view(), p["pred_field"], p["eval_key"], **options)
+        else:
+            report = evaluate(
+                ctx.target_view(), p["pred_field"], p["eval_key"], exclude_references=p["exclude_references"], **options
+            )
         if not ctx.delegated:
             ctx.ops.open_panel(MODEL_EVALUATION_PANEL, layout="horizontal")  # shows the new run
         return finish(ctx, {"report": report})

@@ -40,10 +40,6 @@ def evaluate(
     references are excluded unless ``exclude_references=False``. Returns a report with
     ``mAP`` (FiftyOne), ``pycocotools`` and ``notes``.
     """
-    if samples.media_type == "video" or samples._is_frames or samples._is_clips:
-        from .videos import evaluate_video  # frame fields, every frame an image
-
-        return evaluate_video(samples, pred_field, eval_key, gt_field, classes, use_masks, overwrite)
     samples, note = image_collection(samples)
     dataset = samples._root_dataset
     check_detections_field(samples, pred_field, "prediction field")
