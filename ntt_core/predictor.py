@@ -119,10 +119,13 @@ class Predictor:
 
         ``sizes`` gives each path's mask size (see :meth:`predict`); ``read_options``
         (``exif_orientation``) go to :meth:`predict_paths`. ``should_stop()`` is asked before each
-        batch: once it is true the stream ends, the images of the batches done all yielded. What is
-        done per image (records, progress) is the consumer's loop body.
+        batch: once it is true the stream ends, the images of the batches done all yielded. An error
+        other than an image's own ends the stream. What is done per image (records, progress) is the
+        consumer's loop body.
         """
         check_count(batch_size, "batch_size")
+        if sizes is not None and len(sizes) != len(paths):
+            raise ValueError(f"sizes must be one (height, width) per path: {len(sizes)} for {len(paths)} paths")
         first = check_count(first_batch_size, "first_batch_size") if first_batch_size is not None else batch_size
         starts = [0, *range(first, len(paths), batch_size)]
         for start, end in zip(starts, [*starts[1:], len(paths)]):

@@ -19,7 +19,8 @@ from ntt_core.fiftyone.building import build_dataset_memory_bank
 from ntt_core.fiftyone.fields import FiftyOneAdapterError
 from ntt_core.fiftyone.predictions import segment_by_reference
 from ntt_core.matching import score_classes
-from ntt_core.memory_bank import DescribedReferences, MemoryBank, MemoryBankError, add_references, remove_references
+from ntt_core.memory_bank import MemoryBank, MemoryBankError, add_references, remove_references
+from ntt_core.reference_descriptors import DescribedReferences
 from ntt_core.references import ReferenceInstance
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter

@@ -35,6 +35,7 @@ from .references import collect_references, reference_instance
 bank_review = fou.lazy_import("ntt_core.bank_review")
 memory_bank = fou.lazy_import("ntt_core.memory_bank")
 models = fou.lazy_import("ntt_core.models")
+reference_descriptors = fou.lazy_import("ntt_core.reference_descriptors")
 
 NEGATIVE_TAG = "not_this_class"
 REMOVE_TAG = "remove_reference"
@@ -222,7 +223,7 @@ def add_to_memory_bank(
         skipped += selection.skipped
     if not images and not skipped:
         raise FiftyOneAdapterError("no label given: select predictions (or tag labels) in the App first")
-    described = memory_bank.describe_references(
+    described = reference_descriptors.describe_references(
         images,
         encoder,
         segmenter,
