@@ -49,7 +49,8 @@ from ntt_core.errors import NttError
 from ntt_core.frames import image_tensor
 from ntt_core.images import ImageError
 from ntt_core.memory_bank import MemoryBank
-from ntt_core.meta_checkpoints import DINOV2_HEADS, HIERA_SIZES
+from ntt_core.meta_checkpoints import HIERA_SIZES
+from ntt_core.meta_dinov2_checkpoints import DINOV2_HEADS
 from ntt_core.models import (
     DINOV2_MODELS,
     SAM2_MODELS,

@@ -1,4 +1,6 @@
-"""Meta's original SAM2 / SAM2.1 and DINOv2 checkpoint files loaded into the ``transformers`` models.
+"""Meta's original SAM2 / SAM2.1 and DINOv2 checkpoint files loaded into the ``transformers`` models
+(the reading and the strict build shared by all; SAM2's image model here, its video model in
+:mod:`ntt_core.meta_video_checkpoints`, DINOv2 in :mod:`ntt_core.meta_dinov2_checkpoints`).
 
 Meta ships SAM2 as ``{"model": state_dict}`` ``.pt`` files (image and video modules together) and
 DINOv2 as flat ``dinov2_vit{s,b,l,g}14_pretrain.pth`` state dicts. Both are read with
@@ -16,7 +18,6 @@ the tables of Meta's official sizes below.
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import re
 from collections import Counter
@@ -40,11 +41,6 @@ HIERA_SIZES = {
 }
 SAM2_IMAGE_SIZE = 1024  # the frame of every official SAM2 / SAM2.1 checkpoint
 SAM2_DECODER_HEADS = 8  # fixed in Meta's SAM2Base
-#: DINOv2 attention heads per hidden size (ViT-S, B, L, g; all 64 channels per head).
-DINOV2_HEADS = {384: 6, 768: 12, 1024: 16, 1536: 24}
-#: The hidden size of each of Meta's DINOv2 files, by the letter of its name (``dinov2_vitl14_pretrain.pth``).
-DINOV2_WIDTHS = {"s": 384, "b": 768, "l": 1024, "g": 1536}
-_DINOV2_FILE_NAME = re.compile(r"^dinov2_vit([sblg])14_pretrain\.pth$")
 
 # SAM2 weights that only the video predictor uses; Sam2Model has no place for them.
 _SAM2_VIDEO_PREFIXES = (
@@ -110,22 +106,6 @@ _MLP_LAYER = re.compile(
 )
 _PROMPT_POINT = re.compile(r"^sam_prompt_encoder\.point_embeddings\.(\d+)\.weight$")
 _PROMPT_PE = "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
-
-# DINOv2: Meta key pattern -> transformers key (qkv and SwiGLU's w12 are split separately).
-_DINOV2_RENAMES = [
-    (r"^cls_token$", "embeddings.cls_token"),
-    (r"^mask_token$", "embeddings.mask_token"),
-    (r"^pos_embed$", "embeddings.position_embeddings"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
-    (r"^norm\.", "layernorm."),
-    (r"^blocks\.(\d+)\.norm([12])\.", r"encoder.layer.\1.norm\2."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.o_proj."),
-    (r"^blocks\.(\d+)\.ls([12])\.gamma$", r"encoder.layer.\1.layer_scale\2.lambda1"),
-    (r"^blocks\.(\d+)\.mlp\.fc([12])\.", r"encoder.layer.\1.mlp.fc\2."),
-    (r"^blocks\.(\d+)\.mlp\.w3\.", r"encoder.layer.\1.mlp.down_proj."),
-]
-_DINOV2_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
-_DINOV2_W12 = re.compile(r"^blocks\.(\d+)\.mlp\.w12\.(weight|bias)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,80 +188,6 @@ def sam2_from_state_dict(state: dict[str, torch.Tensor], config=None, source: st
 
     config = infer_sam2_config(state, source) if config is None else _as_config(config, Sam2Config, source)
     return _build(Sam2Model, config, convert_sam2_state_dict(state, source), source)
-
-
-def load_meta_sam2_video(path: str | Path, config=None):
-    """Meta's SAM2 / SAM2.1 ``.pt`` file -> ``transformers.Sam2VideoModel`` (float32, eval mode, CPU),
-    every tensor of the file placed. ``config`` as for :func:`load_meta_sam2` (the image part's
-    ``Sam2Config``), or a whole ``Sam2VideoConfig``."""
-    from transformers import Sam2Config
-
-    state = read_state_dict(path)
-    check_sam2_file_name(path, state)
-    if config is None:
-        config = read_sidecar_config(path, Sam2Config)
-    return sam2_video_from_state_dict(state, config, source=str(path))
-
-
-def sam2_video_from_state_dict(state: dict[str, torch.Tensor], config=None, source: str = "state dict"):
-    """A Meta SAM2 state dict -> ``transformers.Sam2VideoModel``; see :func:`load_meta_sam2_video`."""
-    from transformers import Sam2Config, Sam2VideoConfig, Sam2VideoModel
-
-    video_typed = isinstance(config, Sam2VideoConfig) or (
-        isinstance(config, dict) and config.get("model_type") == Sam2VideoConfig.model_type
-    )
-    if video_typed:
-        config = _as_config(config, Sam2VideoConfig, source)
-    else:
-        image = infer_sam2_config(state, source) if config is None else _as_config(config, Sam2Config, source)
-        config = infer_sam2_video_config(state, image, source)
-    weights = convert_sam2_state_dict(state, source, video=True)
-    return _build(Sam2VideoModel, config, weights, source, computed=("memory_attention",))
-
-
-def infer_sam2_video_config(state: dict[str, torch.Tensor], image_config, source: str = "state dict"):
-    """The ``Sam2VideoConfig`` of a Meta SAM2 state dict: the image part from ``image_config`` (a
-    ``Sam2Config``), the memory modules' sizes from the shapes, SAM2.1's two switches (temporal
-    encoding of object pointers, no-object spatial embedding) from whether their weights exist.
-    Meta's video modules have one attention head and a 16x mask downsampler in every official size."""
-    from transformers import Sam2VideoConfig
-
-    attention, encoder, fuser = "memory_attention.layers.0.", "memory_encoder.", "memory_encoder.fuser.layers.0."
-    try:
-        hidden = state[attention + "linear1.weight"].shape[1]
-        image_size = int(image_config.prompt_encoder_config.image_size)
-        downsampler = _count(state, _MASK_DOWNSAMPLER.pattern[1:])
-        return Sam2VideoConfig(
-            vision_config=image_config.vision_config.to_dict(),
-            prompt_encoder_config=image_config.prompt_encoder_config.to_dict(),
-            mask_decoder_config=image_config.mask_decoder_config.to_dict(),
-            image_size=image_size,
-            num_maskmem=state["maskmem_tpos_enc"].shape[0],
-            enable_occlusion_spatial_embedding="no_obj_embed_spatial" in state,
-            enable_temporal_pos_encoding_for_object_pointers="obj_ptr_tpos_proj.weight" in state,
-            memory_attention_hidden_size=hidden,
-            memory_attention_num_layers=_count(state, r"memory_attention\.layers\.(\d+)\."),
-            memory_attention_downsample_rate=hidden // state[attention + "self_attn.q_proj.weight"].shape[0],
-            memory_attention_feed_forward_hidden_size=state[attention + "linear1.weight"].shape[0],
-            memory_attention_rope_feat_sizes=[image_size // 16] * 2,
-            memory_encoder_hidden_size=state[encoder + "pix_feat_proj.weight"].shape[0],
-            memory_encoder_output_channels=state[encoder + "out_proj.weight"].shape[0],
-            mask_downsampler_embed_dim=state[
-                f"{encoder}mask_downsampler.encoder.{3 * (downsampler // 2)}.weight"
-            ].shape[0],
-            mask_downsampler_kernel_size=state[encoder + "mask_downsampler.encoder.0.weight"].shape[-1],
-            mask_downsampler_padding=state[encoder + "mask_downsampler.encoder.0.weight"].shape[-1] // 2,
-            memory_fuser_num_layers=_count(state, r"memory_encoder\.fuser\.layers\.(\d+)\."),
-            memory_fuser_embed_dim=state[fuser + "dwconv.weight"].shape[0],
-            memory_fuser_intermediate_dim=state[fuser + "pwconv1.weight"].shape[0],
-            memory_fuser_kernel_size=state[fuser + "dwconv.weight"].shape[-1],
-            memory_fuser_padding=state[fuser + "dwconv.weight"].shape[-1] // 2,
-        )
-    except KeyError as error:
-        raise CheckpointError(
-            f"{source} has no video modules (no {error.args[0]!r}): an image-only SAM2 checkpoint cannot track "
-            "objects through a video; use Meta's full sam2_hiera_*.pt / sam2.1_hiera_*.pt file"
-        ) from None
 
 
 def sam2_variant(state: dict[str, torch.Tensor]) -> str:
@@ -435,110 +341,6 @@ def _infer_sam2_config(state: dict[str, torch.Tensor], source: str):
         "iou_head_hidden_dim": state[decoder + "iou_prediction_head.layers.0.weight"].shape[0],
     }
     return Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=mask_decoder)
-
-
-# ---------------------------------------------------------------------------------------------
-# DINOv2
-
-
-def load_meta_dinov2(path: str | Path, config=None):
-    """Meta's ``dinov2_vit{s,b,l,g}14_pretrain.pth`` -> ``transformers.Dinov2Model`` (float32, eval mode, CPU).
-
-    ``config``: a ``Dinov2Config`` (or its dict) for architectures the shapes cannot tell; else the
-    sidecar ``<path>.config.json``; else inferred for ViT-S/B/L/g.
-    """
-    from transformers import Dinov2Config
-
-    state = read_state_dict(path)
-    check_dinov2_file_name(path, state)
-    if config is None:
-        config = read_sidecar_config(path, Dinov2Config)
-    return dinov2_from_state_dict(state, config, source=str(path))
-
-
-def check_dinov2_file_name(path: str | Path, state: dict[str, torch.Tensor]) -> None:
-    """A file named as Meta names its DINOv2 checkpoints (``dinov2_vitl14_pretrain.pth``...) must hold that size."""
-    match = _DINOV2_FILE_NAME.match(Path(path).name)
-    if match is None or "cls_token" not in state:
-        return
-    width = state["cls_token"].shape[-1]
-    if width != DINOV2_WIDTHS[match.group(1)]:
-        held = next((f"ViT-{size}/14" for size, w in DINOV2_WIDTHS.items() if w == width), f"a width-{width} ViT")
-        raise CheckpointError(
-            f"{path}: the file name says DINOv2 ViT-{match.group(1)}/14, but the weights are {held}; the file is "
-            "misnamed or was mixed up with another: download it again or give the right file"
-        )
-
-
-def dinov2_from_state_dict(state: dict[str, torch.Tensor], config=None, source: str = "state dict"):
-    """A Meta DINOv2 state dict -> ``transformers.Dinov2Model``; see :func:`load_meta_dinov2`."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    config = infer_dinov2_config(state, source) if config is None else _as_config(config, Dinov2Config, source)
-    return _build(Dinov2Model, config, convert_dinov2_state_dict(state, source), source)
-
-
-def convert_dinov2_state_dict(state: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
-    """Meta DINOv2 keys -> ``Dinov2Model`` keys: fused qkv split into q, k, v; SwiGLU's w12 into gate, up."""
-    if "register_tokens" in state:
-        raise CheckpointError(f"{source}: a DINOv2 with register tokens; only DINOv2 without registers is supported")
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        if match := _DINOV2_QKV.match(key):
-            layer, kind = match.groups()
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
-                out[f"encoder.layer.{layer}.attention.{name}.{kind}"] = part.clone()
-            continue
-        if match := _DINOV2_W12.match(key):
-            layer, kind = match.groups()
-            for name, part in zip(("gate_proj", "up_proj"), value.chunk(2)):
-                out[f"encoder.layer.{layer}.mlp.{name}.{kind}"] = part.clone()
-            continue
-        for pattern, replacement in _DINOV2_RENAMES:
-            if re.search(pattern, key):
-                out[re.sub(pattern, replacement, key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"{source}: keys that are not part of a DINOv2 model: {_listing(unknown)}")
-    return out
-
-
-def infer_dinov2_config(state: dict[str, torch.Tensor], source: str = "state dict"):
-    """A ``Dinov2Config`` from a Meta DINOv2 state dict of one of the official sizes."""
-    try:
-        return _infer_dinov2_config(state, source)
-    except KeyError as error:
-        raise CheckpointError(f"{source} is not a complete Meta DINOv2 checkpoint: no {error.args[0]!r}") from None
-
-
-def _infer_dinov2_config(state: dict[str, torch.Tensor], source: str):
-    from transformers import Dinov2Config
-
-    hidden = state["cls_token"].shape[-1]
-    if hidden not in DINOV2_HEADS:
-        raise CheckpointError(
-            f"{source}: DINOv2 width {hidden} is none of Meta's ViT-S/B/L/g ({sorted(DINOV2_HEADS)}); its number "
-            "of heads cannot be read from the weights: pass its transformers Dinov2Config as config=, or write it "
-            "as JSON next to the file (<file>.config.json)"
-        )
-    patch = state["patch_embed.proj.weight"].shape[-1]
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
-    if grid * grid != state["pos_embed"].shape[1] - 1:
-        raise CheckpointError(f"{source}: pos_embed of {state['pos_embed'].shape[1]} tokens is not 1 + a square grid")
-    swiglu = "blocks.0.mlp.w12.weight" in state
-    return Dinov2Config(
-        hidden_size=hidden,
-        num_hidden_layers=_count(state, r"blocks\.(\d+)\."),
-        num_attention_heads=DINOV2_HEADS[hidden],
-        mlp_ratio=4 if swiglu else state["blocks.0.mlp.fc1.weight"].shape[0] // hidden,
-        image_size=grid * patch,
-        patch_size=patch,
-        use_swiglu_ffn=swiglu,
-        use_mask_token="mask_token" in state,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -385,7 +385,8 @@ def load_weights(source: ModelSource):
     local = source.local_path()  # before importing transformers: a missing model fails at once
     from transformers import Dinov2Model, Sam2Model
 
-    from .meta_checkpoints import load_meta_dinov2, load_meta_sam2
+    from .meta_checkpoints import load_meta_sam2
+    from .meta_dinov2_checkpoints import load_meta_dinov2
 
     if source.format == "transformers":
         return load_pretrained(Sam2Model if source.kind is SAM2 else Dinov2Model, local, source.kind)

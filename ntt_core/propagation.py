@@ -164,7 +164,7 @@ def load_video_weights(source: ModelSource):
     local = source.local_path()
     from transformers import Sam2VideoModel
 
-    from .meta_checkpoints import load_meta_sam2_video
+    from .meta_video_checkpoints import load_meta_sam2_video
 
     if source.format == "transformers":
         return load_pretrained(Sam2VideoModel, local, SAM2_VIDEO)

@@ -22,14 +22,8 @@ from tiny_models import META_SAM2_CONFIGS as SAM2_CONFIGS
 from tiny_models import build_tiny_meta_sam2, randomise
 from tiny_models import tiny_meta_sam2_config as tiny_sam2_config
 
-from ntt_core.meta_checkpoints import (
-    CheckpointError,
-    dinov2_from_state_dict,
-    load_meta_dinov2,
-    load_meta_sam2,
-    sam2_from_state_dict,
-    sam2_variant,
-)
+from ntt_core.meta_checkpoints import CheckpointError, load_meta_sam2, sam2_from_state_dict, sam2_variant
+from ntt_core.meta_dinov2_checkpoints import dinov2_from_state_dict, load_meta_dinov2
 from ntt_core.models import load_encoder, load_segmenter, normalize
 
 TOLERANCE = 1e-4  # fp32, max abs difference

@@ -20,7 +20,8 @@ from video_scenes import SIDE, WIDTH, tiny_video_config
 
 from ntt_core.checkpoints import CheckpointError
 from ntt_core.frames import square_frame
-from ntt_core.meta_checkpoints import convert_sam2_state_dict, sam2_video_from_state_dict
+from ntt_core.meta_checkpoints import convert_sam2_state_dict
+from ntt_core.meta_video_checkpoints import sam2_video_from_state_dict
 from ntt_core.propagation import load_propagator
 
 FRAMES = 6
