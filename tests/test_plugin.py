@@ -292,6 +292,33 @@ def test_the_segment_form_says_what_will_run_how_long_it_takes_and_advises_sched
     assert execution_options("segment_by_reference", dataset, slow)["default_choice_to_delegated"] is True
 
 
+def test_a_kept_timing_is_the_mean_of_the_last_50_images_and_a_corrupt_one_is_measured_again():
+    from fiftyone.operators.store import ExecutionStore
+
+    from ntt_core.fiftyone.timings import STORE, record_timing, seconds_per_image
+
+    key = "test-host|cpu|a|b|7"
+    ExecutionStore.create(STORE).delete(key)
+    assert seconds_per_image(key) is None
+    record_timing(key, 10.0, 1)
+    record_timing(key, 3 * 4.0, 3)
+    assert seconds_per_image(key) == pytest.approx((10.0 + 12.0) / 4)
+    record_timing(key, 60 * 2.0, 60)  # more than 50 images: the older ones no longer count
+    assert seconds_per_image(key) == pytest.approx(2.0)
+    record_timing(key, 1 * 52.0, 1)  # 49 images of 2 s and this one
+    assert seconds_per_image(key) == pytest.approx((49 * 2.0 + 52.0) / 50)
+    for corrupt in (
+        "fast",
+        {"seconds_per_image": "nan", "images": 3},
+        {"images": 3},
+        {"seconds_per_image": -1, "images": 1},
+    ):
+        ExecutionStore.create(STORE).set(key, corrupt)
+        assert seconds_per_image(key) is None  # the form says no figure exists
+        record_timing(key, 5.0, 1)  # the run measures again instead of failing
+        assert seconds_per_image(key) == pytest.approx(5.0)
+
+
 def test_a_delegated_run_asked_to_stop_stops_after_its_image_and_keeps_what_it_wrote(dataset, models):
     from ntt_core.fiftyone.stops import request_stop
 
