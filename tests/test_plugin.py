@@ -455,6 +455,30 @@ def test_app_progress_is_throttled_and_a_failure_mid_run_is_shown_with_its_messa
     assert (error["label"], error["description"]) == ("Segment by reference failed", "CUDA out of memory (simulated)")
 
 
+def test_progress_outside_the_app_sends_stages_at_most_every_interval_and_every_finished_item(dataset):
+    """Each progress of a delegated run is a database write: a stage's are throttled, never an item's."""
+    operator = foo.get_operator(uri("segment_by_reference"))
+    sent = []
+
+    class Recorded(ExecutionContext):
+        def set_progress(self, progress=None, label=None):
+            sent.append(label)
+
+    ctx = Recorded(dict(dataset_name=dataset.name, params={}), Executor())
+    stages = 40
+
+    def work(progress):
+        for done in range(2):
+            for prompt in range(stages):
+                progress(done, 2, detail=f"image {done + 1} of 2: prompts {prompt}/{stages}")
+            progress(done + 1, 2)
+        return {"field": "pred", "processed": 2, "instances": 0, "skipped_existing": 0, "failed": [], "note": ""}
+
+    run_with_progress(operator, ctx, "Images", work)
+    assert [label for label in sent if label.startswith("Images")] == ["Images: 1/2", "Images: 2/2"]
+    assert 1 <= len(sent) - 2 < stages  # the first stage of a run is sent, most of a quick burst is not
+
+
 def test_a_failed_app_run_shows_its_error_and_python_callers_get_it_raised(segmented, models, tmp_path):
     params = dict(bank_key="references", pred_field="never", **FAST, **{**models, "sam2": str(tmp_path / "no-sam2")})
     messages = run_from_app("segment_by_reference", segmented, params)
