@@ -787,3 +787,11 @@ def test_the_offline_stand_in_models_are_refused_plainly_in_the_forms(segmented,
     with pytest.raises(ExecutionError, match="Path: sam2. Reason: 'standin:connected-regions' is an offline"):
         run("segment_by_reference", segmented, {**params, **FAST})
     assert not segmented.has_field("new")
+
+
+def test_a_summary_table_keeps_one_row_per_entry_whatever_its_text_and_shows_missing_figures_as_dash():
+    from ntt_plugin.reports import metric, skipped_table
+
+    skipped = [{"reference_id": "r1", "class_name": None, "reason": "mask | box disagree\nsee log"}]
+    assert skipped_table(skipped).splitlines()[-1] == "| r1 | - | mask \\| box disagree see log |"
+    assert [metric(v) for v in (None, float("nan"), -1.0, 0.25)] == ["-", "-", "-", "0.250"]
