@@ -29,6 +29,7 @@ from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.operators.server import create_response_generator
 from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
 
+from ntt_core.errors import RunStopped
 from ntt_core.fiftyone.bank_runs import memory_bank_info
 from ntt_core.fiftyone.labels import PREDICTION_ATTRIBUTES
 from ntt_core.settings import Settings
@@ -339,7 +340,7 @@ def test_a_delegated_run_asked_to_stop_stops_after_its_image_and_keeps_what_it_w
     assert resumed["processed"] == 2 and resumed["skipped_existing"] == 1
 
 
-def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset, models, monkeypatch):
+def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset, models):
     """The page went away (or the server is stopping): FiftyOne closes the message generator; the
     segmentation ends at its next prompt batch, writing nothing of the image it was on."""
     import ntt_plugin.common
@@ -382,6 +383,37 @@ def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset
         "the App's request went away (page closed or reloaded, or the server is stopping): stopped after 1 of 3 samples"
     )
     assert len(dataset.exists("pred")) == 1
+
+
+def test_an_app_run_whose_messages_nobody_asks_for_stops_at_its_next_progress(dataset, monkeypatch):
+    """The server stopped reading the messages without closing the generator (a request cancelled
+    mid-stream): the run stops at its first progress once GONE_AFTER_S passed without a read."""
+    import ntt_plugin.common
+
+    monkeypatch.setattr(ntt_plugin.common, "GONE_AFTER_S", 0.5)
+    operator = foo.get_operator(uri("segment_by_reference"))
+    ctx = ExecutionContext(dict(operator_uri=operator.uri, dataset_name=dataset.name, params={}), Executor())
+    steps, errors = [], []
+
+    def work(progress):
+        try:
+            for done in range(500):
+                time.sleep(0.01)
+                progress(done, 500, detail=f"step {done}")
+                steps.append(done)
+        except RunStopped as error:
+            errors.append(error)
+            raise
+
+    messages = run_with_progress(operator, ctx, "Images", work)
+    next(messages)  # "Loading the models", then nobody asks again (the generator stays open)
+    deadline = time.monotonic() + 30
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [str(e) for e in errors] == [
+        "the App's request went away (page closed or reloaded, or the server is stopping)"
+    ]
+    assert 10 < len(steps) < 500  # it ran while read recently, then stopped long before its end
 
 
 def test_sharded_run_queues_fixed_shards_that_label_each_sample_once(dataset, models, tmp_path):
