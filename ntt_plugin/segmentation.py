@@ -9,6 +9,7 @@ import fiftyone.operators.types as types
 
 from . import reports
 from .common import (
+    GONE_AFTER_S,
     bank_choice,
     call,
     check,
@@ -45,7 +46,8 @@ def _target_problem(inputs, target) -> None:
 SCHEDULE_ADVICE = (
     "A long run: Schedule is pre-selected, so the App stays usable; start a worker on the server with "
     "`fiftyone delegated launch` (the Memory banks panel shows its progress and can stop it). "
-    "Execute runs it now, in this page, until it finishes."
+    "Execute runs it now, in this page: FiftyOne's Executing dialog cannot cancel it; closing or reloading "
+    f"the page stops it at its next prompt batch (after about {GONE_AFTER_S:.0f} s), keeping the finished samples."
 )
 
 
