@@ -827,3 +827,12 @@ def test_a_summary_table_keeps_one_row_per_entry_whatever_its_text_and_shows_mis
     skipped = [{"reference_id": "r1", "class_name": None, "reason": "mask | box disagree\nsee log"}]
     assert skipped_table(skipped).splitlines()[-1] == "| r1 | - | mask \\| box disagree see log |"
     assert [metric(v) for v in (None, float("nan"), -1.0, 0.25)] == ["-", "-", "-", "0.250"]
+
+
+@pytest.mark.bad_input
+def test_a_segment_form_with_an_unusable_grid_shows_the_error_under_it_and_no_estimate(dataset, models):
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    params = dict(bank_key="references", pred_field="pred", **{**FAST, "points_per_side": ""}, **models)
+    props = inputs_of("segment_by_reference", dataset, params)
+    assert props["points_per_side"].error_message == "points_per_side must be at least 1, got ''"
+    assert "estimate" not in props
