@@ -220,7 +220,7 @@ def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[..., N
     as it goes (``detail``: what is happening now, e.g. "image 3 of 40: prompts 256/1024").
 
     From Python and in delegated runs: returns its :func:`result` (progress goes to
-    ``ctx.set_progress``; a delegated run asked to stop from the panel, see
+    ``ctx.set_progress``, a stage's at most every ``PROGRESS_INTERVAL_S`` and each finished item; a delegated run asked to stop from the panel, see
     ``ntt_core.fiftyone.stops``, stops at its next progress without ``detail``, i.e. after the
     image it is on). From the App, which shows progress only from operators that run as
     generators (``execute_as_generator=True``): returns a generator of App messages instead (see
@@ -229,9 +229,13 @@ def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[..., N
     if from_app(ctx):
         return _stream(operator, ctx, label, work)
     stop_requested = _stop_check(ctx)
+    shown_at = [float("-inf")]
 
     def progress(done: int, total: int, detail: str = "") -> None:
-        ctx.set_progress(**_progress(label, done, total, detail))
+        # each one is a database write in a delegated run: a stage's at most every PROGRESS_INTERVAL_S
+        if not detail or time.monotonic() - shown_at[0] >= PROGRESS_INTERVAL_S:
+            ctx.set_progress(**_progress(label, done, total, detail))
+            shown_at[0] = time.monotonic()
         if not detail and stop_requested():
             from ntt_core.errors import RunStopped
 

@@ -4,6 +4,7 @@ itself stays in the result (``result["report"]``) for scripts."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 MISSING = "-"
@@ -11,18 +12,24 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR")  # pycocotools' figu
 
 
 def metric(value) -> str:
-    """A figure with 3 decimals; missing, or pycocotools' -1 (no ground truth of that size), as "-"."""
-    return MISSING if value is None or value < 0 else f"{value:.3f}"
+    """A figure with 3 decimals; missing, NaN, or pycocotools' -1 (no ground truth of that size), as "-"."""
+    return MISSING if value is None or math.isnan(value) or value < 0 else f"{value:.3f}"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     """A Markdown table ("-" for empty cells); an empty string when there is no row."""
-    rows = [[MISSING if value in (None, "") else str(value) for value in row] for row in rows]
+    rows = [[_cell(value) for value in row] for row in rows]
     if not rows:
         return ""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """``value`` as one table cell: "-" when empty; a "|" or a line break (in an error's reason) would end it."""
+    text = "" if value is None else " ".join(str(value).split())
+    return text.replace("|", "\\|") or MISSING
 
 
 def bullets(items: Iterable[str]) -> str:

@@ -9,6 +9,7 @@ import fiftyone.operators.types as types
 
 from . import reports
 from .common import (
+    GONE_AFTER_S,
     bank_choice,
     call,
     check,
@@ -49,7 +50,8 @@ def _target_problem(inputs, target) -> None:
 SCHEDULE_ADVICE = (
     "A long run: Schedule is pre-selected, so the App stays usable; start a worker on the server with "
     "`fiftyone delegated launch` (the Memory banks panel shows its progress and can stop it). "
-    "Execute runs it now, in this page, until it finishes."
+    "Execute runs it now, in this page: FiftyOne's Executing dialog cannot cancel it; closing or reloading "
+    f"the page stops it at its next prompt batch (after about {GONE_AFTER_S:.0f} s), keeping the finished samples."
 )
 
 
@@ -70,6 +72,7 @@ def _run_plan(ctx, params: dict):
     from ntt_core.errors import NttError
     from ntt_core.fiftyone.predictions import DEFAULT_PREDICTION_FIELD, segmentation_plan
     from ntt_core.fiftyone.timings import LONG_RUN_S, estimate, timing_key
+    from ntt_core.input_rules import check_count
     from ntt_core.settings import Settings
 
     def get(name: str, default):
@@ -83,10 +86,11 @@ def _run_plan(ctx, params: dict):
             skip_existing=bool(params.get("skip_existing")),
             skip_references=bool(params.get("skip_reference_samples")),
         )
-    except NttError:
+        grid = check_count(get("points_per_side", Settings().points_per_side), "points_per_side")
+    except NttError:  # shown under its field
         return None
     sam2, dinov2, device = get("sam2", ""), get("dinov2", ""), get("device", "auto")
-    key = timing_key(device, sam2, dinov2, int(get("points_per_side", Settings().points_per_side)))
+    key = timing_key(device, sam2, dinov2, grid)
     seconds, line = estimate(key, plan["samples"])
     paper_models_on_cpu = not sam2 and not dinov2 and device in ("auto", "cpu")
     schedule = (seconds is not None and seconds > LONG_RUN_S) or (seconds is None and paper_models_on_cpu)

@@ -387,6 +387,28 @@ def test_a_failure_keeps_finished_samples_and_skip_existing_finishes(banked, mod
 
 
 @pytest.mark.bad_input
+def test_overwrite_refused_for_a_run_key_taken_by_another_run_keeps_the_field(banked, models):
+    segmenter, encoder = models
+    segment_by_reference(banked, "bank", "pred", segmenter, encoder, settings=SETTINGS)
+    written = {s.id: [d.id for d in s.pred.detections] for s in banked}
+    banked.delete_run("segmentation_pred")  # the record lives on under the earlier key; another run takes the new one
+    banked.register_run("ntt_predictions_pred", banked.init_run(method="ntt_predictions", pred_field="pred"))
+    banked.register_run("segmentation_pred", banked.init_run(method="someone_else"))
+    with pytest.raises(FiftyOneAdapterError, match="run key 'segmentation_pred' is taken by another run"):
+        segment_by_reference(banked, "bank", "pred", segmenter, encoder, settings=SETTINGS, overwrite=True)
+    assert {s.id: [d.id for d in s.pred.detections] for s in banked} == written  # nothing cleared
+
+
+def test_overwrite_replaces_a_record_under_the_earlier_run_key(banked, models):
+    segmenter, encoder = models
+    banked.add_sample_field("pred", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    banked.register_run("ntt_predictions_pred", banked.init_run(method="ntt_predictions", pred_field="pred"))
+    segment_by_reference(banked, "bank", "pred", segmenter, encoder, settings=SETTINGS, overwrite=True)
+    assert "ntt_predictions_pred" not in banked.list_runs()
+    assert prediction_record(banked, "pred")["bank_key"] == "bank"
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("field", "message"),
     [

@@ -29,6 +29,7 @@ from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.operators.server import create_response_generator
 from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
 
+from ntt_core.errors import RunStopped
 from ntt_core.fiftyone.bank_runs import memory_bank_info
 from ntt_core.fiftyone.labels import PREDICTION_ATTRIBUTES
 from ntt_core.settings import Settings
@@ -292,6 +293,33 @@ def test_the_segment_form_says_what_will_run_how_long_it_takes_and_advises_sched
     assert execution_options("segment_by_reference", dataset, slow)["default_choice_to_delegated"] is True
 
 
+def test_a_kept_timing_is_the_mean_of_the_last_50_images_and_a_corrupt_one_is_measured_again():
+    from fiftyone.operators.store import ExecutionStore
+
+    from ntt_core.fiftyone.timings import STORE, record_timing, seconds_per_image
+
+    key = "test-host|cpu|a|b|7"
+    ExecutionStore.create(STORE).delete(key)
+    assert seconds_per_image(key) is None
+    record_timing(key, 10.0, 1)
+    record_timing(key, 3 * 4.0, 3)
+    assert seconds_per_image(key) == pytest.approx((10.0 + 12.0) / 4)
+    record_timing(key, 60 * 2.0, 60)  # more than 50 images: the older ones no longer count
+    assert seconds_per_image(key) == pytest.approx(2.0)
+    record_timing(key, 1 * 52.0, 1)  # 49 images of 2 s and this one
+    assert seconds_per_image(key) == pytest.approx((49 * 2.0 + 52.0) / 50)
+    for corrupt in (
+        "fast",
+        {"seconds_per_image": "nan", "images": 3},
+        {"images": 3},
+        {"seconds_per_image": -1, "images": 1},
+    ):
+        ExecutionStore.create(STORE).set(key, corrupt)
+        assert seconds_per_image(key) is None  # the form says no figure exists
+        record_timing(key, 5.0, 1)  # the run measures again instead of failing
+        assert seconds_per_image(key) == pytest.approx(5.0)
+
+
 def test_a_delegated_run_asked_to_stop_stops_after_its_image_and_keeps_what_it_wrote(dataset, models):
     from ntt_core.fiftyone.stops import request_stop
 
@@ -312,7 +340,7 @@ def test_a_delegated_run_asked_to_stop_stops_after_its_image_and_keeps_what_it_w
     assert resumed["processed"] == 2 and resumed["skipped_existing"] == 1
 
 
-def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset, models, monkeypatch):
+def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset, models):
     """The page went away (or the server is stopping): FiftyOne closes the message generator; the
     segmentation ends at its next prompt batch, writing nothing of the image it was on."""
     import ntt_plugin.common
@@ -355,6 +383,37 @@ def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset
         "the App's request went away (page closed or reloaded, or the server is stopping): stopped after 1 of 3 samples"
     )
     assert len(dataset.exists("pred")) == 1
+
+
+def test_an_app_run_whose_messages_nobody_asks_for_stops_at_its_next_progress(dataset, monkeypatch):
+    """The server stopped reading the messages without closing the generator (a request cancelled
+    mid-stream): the run stops at its first progress once GONE_AFTER_S passed without a read."""
+    import ntt_plugin.common
+
+    monkeypatch.setattr(ntt_plugin.common, "GONE_AFTER_S", 0.5)
+    operator = foo.get_operator(uri("segment_by_reference"))
+    ctx = ExecutionContext(dict(operator_uri=operator.uri, dataset_name=dataset.name, params={}), Executor())
+    steps, errors = [], []
+
+    def work(progress):
+        try:
+            for done in range(500):
+                time.sleep(0.01)
+                progress(done, 500, detail=f"step {done}")
+                steps.append(done)
+        except RunStopped as error:
+            errors.append(error)
+            raise
+
+    messages = run_with_progress(operator, ctx, "Images", work)
+    next(messages)  # "Loading the models", then nobody asks again (the generator stays open)
+    deadline = time.monotonic() + 30
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [str(e) for e in errors] == [
+        "the App's request went away (page closed or reloaded, or the server is stopping)"
+    ]
+    assert 10 < len(steps) < 500  # it ran while read recently, then stopped long before its end
 
 
 def test_sharded_run_queues_fixed_shards_that_label_each_sample_once(dataset, models, tmp_path):
@@ -426,6 +485,30 @@ def test_app_progress_is_throttled_and_a_failure_mid_run_is_shown_with_its_messa
     assert [name for name, _ in messages[-2:]] == ["show_output", "reload_dataset"]
     error = shown_error(messages)
     assert (error["label"], error["description"]) == ("Segment by reference failed", "CUDA out of memory (simulated)")
+
+
+def test_progress_outside_the_app_sends_stages_at_most_every_interval_and_every_finished_item(dataset):
+    """Each progress of a delegated run is a database write: a stage's are throttled, never an item's."""
+    operator = foo.get_operator(uri("segment_by_reference"))
+    sent = []
+
+    class Recorded(ExecutionContext):
+        def set_progress(self, progress=None, label=None):
+            sent.append(label)
+
+    ctx = Recorded(dict(dataset_name=dataset.name, params={}), Executor())
+    stages = 40
+
+    def work(progress):
+        for done in range(2):
+            for prompt in range(stages):
+                progress(done, 2, detail=f"image {done + 1} of 2: prompts {prompt}/{stages}")
+            progress(done + 1, 2)
+        return {"field": "pred", "processed": 2, "instances": 0, "skipped_existing": 0, "failed": [], "note": ""}
+
+    run_with_progress(operator, ctx, "Images", work)
+    assert [label for label in sent if label.startswith("Images")] == ["Images: 1/2", "Images: 2/2"]
+    assert 1 <= len(sent) - 2 < stages  # the first stage of a run is sent, most of a quick burst is not
 
 
 def test_a_failed_app_run_shows_its_error_and_python_callers_get_it_raised(segmented, models, tmp_path):
@@ -736,3 +819,20 @@ def test_the_offline_stand_in_models_are_refused_plainly_in_the_forms(segmented,
     with pytest.raises(ExecutionError, match="Path: sam2. Reason: 'standin:connected-regions' is an offline"):
         run("segment_by_reference", segmented, {**params, **FAST})
     assert not segmented.has_field("new")
+
+
+def test_a_summary_table_keeps_one_row_per_entry_whatever_its_text_and_shows_missing_figures_as_dash():
+    from ntt_plugin.reports import metric, skipped_table
+
+    skipped = [{"reference_id": "r1", "class_name": None, "reason": "mask | box disagree\nsee log"}]
+    assert skipped_table(skipped).splitlines()[-1] == "| r1 | - | mask \\| box disagree see log |"
+    assert [metric(v) for v in (None, float("nan"), -1.0, 0.25)] == ["-", "-", "-", "0.250"]
+
+
+@pytest.mark.bad_input
+def test_a_segment_form_with_an_unusable_grid_shows_the_error_under_it_and_no_estimate(dataset, models):
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    params = dict(bank_key="references", pred_field="pred", **{**FAST, "points_per_side": ""}, **models)
+    props = inputs_of("segment_by_reference", dataset, params)
+    assert props["points_per_side"].error_message == "points_per_side must be at least 1, got ''"
+    assert "estimate" not in props

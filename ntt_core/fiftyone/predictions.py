@@ -106,14 +106,16 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
         _check_same_run(name, existing, record)
         declare_prediction_attributes(dataset, name)  # a field written before they were declared
         return
+    if dataset.has_run(key) and key not in dataset.list_runs(method=PREDICTION_METHOD):  # before changing anything
+        raise FiftyOneAdapterError(f"run key '{key}' is taken by another run")
     if exists:
         for eval_key in dataset.list_evaluations(pred_field=name):
             dataset.delete_evaluation(eval_key)  # its results describe the predictions being replaced
         dataset.clear_sample_field(name)
+        if LEGACY_RUN_PREFIX + name in dataset.list_runs(method=PREDICTION_METHOD):
+            dataset.delete_run(LEGACY_RUN_PREFIX + name)  # describes the predictions being replaced
     else:
         dataset.add_sample_field(name, fof.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
-    if dataset.has_run(key) and key not in dataset.list_runs(method=PREDICTION_METHOD):
-        raise FiftyOneAdapterError(f"run key '{key}' is taken by another run")
     dataset.register_run(key, dataset.init_run(method=PREDICTION_METHOD, **record), overwrite=True)
     declare_prediction_attributes(dataset, name)
 

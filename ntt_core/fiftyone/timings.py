@@ -4,10 +4,12 @@ run's time from them, and says so when no figure exists yet."""
 
 from __future__ import annotations
 
+import math
 import platform
 
 STORE = "ntt_timings"
 LONG_RUN_S = 60.0  # above this, the form recommends a scheduled run
+WINDOW = 50  # a figure is the mean over the last this many images measured
 
 
 def _store():
@@ -24,17 +26,28 @@ def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int) -> str
 
 def seconds_per_image(key: str) -> float | None:
     """The kept figure of ``key``, or None before any run measured one."""
-    kept = _store().get(key)
-    return None if kept is None else float(kept["seconds_per_image"])
+    kept = _kept(key)
+    return None if kept is None else kept[0]
 
 
 def record_timing(key: str, seconds: float, images: int) -> None:
     """Refine the figure of ``key`` with a run that took ``seconds`` for ``images`` images: the mean
-    over the last (up to 50) images measured."""
-    kept = _store().get(key) or {"seconds_per_image": 0.0, "images": 0}
-    weight = min(int(kept["images"]), 50 - min(images, 50))
-    total = kept["seconds_per_image"] * weight + seconds
+    over the last (up to ``WINDOW``) images measured."""
+    per_image, counted = _kept(key) or (0.0, 0)
+    weight = min(counted, WINDOW - min(images, WINDOW))
+    total = per_image * weight + seconds
     _store().set(key, {"seconds_per_image": total / (weight + images), "images": weight + images})
+
+
+def _kept(key: str) -> tuple[float, int] | None:
+    """``(seconds per image, images measured)`` kept for ``key``; None when there is none, or what is
+    kept is not such a figure (written by hand or by another version): the next run measures again."""
+    kept = _store().get(key)
+    try:
+        per_image, images = float(kept["seconds_per_image"]), int(kept["images"])
+    except (TypeError, KeyError, ValueError, OverflowError):
+        return None
+    return (per_image, images) if math.isfinite(per_image) and per_image >= 0 and images > 0 else None
 
 
 def estimate(key: str, images: int) -> tuple[float | None, str]:
