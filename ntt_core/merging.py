@@ -57,6 +57,23 @@ def taps(source: int, target: int, device: torch.device) -> Taps:
     return Taps(*(t.to(device) for t in (cpu.index, cpu.weight, cpu.first, cpu.last)))
 
 
+def _resample(values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over k of weight[:, k] * values[..., index[:, k]] along the last axis."""
+    out = values[..., index[:, 0]] * weight[:, 0]
+    for k in range(1, index.shape[1]):  # over taps, a handful, never over masks
+        out = out + values[..., index[:, k]] * weight[:, k]
+    return out
+
+
+def upsample_window(logits: torch.Tensor, rows: Taps, cols: Taps, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    """Rows y0:y1 and columns x0:x1 of the upsampled logits ``[N, m, m]`` -> ``[N, y1-y0, x1-x0]``
+    (columns first, then rows, like PyTorch's separable kernel)."""
+    row_index = rows.index[y0:y1]
+    low, high = int(rows.first[y0]), int(row_index.max()) + 1  # the low-resolution rows this window reads
+    band = _resample(logits[:, low:high], cols.index[x0:x1], cols.weight[x0:x1])  # [N, rows read, x1-x0]
+    return _resample(band.transpose(1, 2), row_index - low, rows.weight[y0:y1]).transpose(1, 2)
+
+
 def window_bounds(low_boxes: torch.Tensor, mask_size: int, image_size: tuple[int, int]) -> torch.Tensor:
     """Full-resolution windows ``[N, 4]`` (x0, y0, x1, y1), end-exclusive, certain to contain the
     upsampled masks whose low-resolution inclusive boxes are ``low_boxes`` ``[N, 4]``.
@@ -89,8 +106,8 @@ def full_resolution_stats(
     areas ``[N]`` float64, boxes ``[N, 4]`` int64 (x0, y0, x1, y1 end-exclusive; zeros if empty),
     intersections ``[N, N]`` float64 (zero across classes).
 
-    Each square tile upsamples only the masks whose windows reach into it, each only over its own
-    window's part of the tile, so the work follows the masks' windows, not the image's size.
+    Each square tile upsamples only the masks whose windows reach into it, and only over the part
+    of the tile those windows cover, so the work follows the masks' windows, not the image's size.
     """
     height, width = image_size
     count, device = logits.shape[0], logits.device
@@ -113,7 +130,7 @@ def full_resolution_stats(
             x0, x1 = max(left, int(reach[:, 0].min())), min(left + side, width, int(reach[:, 2].max()))
             if y1 <= y0 or x1 <= x0:
                 continue
-            masks = _tile_masks(logits, active, windows[active], rows, cols, (y0, y1, x0, x1))  # [A, y1-y0, x1-x0]
+            masks = upsample_window(logits[active], rows, cols, y0, y1, x0, x1) > 0  # [A, y1 - y0, x1 - x0]
             flat = masks.flatten(1).float()
             areas[active] += flat.sum(1).double()
             active_labels = labels[active]
@@ -155,33 +172,20 @@ def soft_merge_factors(
 
 def crop_masks(logits: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> list:
     """Full-resolution masks of ``logits`` ``[K, m, m]`` cropped to their end-exclusive ``boxes``
-    ``[K, 4]``, as bool numpy arrays ``[y1 - y0, x1 - x0]`` (one window each, never the whole image);
-    one copy to the host per batch of :func:`windowed_masks`, none per mask."""
+    ``[K, 4]``, as bool numpy arrays ``[y1 - y0, x1 - x0]`` (one window each, never the whole image).
+
+    Windows of similar height are upsampled together, padded to the batch's largest (at most 1.5 x
+    the pixels they hold, and ``CHUNK_ELEMENTS`` unless one window alone is larger), each from only
+    the low-resolution rows it reads; one copy to the host per batch, none per mask.
+    """
     height, width = image_size
+    count = logits.shape[0]
     rows, cols = taps(logits.shape[1], height, logits.device), taps(logits.shape[2], width, logits.device)
     bounds = boxes.to("cpu", torch.int64).reshape(-1, 4)
     heights = (bounds[:, 3] - bounds[:, 1]).clamp(min=0).tolist()
     widths = (bounds[:, 2] - bounds[:, 0]).clamp(min=0).tolist()
     crops: list = [np.zeros((h, w), dtype=bool) for h, w in zip(heights, widths)]
-    for members, masks in windowed_masks(logits, torch.arange(logits.shape[0]), bounds, rows, cols):
-        for crop, i in zip(masks.cpu().numpy(), members):
-            crops[i] = np.ascontiguousarray(crop[: heights[i], : widths[i]])
-    return crops
-
-
-def windowed_masks(logits: torch.Tensor, index: torch.Tensor, bounds: torch.Tensor, rows: Taps, cols: Taps):
-    """Upsampled masks (logit > 0) of ``logits[index]`` (``logits`` ``[K, m, m]``, ``index`` ``[A]``),
-    each over its own end-exclusive window ``bounds`` ``[A, 4]`` (x0, y0, x1, y1, CPU), in batches:
-    yields (members, a list of positions into ``index``; masks ``[G, tallest, widest]`` bool, window g
-    in masks[g, :height_g, :width_g]; beyond that, repeats of its last row and column).
-
-    Windows of similar height are upsampled together, padded to the batch's largest (at most 1.5 x
-    the pixels they hold, and ``CHUNK_ELEMENTS`` unless one window alone is larger), each from only
-    the low-resolution rows it reads. Empty windows are skipped.
-    """
-    heights = (bounds[:, 3] - bounds[:, 1]).clamp(min=0).tolist()
-    widths = (bounds[:, 2] - bounds[:, 0]).clamp(min=0).tolist()
-    order = sorted((i for i in range(len(heights)) if heights[i] and widths[i]), key=lambda i: -heights[i])
+    order = sorted((i for i in range(count) if heights[i] and widths[i]), key=lambda i: -heights[i])
     start = 0
     while start < len(order):
         tallest, widest, pixels, end = heights[order[start]], widths[order[start]], 0, start
@@ -193,41 +197,16 @@ def windowed_masks(logits: torch.Tensor, index: torch.Tensor, bounds: torch.Tens
             widest, pixels, end = grown, pixels + area, end + 1
         members = order[start:end]
         start = end
-        yield members, _upsample_windows(logits, index[members], rows, cols, bounds[members], tallest, widest)
-
-
-def _tile_masks(
-    logits: torch.Tensor, active: torch.Tensor, windows: torch.Tensor, rows: Taps, cols: Taps, tile: tuple
-) -> torch.Tensor:
-    """Upsampled masks (logit > 0) of ``logits[active]`` over the tile (y0, y1, x0, x1), ``[A, y1-y0, x1-x0]``
-    bool, each computed only inside its own ``windows`` ``[A, 4]`` (false outside, as it is there)."""
-    y0, y1, x0, x1 = tile
-    device = logits.device
-    canvas = torch.zeros(active.numel(), y1 - y0, x1 - x0, dtype=torch.bool, device=device)
-    clipped = windows.to("cpu", torch.int64).clone()
-    clipped[:, 0::2] = clipped[:, 0::2].clamp(x0, x1)
-    clipped[:, 1::2] = clipped[:, 1::2].clamp(y0, y1)
-    for members, masks in windowed_masks(logits, active, clipped, rows, cols):
-        bounds = clipped[members].to(device)
-        ys = torch.arange(masks.shape[1], device=device)
-        xs = torch.arange(masks.shape[2], device=device)
-        inside = (ys[None, :, None] < (bounds[:, 3] - bounds[:, 1])[:, None, None]) & (
-            xs[None, None, :] < (bounds[:, 2] - bounds[:, 0])[:, None, None]
-        )  # [G, tallest, widest]: the window itself, not the padding
-        at = (
-            torch.tensor(members, device=device)[:, None, None] * canvas[0].numel()
-            + (bounds[:, 1, None, None] - y0 + ys[None, :, None]) * canvas.shape[2]
-            + (bounds[:, 0, None, None] - x0 + xs[None, None, :])
-        )
-        canvas.view(-1)[at[masks & inside]] = True
-    return canvas
+        for crop, i in zip(_upsample_windows(logits, members, rows, cols, bounds[members], tallest, widest), members):
+            crops[i] = np.ascontiguousarray(crop[: heights[i], : widths[i]])
+    return crops
 
 
 def _upsample_windows(
-    logits: torch.Tensor, members: torch.Tensor, rows: Taps, cols: Taps, bounds: torch.Tensor, tallest: int, widest: int
-) -> torch.Tensor:
+    logits: torch.Tensor, members: list[int], rows: Taps, cols: Taps, bounds: torch.Tensor, tallest: int, widest: int
+) -> np.ndarray:
     """Upsampled masks (logit > 0) of ``logits[members]`` (``logits`` ``[K, m, m]``, G members) over
-    their own windows ``bounds`` ``[G, 4]`` (CPU, non-empty), padded to ``[G, tallest, widest]`` bool."""
+    their own windows ``bounds`` ``[G, 4]`` (CPU, non-empty), padded to ``[G, tallest, widest]`` bool (numpy)."""
     device = logits.device
     last_y, last_x = bounds[:, 3:4] - 1, bounds[:, 2:3] - 1
     y = torch.minimum(bounds[:, 1:2] + torch.arange(tallest), last_y).to(device)  # [G, tallest]
@@ -236,15 +215,15 @@ def _upsample_windows(
     low = rows.first[y[:, :1]]  # [G, 1]: the first low-resolution row each window reads
     read = int((row_index.amax((1, 2)) - low[:, 0]).max()) + 1  # the most rows one window reads
     band_rows = (low + torch.arange(read, device=device)).clamp(max=logits.shape[1] - 1)  # [G, read]
-    band = logits[members.to(device)[:, None], band_rows]  # [G, read, m]
+    band = logits[torch.tensor(members, device=device)[:, None], band_rows]  # [G, read, m]
     band = _gather_resample(band, 2, cols.index[x], cols.weight[x])  # [G, read, widest]
     upsampled = _gather_resample(band, 1, row_index - low[:, :, None], rows.weight[y])  # [G, tallest, widest]
-    return upsampled > 0
+    return (upsampled > 0).cpu().numpy()
 
 
 def _gather_resample(values: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each item's own taps along ``dim`` (1 or 2) of ``values`` ``[G, A, B]``: index, weight ``[G, n, K]``
-    -> ``[G, n, B]`` (dim 1) or ``[G, A, n]`` (dim 2); sum over k of weight[..., k] * values[index[..., k]], in k order (PyTorch's)."""
+    -> ``[G, n, B]`` (dim 1) or ``[G, A, n]`` (dim 2); the same sums, in the same order, as :func:`_resample`."""
 
     def tap(k: int) -> torch.Tensor:
         if dim == 1:
