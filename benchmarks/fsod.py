@@ -31,9 +31,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntt_core.cli_common import seed_option, shots_option
+from ntt_core.cli.options import seed_option, shots_option
 from ntt_core.coco import (
-    evaluate,
     instances_to_coco_results,
     load_coco,
     references_from_coco,
@@ -41,6 +40,7 @@ from ntt_core.coco import (
     sample_references,
     write_json,
 )
+from ntt_core.coco_evaluation import evaluate
 from ntt_core.errors import NttError
 from ntt_core.images import ImageError
 from ntt_core.models import DEFAULT_DINOV2, DEFAULT_SAM2
@@ -91,25 +91,19 @@ def predict(predictor, targets: dict, image_dir: Path, category_ids: dict, batch
 
     results, failed = [], []
     images = targets["images"]
-    with tqdm(total=len(images), desc="segmenting", unit="image", file=sys.stderr) as bar:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            outputs = predictor.predict_paths(
-                [image_dir / image["file_name"] for image in batch],
-                exif_orientation=False,
-                sizes=[(image["height"], image["width"]) for image in batch],
-            )
-            for image, output in zip(batch, outputs):
-                if isinstance(output, ImageError):
-                    failed.append(str(output))
-                else:
-                    results.extend(instances_to_coco_results(output, image["id"], category_ids))
-            bar.update(len(batch))
+    paths = [image_dir / image["file_name"] for image in images]
+    sizes = [(image["height"], image["width"]) for image in images]
+    stream = predictor.predict_stream(paths, batch_size, sizes=sizes, exif_orientation=False)
+    for index, output in tqdm(stream, total=len(images), desc="segmenting", unit="image", file=sys.stderr):
+        if isinstance(output, ImageError):
+            failed.append(str(output))
+        else:
+            results.extend(instances_to_coco_results(output, images[index]["id"], category_ids))
     return results, failed
 
 
 def pycocotools_figures(truth: dict, results: list, category_ids: Sequence[int]) -> dict:
-    """bbox / segm nAP, nAP50, nAP75 over ``category_ids``, from :func:`ntt_core.coco.evaluate`."""
+    """bbox / segm nAP, nAP50, nAP75 over ``category_ids``, from :func:`ntt_core.coco_evaluation.evaluate`."""
     report = evaluate(truth, results, category_ids)
     figures = {t: {name: report[t][key] for name, key in METRICS.items()} for t in ("bbox", "segm") if t in report}
     return {**figures, "notes": report["notes"]}

@@ -25,7 +25,8 @@ import torch
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntt_core.coco import evaluate, instances_to_coco_results
+from ntt_core.coco import instances_to_coco_results
+from ntt_core.coco_evaluation import evaluate
 from ntt_core.errors import NttError
 from ntt_core.memory_bank import build_memory_bank
 from ntt_core.predictor import Predictor

@@ -1,5 +1,6 @@
-"""Reviewing a memory bank: leave-one-out scores and per-class threshold suggestions, adding and
-removing references (positive or negative), and thumbnails of reference instances.
+"""Reviewing a memory bank: leave-one-out scores and per-class threshold suggestions, and
+thumbnails of reference instances (adding and removing references are the bank's own edits, in
+:mod:`ntt_core.memory_bank`).
 
 Every function takes and returns plain :class:`~ntt_core.memory_bank.MemoryBank` objects; the
 dataset side lives in :mod:`ntt_core.fiftyone.review`.
@@ -8,9 +9,7 @@ dataset side lives in :mod:`ntt_core.fiftyone.review`.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +19,7 @@ from PIL import Image
 
 from .geometry import reference_crop_box
 from .matching import class_similarity, negative_damping
-from .memory_bank import DescribedReferences, MemoryBank, MemoryBankError
-from .references import skipped_instance
+from .memory_bank import MemoryBank
 from .settings import Settings
 
 #: Percentile of a class's leave-one-out scores that :func:`suggest_thresholds` proposes.
@@ -118,78 +116,6 @@ def suggest_thresholds(bank: MemoryBank, percentile: float = SUGGESTION_PERCENTI
             "note": note,
         }
     return result
-
-
-def add_references(bank: MemoryBank, described: DescribedReferences) -> tuple[MemoryBank, list[dict]]:
-    """``bank`` plus the described instances (positive ones as new shots, a new class appended
-    when needed; negative ones as negative references of their class).
-
-    The descriptors must come from the bank's encoder (check with ``bank.check_encoder`` before
-    describing). Instances already in the bank, and negative ones of a class without positive
-    references in the bank, are skipped. Returns the new bank and the skipped instances
-    ``{"reference_id", "class_name", "reason"}``.
-    """
-    if len(described.instances) and described.descriptors.shape[1] != bank.feature_dim:
-        raise MemoryBankError(
-            f"new descriptors have {described.descriptors.shape[1]} channels, the bank {bank.feature_dim}: "
-            "describe them with the bank's encoder"
-        )
-    classes, known, skipped, rows = list(bank.classes), set(bank.reference_ids), [], []
-    for row, instance in enumerate(described.instances):
-        reason = ""
-        if instance.reference_id in known:
-            reason = "already a reference of this memory bank"
-        elif instance.negative and instance.class_name not in bank.classes:
-            reason = f"class '{instance.class_name}' has no positive reference in this memory bank"
-        if reason:
-            skipped.append(skipped_instance(instance, reason))
-            continue
-        if instance.class_name not in classes:
-            classes.append(instance.class_name)
-        known.add(instance.reference_id)
-        rows.append(row)
-    added = [described.instances[row] for row in rows]
-    lookup = {name: i for i, name in enumerate(classes)}
-    grown = dataclasses.replace(  # same encoder, segmenter, settings and skipped list
-        bank,
-        classes=classes,
-        descriptors=torch.cat([bank.descriptors, described.descriptors[rows].reshape(len(rows), bank.feature_dim)]),
-        class_index=torch.cat(
-            [bank.class_index, torch.tensor([lookup[i.class_name] for i in added], dtype=torch.int64)]
-        ),
-        negative=torch.cat([bank.negative, torch.tensor([i.negative for i in added], dtype=torch.bool)]),
-        reference_ids=bank.reference_ids + [i.reference_id for i in added],
-        image_ids=bank.image_ids + [described.image_ids[row] for row in rows],
-    )
-    return grown, skipped
-
-
-def remove_references(bank: MemoryBank, reference_ids: Iterable[str]) -> tuple[MemoryBank, list[str], list[str]]:
-    """``bank`` without the given references. A class left without positive references is
-    dropped with its negative ones. Returns the new bank, the ids removed and the classes dropped;
-    raises :class:`MemoryBankError` when nothing would be left."""
-    wanted = set(reference_ids)
-    keep = torch.tensor([rid not in wanted for rid in bank.reference_ids], dtype=torch.bool)
-    positive_left = torch.bincount(bank.class_index[keep & ~bank.negative], minlength=len(bank.classes))
-    dropped = [name for i, name in enumerate(bank.classes) if positive_left[i] == 0]
-    classes = [name for name in bank.classes if name not in dropped]
-    if not classes:
-        raise MemoryBankError("removing these references would leave the memory bank empty: delete the bank instead")
-    keep &= positive_left[bank.class_index] > 0
-    remap = torch.full((len(bank.classes),), -1, dtype=torch.int64)
-    remap[positive_left > 0] = torch.arange(len(classes))
-    rows = torch.nonzero(keep).flatten().tolist()
-    removed = [rid for rid, kept in zip(bank.reference_ids, keep.tolist()) if not kept]
-    smaller = dataclasses.replace(
-        bank,
-        classes=classes,
-        descriptors=bank.descriptors[keep],
-        class_index=remap[bank.class_index[keep]],
-        negative=bank.negative[keep],
-        reference_ids=[bank.reference_ids[row] for row in rows],
-        image_ids=[bank.image_ids[row] for row in rows],
-    )
-    return smaller, removed, dropped
 
 
 def thumbnail(

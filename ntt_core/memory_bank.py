@@ -1,5 +1,6 @@
 """The memory bank: one DINOv2 descriptor per reference instance, class prototypes from them,
-and a pickle-free file format (safetensors + a JSON manifest)."""
+a pickle-free file format (safetensors + a JSON manifest), building a bank from described
+references, and its edits (adding and removing references)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .box_prompts import box_mask_crops
 from .errors import NttError
-from .frames import bicubic, image_tensor, square_frame
+from .frames import bicubic, image_tensor
 from .geometry import mask_box, reference_crop_box
 from .images import as_rgb_array, load_image
-from .merging import crop_masks
 from .models import FeatureEncoder, PromptSegmenter
 from .references import InvalidReferenceError, ReferenceImage, ReferenceInstance, skipped_instance
 from .settings import Settings
@@ -362,27 +363,76 @@ def _unusable(instance: ReferenceInstance, image_size: tuple[int, int], segmente
     return ""
 
 
-def _box_logits(segmenter: PromptSegmenter, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
-    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> low-resolution mask logits ``[N, m, m]`` float32."""
-    height, width = image.shape[:2]
-    frame = segmenter.input_size
-    features = segmenter.embed(square_frame(image, frame).to(segmenter.device))
-    scale = torch.tensor([frame / width, frame / height, frame / width, frame / height])
-    prompts = torch.as_tensor(np.asarray(boxes, dtype=np.float32)) * scale
-    logits, _ = segmenter.segment_boxes(features, prompts[None])  # [1, N, m, m]
-    return logits[0].float()
+# --- editing a bank ---
 
 
-def box_mask_crops(
-    segmenter: PromptSegmenter,
-    image: np.ndarray,
-    boxes: Sequence[Sequence[float]],
-    windows: Sequence[tuple[int, int, int, int]] | None = None,
-) -> list[np.ndarray]:
-    """SAM2 box prompts (x0, y0, x1, y1 in image pixels) -> each full-resolution mask
-    (``F.interpolate(bilinear, antialias=True) > 0`` of its logits) cut to its window, integer
-    end-exclusive (default: its own box), ``[y1 - y0, x1 - x0]`` bool, without any full-size mask."""
-    logits = _box_logits(segmenter, image, boxes)
-    windows = boxes if windows is None else windows
-    bounds = torch.as_tensor(np.asarray(windows, dtype=np.int64).reshape(-1, 4), device=logits.device)
-    return crop_masks(logits, bounds, image.shape[:2])
+def add_references(bank: MemoryBank, described: DescribedReferences) -> tuple[MemoryBank, list[dict]]:
+    """``bank`` plus the described instances (positive ones as new shots, a new class appended
+    when needed; negative ones as negative references of their class).
+
+    The descriptors must come from the bank's encoder (check with ``bank.check_encoder`` before
+    describing). Instances already in the bank, and negative ones of a class without positive
+    references in the bank, are skipped. Returns the new bank and the skipped instances
+    ``{"reference_id", "class_name", "reason"}``.
+    """
+    if len(described.instances) and described.descriptors.shape[1] != bank.feature_dim:
+        raise MemoryBankError(
+            f"new descriptors have {described.descriptors.shape[1]} channels, the bank {bank.feature_dim}: "
+            "describe them with the bank's encoder"
+        )
+    classes, known, skipped, rows = list(bank.classes), set(bank.reference_ids), [], []
+    for row, instance in enumerate(described.instances):
+        reason = ""
+        if instance.reference_id in known:
+            reason = "already a reference of this memory bank"
+        elif instance.negative and instance.class_name not in bank.classes:
+            reason = f"class '{instance.class_name}' has no positive reference in this memory bank"
+        if reason:
+            skipped.append(skipped_instance(instance, reason))
+            continue
+        if instance.class_name not in classes:
+            classes.append(instance.class_name)
+        known.add(instance.reference_id)
+        rows.append(row)
+    added = [described.instances[row] for row in rows]
+    lookup = {name: i for i, name in enumerate(classes)}
+    grown = replace(  # same encoder, segmenter, settings and skipped list
+        bank,
+        classes=classes,
+        descriptors=torch.cat([bank.descriptors, described.descriptors[rows].reshape(len(rows), bank.feature_dim)]),
+        class_index=torch.cat(
+            [bank.class_index, torch.tensor([lookup[i.class_name] for i in added], dtype=torch.int64)]
+        ),
+        negative=torch.cat([bank.negative, torch.tensor([i.negative for i in added], dtype=torch.bool)]),
+        reference_ids=bank.reference_ids + [i.reference_id for i in added],
+        image_ids=bank.image_ids + [described.image_ids[row] for row in rows],
+    )
+    return grown, skipped
+
+
+def remove_references(bank: MemoryBank, reference_ids: Iterable[str]) -> tuple[MemoryBank, list[str], list[str]]:
+    """``bank`` without the given references. A class left without positive references is
+    dropped with its negative ones. Returns the new bank, the ids removed and the classes dropped;
+    raises :class:`MemoryBankError` when nothing would be left."""
+    wanted = set(reference_ids)
+    keep = torch.tensor([rid not in wanted for rid in bank.reference_ids], dtype=torch.bool)
+    positive_left = torch.bincount(bank.class_index[keep & ~bank.negative], minlength=len(bank.classes))
+    dropped = [name for i, name in enumerate(bank.classes) if positive_left[i] == 0]
+    classes = [name for name in bank.classes if name not in dropped]
+    if not classes:
+        raise MemoryBankError("removing these references would leave the memory bank empty: delete the bank instead")
+    keep &= positive_left[bank.class_index] > 0
+    remap = torch.full((len(bank.classes),), -1, dtype=torch.int64)
+    remap[positive_left > 0] = torch.arange(len(classes))
+    rows = torch.nonzero(keep).flatten().tolist()
+    removed = [rid for rid, kept in zip(bank.reference_ids, keep.tolist()) if not kept]
+    smaller = replace(
+        bank,
+        classes=classes,
+        descriptors=bank.descriptors[keep],
+        class_index=remap[bank.class_index[keep]],
+        negative=bank.negative[keep],
+        reference_ids=[bank.reference_ids[row] for row in rows],
+        image_ids=[bank.image_ids[row] for row in rows],
+    )
+    return smaller, removed, dropped

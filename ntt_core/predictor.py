@@ -3,7 +3,7 @@ merging, top-k. One call segments every class of the bank in a batch of images."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from .candidate_cache import CandidateCache, DescribedCandidates, context_key, i
 from .frames import bicubic, square_frame
 from .geometry import mask_boxes
 from .images import ImageError, as_rgb_array, load_image
+from .input_rules import check_count
 from .instances import Instances
 from .matching import best_references, pool_features, score_classes
 from .memory_bank import MemoryBank
@@ -26,7 +27,9 @@ from .settings import Settings
 class Predictor:
     """Segment every instance of the bank's classes in images.
 
-    ``predict(images)`` takes ``[H, W, 3]`` uint8 arrays and returns one :class:`Instances` each.
+    ``predict(images)`` takes ``[H, W, 3]`` uint8 arrays and returns one :class:`Instances` each;
+    ``predict_paths`` does the same for a batch of files; ``predict_stream`` runs a whole list of
+    files batch by batch, the one loop the CLI, the benchmarks and FiftyOne segmentation share.
     With a ``cache``, each image's bank-independent results (:meth:`candidates`) are read from it
     when there and stored otherwise, so a bank edit re-runs only the bank-dependent finish.
     """
@@ -124,6 +127,34 @@ class Predictor:
         for i, instances in zip(good, self.predict(arrays, chosen)):
             results[i] = instances
         return results
+
+    def predict_stream(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 1,
+        *,
+        first_batch_size: int | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        **read_options,
+    ) -> Iterator[tuple[int, Instances | ImageError]]:
+        """Yield ``(index in paths, Instances or ImageError)`` for each image, in order, as soon as
+        its batch is done: :meth:`predict_paths` on batches of ``batch_size`` (the first one of
+        ``first_batch_size``: 1 gives a first result, and a time estimate, soonest).
+
+        ``sizes`` gives each path's mask size (see :meth:`predict`); ``read_options``
+        (``exif_orientation``) go to :meth:`predict_paths`. ``should_stop()`` is asked before each
+        batch: once it is true the stream ends, the images of the batches done all yielded. What is
+        done per image (records, progress) is the consumer's loop body.
+        """
+        check_count(batch_size, "batch_size")
+        first = check_count(first_batch_size, "first_batch_size") if first_batch_size is not None else batch_size
+        starts = [0, *range(first, len(paths), batch_size)]
+        for start, end in zip(starts, [*starts[1:], len(paths)]):
+            if start >= end or (should_stop is not None and should_stop()):
+                return
+            options = read_options if sizes is None else {**read_options, "sizes": sizes[start:end]}
+            yield from enumerate(self.predict_paths(paths[start:end], **options), start)
 
     def _check(self, image: np.ndarray, name: str = "image") -> np.ndarray:
         if min(image.shape[:2]) < self.min_side:

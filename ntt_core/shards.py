@@ -130,7 +130,7 @@ def run_shards(args: argparse.Namespace) -> None:
     import fiftyone as fo
     from fiftyone.operators.executor import ExecutionRunState
 
-    from .cli_common import CliError
+    from .cli.options import CliError
 
     if args.dataset not in fo.list_datasets():
         raise CliError(f"no dataset '{args.dataset}'")

@@ -12,21 +12,14 @@ import torch.nn.functional as F
 from fiftyone_scenes import field_documents, scenes_dataset
 from PIL import Image
 
-from ntt_core.bank_review import (
-    POSITIVE_OUTLINE,
-    add_references,
-    leave_one_out,
-    remove_references,
-    suggest_thresholds,
-    thumbnail,
-)
+from ntt_core.bank_review import POSITIVE_OUTLINE, leave_one_out, suggest_thresholds, thumbnail
 from ntt_core.fiftyone import review
 from ntt_core.fiftyone.bank_runs import delete_memory_bank, load_memory_bank, memory_bank_info
 from ntt_core.fiftyone.building import build_dataset_memory_bank
 from ntt_core.fiftyone.fields import FiftyOneAdapterError
 from ntt_core.fiftyone.predictions import segment_by_reference
 from ntt_core.matching import score_classes
-from ntt_core.memory_bank import DescribedReferences, MemoryBank, MemoryBankError
+from ntt_core.memory_bank import DescribedReferences, MemoryBank, MemoryBankError, add_references, remove_references
 from ntt_core.references import ReferenceInstance
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter

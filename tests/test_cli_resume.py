@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from test_cli import TINY, build_one_shot_bank, error_line, models, run
 
-from ntt_core import cli
 from ntt_core import journal as journal_module
 from ntt_core.cli import EXIT_ALL_FAILED, EXIT_INTERRUPTED, main
+from ntt_core.cli import predict as cli
 from ntt_core.journal import Journal, JournalError, journal_path
 from ntt_core.predictor import Predictor
 

@@ -17,7 +17,6 @@ from ntt_core.coco import (
     ResultsWriter,
     annotation_mask,
     encode_mask,
-    evaluate,
     instances_to_coco_results,
     is_valid_reference,
     list_images,
@@ -26,6 +25,7 @@ from ntt_core.coco import (
     references_from_coco,
     sample_references,
 )
+from ntt_core.coco_evaluation import evaluate
 from ntt_core.instances import Instances
 
 

@@ -19,16 +19,9 @@ import fiftyone as fo
 import pytest
 
 from ntt_core.cli import main
-from ntt_core.demo import (
-    COCO_HOST,
-    EVAL_KEY,
-    GT_FIELD,
-    OFFLINE_CLASSES,
-    OFFLINE_SCENE_SIZE,
-    PRED_FIELD,
-    reachable,
-    tag_references,
-)
+from ntt_core.demo import EVAL_KEY, GT_FIELD, PRED_FIELD
+from ntt_core.demo.sources import COCO_HOST, OFFLINE_CLASSES, OFFLINE_SCENE_SIZE, reachable
+from ntt_core.demo.steps import tag_references
 from ntt_core.fiftyone.bank_runs import list_memory_banks, memory_bank_info
 from ntt_core.fiftyone.predictions import prediction_record
 from ntt_core.synthetic import CLASSES, make_dataset, write_coco_folder

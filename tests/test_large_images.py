@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ntt_core.box_prompts import _box_logits, box_mask_crops
 from ntt_core.coco import encode_crop, encode_mask
-from ntt_core.memory_bank import _box_logits, box_mask_crops
 from ntt_core.standins import ConnectedRegionSegmenter
 from ntt_core.synthetic import make_scene
 

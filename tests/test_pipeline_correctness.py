@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ntt_core.coco import evaluate, instances_to_coco_results
+from ntt_core.coco import instances_to_coco_results
+from ntt_core.coco_evaluation import evaluate
 from ntt_core.memory_bank import build_memory_bank
 from ntt_core.predictor import Predictor
 from ntt_core.references import ReferenceImage, ReferenceInstance

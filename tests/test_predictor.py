@@ -122,3 +122,33 @@ def test_default_prompt_batch_is_the_papers_on_an_accelerator_and_64_on_cpu(pred
     settings = SETTINGS.replace(points_per_side=9, prompt_batch_size=None)  # 81 prompts on this CPU predictor
     Predictor(segmenter, predictor.encoder, predictor.bank, settings).predict(images()[:1])
     assert decoded == [64, 17]
+
+
+def test_predict_stream_yields_each_image_in_order_batch_by_batch(predictor, tmp_path, monkeypatch):
+    from PIL import Image
+
+    paths = []
+    for i, image in enumerate([*images(), np.zeros((1, 1, 3), dtype=np.uint8), images()[0]]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    batches, real = [], predictor.predict_paths
+    monkeypatch.setattr(
+        predictor, "predict_paths", lambda batch, **options: batches.append(batch) or real(batch, **options)
+    )
+    streamed = list(predictor.predict_stream(paths, 2, first_batch_size=1))
+    assert [len(batch) for batch in batches] == [1, 2, 2]  # every image predicted once
+    assert [index for index, _ in streamed] == [0, 1, 2, 3, 4]
+    assert isinstance(streamed[3][1], ImageError) and "smaller than one 14-px encoder patch" in str(streamed[3][1])
+    for (_, result), path in zip(streamed, paths):
+        if not isinstance(result, ImageError):
+            alone = real([path])[0]
+            assert result.image_size == alone.image_size and np.array_equal(result.boxes, alone.boxes)
+
+    asked = []
+    stop_after_one = lambda: asked.append(True) or len(asked) > 1  # noqa: E731
+    assert [index for index, _ in predictor.predict_stream(paths, 2, should_stop=stop_after_one)] == [0, 1]
+    assert len(asked) == 2  # asked before each batch, none started after the answer
+
+    sized = list(predictor.predict_stream(paths[:2], 2, sizes=[(140, 180), (240, 128)], exif_orientation=False))
+    assert [result.image_size for _, result in sized] == [(140, 180), (240, 128)]
+    assert list(predictor.predict_stream([], 2)) == []

@@ -9,7 +9,7 @@ import fiftyone.core.utils as fou
 from fiftyone import ViewField as F
 from PIL import Image
 
-from .. import coco
+from .. import coco, coco_evaluation
 from ..images import ImageError
 from ..input_rules import is_crowd
 from .fields import FiftyOneAdapterError, check_detections_field, check_key, image_collection
@@ -139,7 +139,7 @@ def _has_box_only(view, gt_field: str) -> bool:
 
 def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[str]) -> dict:
     """pycocotools bbox and segm metrics of ``pred_field`` against ``gt_field`` on ``view``
-    (see :func:`ntt_core.coco.evaluate`); images whose size cannot be read are left out, with a note."""
+    (see :func:`ntt_core.coco_evaluation.evaluate`); images whose size cannot be read are left out, with a note."""
     category = {name: i + 1 for i, name in enumerate(classes)}
     images, annotations, results, unreadable = [], [], [], []
     for image_id, (path, truth, predicted) in enumerate(zip(*view.values(["filepath", gt_field, pred_field])), start=1):
@@ -167,7 +167,7 @@ def pycocotools_figures(view, pred_field: str, gt_field: str, classes: Sequence[
         "annotations": annotations,
         "categories": [{"id": i, "name": n} for n, i in category.items()],
     }
-    report = coco.evaluate(truth, results)
+    report = coco_evaluation.evaluate(truth, results)
     if unreadable:
         report["notes"].append(
             f"{len(unreadable)} unreadable image(s) left out of the pycocotools figures: {', '.join(unreadable[:3])}"

@@ -21,7 +21,7 @@ from .fields import (
 
 # these import torch: loaded at first use, so that forms resolve in the App without it
 geometry = fou.lazy_import("ntt_core.geometry")
-memory_bank = fou.lazy_import("ntt_core.memory_bank")
+box_prompts = fou.lazy_import("ntt_core.box_prompts")
 
 
 def instances_to_detections(instances: Instances) -> fo.Detections:
@@ -108,7 +108,7 @@ def _fill_masks(detections: list, image: np.ndarray, segmenter, report: dict) ->
             )
     if not usable:
         return
-    crops = memory_bank.box_mask_crops(segmenter, image, [box for _, box in usable])
+    crops = box_prompts.box_mask_crops(segmenter, image, [box for _, box in usable])
     for (det, _), crop in zip(usable, crops):
         if crop.any():
             det.mask = crop

@@ -4,6 +4,7 @@ soon as it is done, one atomic update per sample."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Collection
 
 import fiftyone as fo
@@ -166,10 +167,11 @@ def segment_by_reference(
         "failed": [],
         "note": note,
     }
+    stream = predictor.predict_stream(paths, batch_size)
     for start in range(0, len(ids), batch_size):
-        batch_ids, batch_paths = ids[start : start + batch_size], paths[start : start + batch_size]
-        try:
-            results = predictor.predict_paths(batch_paths)
+        batch_ids = ids[start : start + batch_size]
+        try:  # one batch of the stream
+            results = [result for _, result in itertools.islice(stream, len(batch_ids))]
         except Exception as error:
             raise FiftyOneAdapterError(
                 f"segmentation stopped after {start} of {len(ids)} samples: {str(error) or type(error).__name__}. "

@@ -229,7 +229,7 @@ def add_to_memory_bank(
         _bank_settings(bank),
         progress=None if progress is None else (lambda done: progress(done, len(images))),
     )
-    grown, rejected = bank_review.add_references(bank, described)
+    grown, rejected = memory_bank.add_references(bank, described)
     skipped += described.skipped + rejected
     added = len(grown.reference_ids) - len(bank.reference_ids)
     if not added:
@@ -259,7 +259,7 @@ def remove_from_memory_bank(dataset, key: str, reference_ids: Sequence[str]) -> 
     present = [rid for rid in reference_ids if rid in known]
     if not present:
         raise FiftyOneAdapterError(f"none of the {len(reference_ids)} label(s) is a reference of memory bank '{key}'")
-    smaller, removed, dropped = bank_review.remove_references(bank, present)
+    smaller, removed, dropped = memory_bank.remove_references(bank, present)
     _save(dataset, key, smaller, info, {"action": "remove", "count": len(removed), "dropped_classes": dropped})
     return {
         "bank_key": key,
