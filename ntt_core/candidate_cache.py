@@ -49,6 +49,14 @@ OUTSIDE = -1.0
 SUFFIX = ".safetensors"
 
 
+def default_folder() -> Path:
+    """``$NTT_CACHE_DIR`` if set, else ``ntt/candidates`` in the user's cache folder (``$XDG_CACHE_HOME``
+    or ``~/.cache``)."""
+    if os.environ.get("NTT_CACHE_DIR"):
+        return Path(os.environ["NTT_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "ntt" / "candidates"
+
+
 class CacheWarning(UserWarning):
     """The cache could not be used for an image or at all; the run goes on without it."""
 
