@@ -247,6 +247,16 @@ class CandidateCache:
         )
 
 
+def open_cache(choice: CandidateCache | str | os.PathLike | bool | None = True) -> CandidateCache | None:
+    """The cache a caller asks for: True the default folder (:func:`default_folder`), None or False
+    none, a folder path that folder, a :class:`CandidateCache` itself."""
+    if choice is None or choice is False:
+        return None
+    if isinstance(choice, CandidateCache):
+        return choice
+    return CandidateCache(default_folder() if choice is True else choice)
+
+
 def _pack(candidates: DescribedCandidates, margin: int) -> dict[str, torch.Tensor]:
     """Each candidate's logits inside its low-resolution box grown by ``margin`` (flattened, in
     candidate then row-major order), the regions ``[N, 4]`` (x0, y0, x1, y1 inclusive), IoUs, descriptors."""
