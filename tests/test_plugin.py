@@ -117,7 +117,8 @@ def test_the_plugin_lists_without_importing_torch():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == (
         "['add_negative_references', 'add_to_memory_bank', 'boxes_to_masks', 'build_memory_bank', "
-        "'delete_memory_bank', 'evaluate_by_reference', 'export_memory_bank', 'import_memory_bank', 'memory_banks', "
+        "'clear_candidate_cache', 'delete_memory_bank', 'evaluate_by_reference', 'export_memory_bank', 'import_memory_bank', "
+        "'memory_banks', "
         "'remove_from_memory_bank', 'segment_by_reference', 'show_matched_reference'] [] False"
     )
     listed = subprocess.run(
