@@ -10,3 +10,8 @@ class NttError(ValueError):
     """An input, file, model or dataset that cannot be used; the message names it and says why.
 
     A ``ValueError``, so callers that caught those before still do."""
+
+
+class RunStopped(NttError):
+    """A run stopped on request (a person, the server shutting down) before it finished; the message
+    says what was kept and how to resume."""

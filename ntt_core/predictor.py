@@ -32,7 +32,13 @@ class Predictor:
     files batch by batch, the one loop the CLI, the benchmarks and FiftyOne segmentation share.
     With a ``cache``, each image's bank-independent results (:meth:`candidates`) are read from it
     when there and stored otherwise, so a bank edit re-runs only the bank-dependent finish.
+    ``on_stage(stage, done, total)``, when set, is told each stage of a batch as it starts: "image
+    encoders", "prompts" (after each prompt batch, with the prompts decoded of all), "post-processing"
+    (progress for a person watching; an exception it raises stops the batch there); images served
+    from the cache skip the first two.
     """
+
+    on_stage: Callable[[str, int, int], None] | None = None
 
     def __init__(
         self,
@@ -73,7 +79,10 @@ class Predictor:
         sizes = [a.shape[:2] for a in arrays] if sizes is None else [tuple(int(v) for v in size) for size in sizes]
         if len(sizes) != len(arrays) or any(len(size) != 2 or min(size) < 1 for size in sizes):
             raise ValueError(f"sizes must be one (height, width) of positive integers per image, got {sizes}")
-        return [self._instances(found, size) for found, size in zip(self.candidates(arrays, sizes), sizes)]
+        found = self.candidates(arrays, sizes)
+        if self.on_stage is not None:
+            self.on_stage("post-processing", 0, 1)
+        return [self._instances(entry, size) for entry, size in zip(found, sizes)]
 
     def candidates(self, arrays: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[DescribedCandidates]:
         """The bank-independent part of :meth:`predict` for checked images and their mask sizes: from
@@ -94,6 +103,8 @@ class Predictor:
             return []
         frame, size = self.segmenter.input_size, self.encoder.input_size
         frames = torch.cat([square_frame(a, frame) for a in arrays]).to(self.segmenter.device)
+        stage = self.on_stage or (lambda name, done, total: None)
+        stage("image encoders", 0, 1)
         sam_features = self.segmenter.embed(frames)
         dense = self.encoder.encode(bicubic(frames.to(self.encoder.device), (size, size)))  # [B, C, g, g]
         candidates = propose(
@@ -103,6 +114,7 @@ class Predictor:
             self.points,
             self.settings.prompt_batch(self.segmenter.device.type),
             self.settings.sam_iou_threshold,
+            on_batch=None if self.on_stage is None else lambda done, total: stage("prompts", done, total),
         )
         return [describe(c, dense[i]) for i, c in enumerate(candidates)]
 
@@ -144,10 +156,13 @@ class Predictor:
 
         ``sizes`` gives each path's mask size (see :meth:`predict`); ``read_options``
         (``exif_orientation``) go to :meth:`predict_paths`. ``should_stop()`` is asked before each
-        batch: once it is true the stream ends, the images of the batches done all yielded. What is
-        done per image (records, progress) is the consumer's loop body.
+        batch: once it is true the stream ends, the images of the batches done all yielded. An error
+        other than an image's own ends the stream. What is done per image (records, progress) is the
+        consumer's loop body.
         """
         check_count(batch_size, "batch_size")
+        if sizes is not None and len(sizes) != len(paths):
+            raise ValueError(f"sizes must be one (height, width) per path: {len(sizes)} for {len(paths)} paths")
         first = check_count(first_batch_size, "first_batch_size") if first_batch_size is not None else batch_size
         starts = [0, *range(first, len(paths), batch_size)]
         for start, end in zip(starts, [*starts[1:], len(paths)]):

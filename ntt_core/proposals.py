@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +37,15 @@ def propose(
     points: torch.Tensor,
     prompt_batch_size: int,
     iou_threshold: float,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Candidates]:
     """Decode every point prompt for each image of the batch; keep, per prompt, the one of SAM2's three
     outputs with the highest predicted IoU, and only if that IoU exceeds ``iou_threshold``
     (:func:`best_of_three`, computed by the segmenter so that it can skip what is dropped).
 
     points ``[P, 2]`` in frame pixels -> one :class:`Candidates` per image (all prompts decoded,
-    including a last partial batch).
+    including a last partial batch). ``on_batch(done, total)`` is called after each prompt batch with the
+    prompts decoded so far (progress; an exception it raises stops the loop there).
     """
     kept_logits: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     kept_iou: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
@@ -51,6 +54,8 @@ def propose(
         for image, (logits, iou) in enumerate(segmenter.segment_best_points(features, chunk, iou_threshold)):
             kept_logits[image].append(logits)
             kept_iou[image].append(iou)
+        if on_batch is not None:
+            on_batch(min(start + prompt_batch_size, points.shape[0]), points.shape[0])
     return [Candidates(torch.cat(logits), torch.cat(iou)) for logits, iou in zip(kept_logits, kept_iou)]
 
 

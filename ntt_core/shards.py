@@ -1,4 +1,5 @@
-"""Sharded runs as FiftyOne delegated operations: which shards exist, which are alive, and ``ntt shards``.
+"""Sharded runs as FiftyOne delegated operations: which shards exist and which are alive
+(listed by ``ntt shards``, :mod:`ntt_core.cli.shards`).
 
 A sharded *Segment by reference* is N+1 delegated operations: the planning one (it creates the
 field and queues the shards) and one per shard, each over fixed sample ids. A running shard
@@ -10,7 +11,6 @@ writing each batch), so a re-run copy and the old worker never write the same sa
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -103,47 +103,3 @@ def label_attempt(operation_id, label_for: Callable[[int], str]) -> str:
     if operation.label != label:
         _service().set_label(operation_id, label)
     return label
-
-
-# --- ntt shards ---
-
-
-def add_parser(commands, formatter) -> None:
-    """The ``shards`` subcommand of ``ntt``."""
-    shards = commands.add_parser(
-        "shards",
-        help="list the shards of sharded Segment-by-reference runs, with their heartbeats",
-        description="Every shard operation of a dataset's sharded runs: state, progress and the age of its "
-        "last heartbeat (a RUNNING shard without one for long is stale: its worker died). Recover a stale shard "
-        "with `fiftyone delegated fail <id> && fiftyone delegated rerun <id>`.",
-        formatter_class=formatter,
-    )
-    shards.add_argument("dataset", help="FiftyOne dataset name")
-    shards.add_argument("--field", help="only the shards of this prediction field")
-    shards.add_argument(
-        "--stale-after", type=float, default=STALE_AFTER_S, help="seconds without a heartbeat that mark a shard stale"
-    )
-    shards.set_defaults(command=run_shards)
-
-
-def run_shards(args: argparse.Namespace) -> None:
-    import fiftyone as fo
-    from fiftyone.operators.executor import ExecutionRunState
-
-    from .cli.options import CliError
-
-    if args.dataset not in fo.list_datasets():
-        raise CliError(f"no dataset '{args.dataset}'")
-    rows = shard_operations(args.dataset, args.field)
-    if not rows:
-        print(f"no sharded run on '{args.dataset}'" + (f" into '{args.field}'" if args.field else ""))
-        return
-    for row in rows:
-        age = row["heartbeat_age_s"]
-        beat = "no heartbeat yet" if age is None else f"heartbeat {age:.0f} s ago"
-        stale = row["state"] == ExecutionRunState.RUNNING and (age is None or age > args.stale_after)
-        attempt = f", attempt {row['attempt']}" if row["attempt"] > 1 else ""
-        print(
-            f"{row['id']}  {row['field']} shard {row['shard']}{attempt}  {row['state']}  "
-            f"{row['progress'] or '-'}  {beat}" + ("  STALE: fail and rerun it" if stale else "")
-        )

@@ -13,7 +13,7 @@ cd "$REPO"
 setup_s=$SECONDS
 
 sources=()
-for path in ntt_core plugin tests benchmarks scripts; do
+for path in ntt_core ntt_plugin tests benchmarks scripts; do
     [ -e "$path" ] && sources+=("$path")
 done
 lint=0

@@ -19,7 +19,8 @@ from ntt_core.fiftyone.building import build_dataset_memory_bank
 from ntt_core.fiftyone.fields import FiftyOneAdapterError
 from ntt_core.fiftyone.predictions import segment_by_reference
 from ntt_core.matching import score_classes
-from ntt_core.memory_bank import DescribedReferences, MemoryBank, MemoryBankError, add_references, remove_references
+from ntt_core.memory_bank import MemoryBank, MemoryBankError, add_references, remove_references
+from ntt_core.reference_descriptors import DescribedReferences
 from ntt_core.references import ReferenceInstance
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
@@ -313,3 +314,11 @@ def box_iou(a, b) -> float:
     w = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
     h = max(0.0, min(ay + ah, by + bh) - max(ay, by))
     return w * h / (aw * ah + bw * bh - w * h)
+
+
+def test_a_prediction_record_under_the_earlier_run_key_is_still_read(dataset, models):
+    from ntt_core.fiftyone.predictions import prediction_record
+
+    record = {"pred_field": "old", "bank_key": "references"}
+    dataset.register_run("ntt_predictions_old", dataset.init_run(method="ntt_predictions", **record))
+    assert {k: prediction_record(dataset, "old")[k] for k in record} == record

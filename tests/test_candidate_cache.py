@@ -28,7 +28,7 @@ from ntt_core.synthetic import make_dataset
 STANDIN_SETTINGS = Settings(points_per_side=6)
 TINY_SETTINGS = Settings(points_per_side=4, prompt_batch_size=8, sam_iou_threshold=0.0)
 #: PIPELINE_VERSION -> digest of the source of the code that computes candidates and descriptors.
-PIPELINE_SOURCES = {1: "3915aba5e32027b5608a1bc813eedf953b5a54f1712de5f8d31bad64f0d6953c"}
+PIPELINE_SOURCES = {1: "1768471a18083ea1144dd1ffd77c0e67606cd3127021208a836088edab95921f"}
 
 
 def candidate_code_digest() -> str:

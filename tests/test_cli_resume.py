@@ -124,7 +124,7 @@ def test_resuming_with_other_settings_is_refused(predict, tmp_path, capsys, monk
         assert predict(capsys, out)[0] == EXIT_INTERRUPTED
     before = journal_path(out).read_bytes()
     with monkeypatch.context() as patch:  # refused before the models load
-        patch.setattr(cli, "_segmenter", lambda *args: pytest.fail("models loaded for a foreign journal"))
+        patch.setattr(cli, "load_segmenter", lambda *args: pytest.fail("models loaded for a foreign journal"))
         code, _, err = predict(capsys, out, "--resume", "--max-detections", "3")
     assert code == 2 and "the interrupted run used a different settings; resuming would mix results" in error_line(err)
     code, _, err = predict(capsys, out, "--resume", "--dtype", "bfloat16")  # other numbers than float32's

@@ -20,7 +20,7 @@ from test_plugin import FAST, uri
 from ntt_core.bank_review import suggest_thresholds
 from ntt_core.fiftyone import review
 from ntt_core.fiftyone.bank_runs import load_memory_bank, memory_bank_info
-from plugin.panel import EMPTY_STATE
+from ntt_plugin.panel import EMPTY_STATE, NEEDS_LABELS, NEEDS_PREDICTION, NEEDS_SAMPLES
 
 PANEL = uri("memory_banks")
 
@@ -123,7 +123,7 @@ def test_each_bank_shows_models_classes_shots_thumbnails_and_suggestions(segment
     summary = view["bank_0_summary"]["default"]
     assert summary.startswith("### Memory bank `references`")
     assert f"DINOv2 `{models['dinov2']}` at 56 px, SAM2 `{models['sam2']}`" in summary
-    assert "from `gt` (label tag `reference`)" in summary
+    assert f"entries from `gt` ({len(bank.reference_ids)}); built from label tag `reference`" in summary
     assert "| Class | Shots | Negatives | Suggested threshold | Leave-one-out scores |" in summary
     for name, entry in suggest_thresholds(bank).items():
         threshold = "–" if entry["threshold"] is None else f"{entry['threshold']:.2f}"
@@ -144,18 +144,30 @@ def test_each_bank_shows_models_classes_shots_thumbnails_and_suggestions(segment
             assert thumb["view"]["operator"] == f"{PANEL}#open_reference"
             entry = located[params["reference_id"]]
             assert (params["sample_id"], params["field"]) == (entry.sample_id, "gt") and entry.label.label == name
-    labels = {path.split(".")[-1]: p["view"]["label"] for path, p in view.items() if path.startswith("bank_0_actions.")}
-    assert labels == {
-        "segment": "Segment current view",
-        "preview": "Preview on selected samples",
-        "add_selected": "Add selected predictions to references",
-        "add_negatives": "Add 'not_this_class' labels as negatives",
-        "remove_tagged": "Remove tagged references",
-        "delete": "Delete memory bank",
+    rows = {
+        row: {path.split(".")[-1]: p["view"]["label"] for path, p in view.items() if path.startswith(f"bank_0_{row}.")}
+        for row in ("actions", "review")
     }
-    assert (
-        view["bank_0_actions.preview"]["view"]["disabled"] and view["bank_0_actions.add_selected"]["view"]["disabled"]
-    )
+    assert rows == {  # short labels, at most four a row: they fit a split layout and the modal's tab
+        "actions": {"segment": "Segment view", "preview": "Preview selected", "export": "Export", "delete": "Delete"},
+        "review": {
+            "add_selected": "Accept selected",
+            "add_negatives": "Add negatives",
+            "remove_tagged": "Remove tagged",
+        },
+    }
+    for row, button, why in (
+        ("actions", "preview", NEEDS_SAMPLES),
+        ("review", "add_selected", NEEDS_LABELS),
+    ):  # disabled, saying why
+        assert (
+            view[f"bank_0_{row}.{button}"]["view"]["disabled"],
+            view[f"bank_0_{row}.{button}"]["view"]["title"],
+        ) == (True, why)
+    assert view["bank_0_disabled"]["default"] == f"*{NEEDS_SAMPLES}; {NEEDS_LABELS}.*"
+    assert view["actions.show_matched_reference"]["view"]["title"] == NEEDS_PREDICTION
+    assert view["actions_disabled"]["default"] == f"*{NEEDS_PREDICTION}.*"
+    assert view["actions.import_bank"]["view"]["label"] == "Import"
     assert "not applied" in view["threshold_note"]["default"]
     assert "tag false positives `not_this_class`" in view["review_help"]["default"]
 
@@ -181,6 +193,8 @@ def test_buttons_open_the_operators_forms_prefilled(segmented, models):
         "add_negatives": (uri("add_negative_references"), on),
         "remove_tagged": (uri("remove_from_memory_bank"), on),
         "delete": (uri("delete_memory_bank"), on),
+        "export": (uri("export_memory_bank"), on),
+        "import_bank": (uri("import_memory_bank"), None),
     }
     for method, (operator, params) in expected.items():
         requests = panel_event(method, segmented, params=on, selected=[first])
@@ -188,6 +202,17 @@ def test_buttons_open_the_operators_forms_prefilled(segmented, models):
         assert (prompt["operator_uri"], prompt["params"]) == (operator, params), method
         assert prompt["on_success"] == f"{PANEL}#refresh"
         assert rendered(requests)["bank_0_actions.preview"]["view"]["disabled"] is False  # a sample is selected
+
+
+def test_delete_asks_for_confirmation_and_says_what_it_did(dataset):
+    props = form_of("delete_memory_bank", dataset, {"bank_key": "references"})
+    entries = memory_bank_info(dataset, "references")["num_references"]
+    assert props["confirm"].view.label.startswith(
+        f"Deletes memory bank 'references' ({entries} entries) from this dataset: this cannot be undone"
+    )
+    result = foo.execute_operator(uri("delete_memory_bank"), dict(dataset=dataset), params={"bank_key": "references"})
+    assert result.result["summary"] == "Memory bank **references** deleted."
+    assert dataset.list_runs(method="ntt_memory_bank") == []
 
 
 def test_preview_runs_segment_by_reference_on_the_selected_samples_only(segmented, models):
@@ -207,23 +232,35 @@ def test_preview_runs_segment_by_reference_on_the_selected_samples_only(segmente
 def test_show_matched_reference_opens_the_reference_sample(segmented):
     prediction = segmented.values("pred.detections", unwind=True)[0]
     match = review.matched_reference(segmented, "pred", prediction.id)
-    for requests in (
-        panel_event("show_matched_reference", segmented, selected_labels=[selected(segmented, "pred", prediction)]),
-        foo.execute_operator(
-            uri("show_matched_reference"),
-            dict(dataset=segmented, selected_labels=[selected(segmented, "pred", prediction)]),
-        ).executor.to_json()["requests"],
-    ):
-        asked = {r["operator_uri"]: r["params"] for r in requests}
-        if "show_panel_output" in asked:
-            assert rendered(requests)["actions.show_matched_reference"]["view"]["disabled"] is False
-        assert match["sample_id"] in json.dumps(asked["set_view"]["view"])
-        assert asked["open_sample"] == {"id": match["sample_id"], "group_id": None}
-        assert asked["set_selected_labels"]["labels"] == [
-            {"label_id": prediction.reference_id, "sample_id": match["sample_id"], "field": "gt", "frame_number": None}
-        ]
+    label = selected(segmented, "pred", prediction)
+    elsewhere = segmented.exclude(match["sample_id"])  # a view of the user's that lacks the reference's sample
+    for view, changed in ((segmented.view(), False), (elsewhere, True)):
+        for requests in (
+            panel_event("show_matched_reference", view, selected_labels=[label]),
+            foo.execute_operator(
+                uri("show_matched_reference"), dict(view=view, selected_labels=[label])
+            ).executor.to_json()["requests"],
+        ):
+            asked = {r["operator_uri"]: r["params"] for r in requests}
+            if "show_panel_output" in asked:
+                assert rendered(requests)["actions.show_matched_reference"]["view"]["disabled"] is False
+            if changed:  # the whole dataset: no Select stage is left behind
+                assert json.loads(json.dumps(asked["set_view"]["view"])) == []
+            else:  # the user's view is kept
+                assert "set_view" not in asked
+            assert asked["open_sample"] == {"id": match["sample_id"], "group_id": None}
+            assert asked["set_selected_labels"]["labels"] == [
+                {
+                    "label_id": prediction.reference_id,
+                    "sample_id": match["sample_id"],
+                    "field": "gt",
+                    "frame_number": None,
+                }
+            ]
     report = foo.get_operator(uri("show_matched_reference"))(segmented, "pred", prediction.id)["report"]
-    assert report == match
+    assert report == {**match, "note": None}
+    report = foo.get_operator(uri("show_matched_reference"))(elsewhere, "pred", prediction.id)["report"]
+    assert report["note"] == "the reference's sample is outside the current view: the App now shows the whole dataset"
 
 
 @pytest.mark.bad_input
@@ -279,6 +316,8 @@ def test_review_loop_through_the_operators(dataset, models):
 
     summary = rendered(panel_event("on_load", dataset))["bank_0_summary"]["default"]
     assert f"| {look_alike.label} | {final.counts()[look_alike.label]} | 1 |" in summary
+    gt_entries = len(bank.reference_ids) - 1  # one removed
+    assert f"entries from `gt` ({gt_entries}), `pred` (3)" in summary  # every field its entries come from
     dataset.untag_labels("remove_reference", label_fields="gt")  # the test's own tag: the operators only read gt
     assert field_documents(dataset, "gt") == gt_before
 
@@ -308,7 +347,7 @@ def test_a_damaged_bank_is_shown_as_an_error_that_can_still_be_deleted(dataset):
     assert view["bank_0_error"]["view"]["label"] == "Memory bank 'references' cannot be read"
     assert "does not match the checksum in its run config" in view["bank_0_error"]["view"]["description"]
     labels = [p["view"]["label"] for path, p in view.items() if path.startswith("bank_0_actions.")]
-    assert labels == ["Delete memory bank"]
+    assert labels == ["Delete"]
 
 
 @pytest.mark.bad_input
@@ -318,3 +357,48 @@ def test_a_missing_library_is_shown_in_the_panel(segmented, monkeypatch):
     view = rendered(panel_event("on_load", segmented))
     assert view["library_missing"]["view"]["label"] == "The ntt_core library is missing"
     assert "pip install" in view["library_missing"]["view"]["description"]
+
+
+def test_a_running_scheduled_segmentation_can_be_stopped_from_the_panel(segmented, models):
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    from ntt_core.fiftyone.stops import stop_requested
+    from ntt_plugin.panel import STOP_NOTE
+
+    params = dict(bank_key="references", pred_field="later", **FAST, **models)
+    queued = foo.execute_operator(
+        uri("segment_by_reference"), dict(dataset=segmented), params=params, request_delegation=True
+    )
+    service, operation_id = DelegatedOperationService(), queued.result["id"]
+    try:
+        assert not any(path.startswith("running_") for path in rendered(panel_event("on_load", segmented)))
+        service.set_running(operation_id)  # what a worker does when it takes the operation
+        service.set_progress(operation_id, dict(progress=0.5, label="image 2 of 4: prompts 2/4"))
+        view = rendered(panel_event("on_load", segmented))
+        assert view["running_0.progress"]["default"].endswith(": image 2 of 4: prompts 2/4")
+        stop = view["running_0.stop"]["view"]
+        assert (stop["label"], stop["disabled"], stop["params"]) == (
+            "Stop after this image",
+            False,
+            {"operation_id": str(operation_id)},
+        )
+        view = rendered(panel_event("stop_run", segmented, params={"operation_id": str(operation_id)}))
+        assert view["message"]["view"]["label"] == STOP_NOTE
+        assert stop_requested(segmented, str(operation_id))
+        stop = view["running_0.stop"]["view"]
+        assert (stop["label"], stop["disabled"]) == ("Stop requested", True)
+    finally:
+        service.delete_operation(operation_id)
+
+
+@pytest.mark.bad_input
+def test_a_negative_that_is_already_a_reference_is_refused_in_the_form(dataset):
+    bank = load_memory_bank(dataset, "references")
+    reference = dataset.select_labels(ids=[bank.reference_ids[0]], fields="gt").values("gt.detections", unwind=True)[0]
+    dataset.untag_labels("reference", "gt")
+    dataset.select_labels(ids=[reference.id], fields="gt").tag_labels("not_this_class", "gt")
+    before = memory_bank_info(dataset, "references")["sha256"]
+    reason = f"1 of these label\\(s\\) are already entries of memory bank 'references' \\({reference.id}\\): remove their tag"
+    with pytest.raises(ExecutionError, match=f"Validation error. Path: bank_key. Reason: {reason}"):
+        foo.execute_operator(uri("add_negative_references"), dict(dataset=dataset), params={"bank_key": "references"})
+    assert memory_bank_info(dataset, "references")["sha256"] == before

@@ -274,7 +274,7 @@ def test_form_counts_accept_one(dataset, models):
 
 
 def test_one_line_is_the_message_of_the_last_exception_of_a_traceback():
-    from plugin.common import one_line
+    from ntt_plugin.common import one_line
 
     traceback = (
         "Traceback (most recent call last):\n"

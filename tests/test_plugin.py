@@ -22,16 +22,21 @@ from fiftyone.operators.executor import (
     ExecutionRunState,
     Executor,
     execute_or_delegate_operator,
+    resolve_execution_options,
     resolve_type,
 )
 from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.operators.server import create_response_generator
 from fiftyone_scenes import field_documents, scenes_dataset, without_eval_attributes
 
-from plugin.common import PROGRESS_INTERVAL_S, run_with_progress
+from ntt_core.fiftyone.bank_runs import memory_bank_info
+from ntt_core.fiftyone.labels import PREDICTION_ATTRIBUTES
+from ntt_core.settings import Settings
+from ntt_plugin.common import PROGRESS_INTERVAL_S, one_line, run_with_progress
 
 PLUGIN = "@ntt/no-time-to-train"
 REPO = Path(__file__).resolve().parents[1]
+FORM_SETTINGS = ("score_threshold", "points_per_side", "max_detections", "sam_iou_threshold")
 FAST = dict(points_per_side=2, sam_iou_threshold=0.0, max_detections=5)  # 4 prompts per image
 
 
@@ -131,6 +136,12 @@ def test_the_plugin_lists_without_importing_torch():
     assert PLUGIN in listed.stdout
 
 
+def test_every_operator_label_starts_with_the_product_prefix():
+    labels = [op.config.label for op in foo.list_operators() if op.uri.startswith(f"{PLUGIN}/")]
+    labels = [label for label in labels if label != "Memory banks"]  # the panel, not in the operator browser
+    assert len(labels) == 11 and all(label.startswith("NTT: ") for label in labels), labels
+
+
 def test_fiftyone_finds_the_plugin_requirements():
     import fiftyone.plugins as fop
     from packaging.requirements import Requirement
@@ -144,9 +155,15 @@ def test_fiftyone_finds_the_plugin_requirements():
 def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
     gt_before = field_documents(dataset, "gt")
     build = foo.get_operator(uri("build_memory_bank"))
-    report = build(dataset, "gt", bank_key="refs", **models)["report"]
+    built = build(dataset, "gt", bank_key="refs", **models)
+    report = built["report"]
     tagged = [d for s in dataset for d in s.gt.detections if "reference" in d.tags]
     assert report["counts"] == {d.label: 1 for d in tagged} and report["skipped"] == []
+    rows = "\n".join(f"| {name} | 1 |" for name in sorted(report["counts"]))
+    classes = len(report["counts"])
+    assert built["summary"] == (
+        f"Memory bank **refs**: {classes} reference(s) of {classes} class(es).\n\n| Class | Shots |\n|---|---|\n{rows}"
+    )
     assert field_documents(dataset, "gt") == gt_before
 
     report = run("segment_by_reference", dataset, dict(bank_key="refs", pred_field="pred", **FAST, **models)).result[
@@ -159,9 +176,27 @@ def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
         assert det.mask is not None and det.reference_id in {d.id for d in tagged}
         assert {"sam_iou", "semantic_score", "merge_factor"} <= set(det.field_names)
     assert field_documents(dataset, "gt") == gt_before
+    assert dataset.list_runs(method="ntt_predictions") == ["segmentation_pred"]  # a key that says what it is
+    # the attributes are in the schema, which the App's sidebar offers as filters
+    schema = dataset.get_field_schema(flat=True)
+    assert {name: type(schema[f"pred.detections.{name}"]).__name__ for name in PREDICTION_ATTRIBUTES} == {
+        "reference_id": "StringField",
+        "sam_iou": "FloatField",
+        "semantic_score": "FloatField",
+        "merge_factor": "FloatField",
+    }
+    assert type(schema["pred.detections.confidence"]).__name__ == "FloatField"
 
     evaluate = foo.get_operator(uri("evaluate_by_reference"))
-    report = evaluate(dataset, "pred", eval_key="ev")["report"]
+    evaluated = evaluate(dataset, "pred", eval_key="ev")
+    report = evaluated["report"]
+    segm = report["pycocotools"]["segm"]
+    row = "| segm | " + " | ".join(
+        "-" if segm[m] == -1 else f"{segm[m]:.3f}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR")
+    )
+    assert row + " |" in evaluated["summary"].splitlines()  # pycocotools' -1 (no object of that size) shows as "-"
+    assert f"FiftyOne COCO mAP **{report['mAP']:.3f}**" in evaluated["summary"]
+    assert "- " + report["notes"][0] in evaluated["summary"]
     assert report["gt_field"] == "gt" and "holding references excluded" in report["notes"][0]
     assert set(dataset.list_evaluations()) == {"ev"}
     results = dataset.load_evaluation_results("ev")
@@ -176,6 +211,10 @@ def test_workflow_immediate_and_from_python(dataset, models, tmp_path):
     try:
         report = foo.get_operator(uri("import_memory_bank"))(other, folder, bank_key="copied")["report"]
         assert report["counts"] == {d.label: 1 for d in tagged}
+        props = inputs_of("import_memory_bank", other, {"directory": str(folder)})
+        assert props["name"].view.label == "Imported as memory bank 'bank'"  # the exported folder's name
+        assert foo.get_operator(uri("import_memory_bank"))(other, folder)["report"]["bank_key"] == "bank"
+        assert sorted(other.list_runs(method="ntt_memory_bank")) == ["bank", "copied"]
     finally:
         other.delete()
     foo.get_operator(uri("delete_memory_bank"))(dataset, "refs")
@@ -211,6 +250,114 @@ def test_delegated_runs_execute_in_the_delegated_service(dataset, models):
     assert without_eval_attributes(dataset, "gt", "ev") == gt_before
 
 
+def execution_options(name: str, collection, params: dict) -> dict:
+    request = dict(dataset_name=collection._root_dataset.name, view=collection.view()._serialize(), params=params)
+    return asyncio.run(resolve_execution_options(OperatorRegistry(), uri(name), request)).to_dict()
+
+
+def test_the_segment_form_says_what_will_run_how_long_it_takes_and_advises_schedule_when_long(dataset, models):
+    from ntt_core.fiftyone.timings import record_timing, timing_key
+
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    grid = 3  # a grid no other test runs: no figure is kept for it yet
+    params = dict(bank_key="references", pred_field="pred", **{**FAST, "points_per_side": grid}, **models)
+    props = inputs_of("segment_by_reference", dataset, params)
+    held = len(set(dataset.values("id")) & set(memory_bank_info(dataset, "references")["reference_sample_ids"]))
+    assert held == 2
+    assert (
+        props["plan"].view.label
+        == "Segments 3 sample(s); the 2 sample(s) holding the bank's references are among them."
+    )
+    assert props["estimate"].view.label.startswith("No time measured yet on 'cpu' for these models and grid")
+    assert "schedule_advice" not in props  # the tiny models: not the paper's
+    assert execution_options("segment_by_reference", dataset, params)["default_choice_to_delegated"] is False
+    paper = {**params, "sam2": "", "dinov2": ""}  # the paper's models on a CPU, no figure yet: schedule
+    assert "Schedule is pre-selected" in inputs_of("segment_by_reference", dataset, paper)["schedule_advice"].view.label
+    options = execution_options("segment_by_reference", dataset, paper)
+    assert options["default_choice_to_delegated"] is True and options["allow_immediate_execution"] is True
+
+    left_out = {**params, "skip_reference_samples": True}
+    plan = inputs_of("segment_by_reference", dataset, left_out)["plan"].view.label
+    assert plan == "Segments 1 sample(s); the 2 sample(s) holding the bank's references are left out."
+    report = foo.get_operator(uri("segment_by_reference"))(dataset, skip_reference_samples=True, **params)["report"]
+    assert report["processed"] == 1 and len(dataset.exists("pred")) == 1
+
+    estimate = inputs_of("segment_by_reference", dataset, {**params, "pred_field": "other"})["estimate"].view.label
+    assert re.fullmatch(
+        r"About \d+ s on 'cpu' for 3 image\(s\) \([\d.]+ s per image measured on this machine .*", estimate
+    )
+    key = timing_key("cpu", models["sam2"], models["dinov2"], grid)
+    record_timing(key, 50 * 1000.0, 50)  # a slow machine's figure: 1000 s per image
+    slow = {**params, "pred_field": "other"}
+    assert "About 50 min on 'cpu'" in inputs_of("segment_by_reference", dataset, slow)["estimate"].view.label
+    assert execution_options("segment_by_reference", dataset, slow)["default_choice_to_delegated"] is True
+
+
+def test_a_delegated_run_asked_to_stop_stops_after_its_image_and_keeps_what_it_wrote(dataset, models):
+    from ntt_core.fiftyone.stops import request_stop
+
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    params = dict(bank_key="references", pred_field="pred", **FAST, **models)
+    queued = foo.execute_operator(
+        uri("segment_by_reference"), dict(dataset=dataset), params=params, request_delegation=True
+    )
+    request_stop(dataset, str(queued.result["id"]))  # what the panel's stop button does
+    (result,) = DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    assert one_line(result.error) == (
+        "stopped from the Memory banks panel: stopped after 1 of 3 samples; the finished samples are saved in "
+        "'pred'. To resume, run Segment by reference into 'pred' again with skip_existing "
+        "('Skip samples that already have predictions')"
+    )
+    assert len(dataset.exists("pred")) == 1  # the image it was on is written, nothing after it
+    resumed = foo.get_operator(uri("segment_by_reference"))(dataset, skip_existing=True, **params)["report"]
+    assert resumed["processed"] == 2 and resumed["skipped_existing"] == 1
+
+
+def test_an_app_run_nobody_reads_any_more_stops_at_its_next_prompt_batch(dataset, models, monkeypatch):
+    """The page went away (or the server is stopping): FiftyOne closes the message generator; the
+    segmentation ends at its next prompt batch, writing nothing of the image it was on."""
+    import ntt_plugin.common
+
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    operator = foo.get_operator(uri("segment_by_reference"))
+    params = dict(bank_key="references", pred_field="pred", **FAST, **models)
+    ctx = ExecutionContext(
+        dict(operator_uri=operator.uri, dataset_name=dataset.name, view=dataset.view()._serialize(), params=params),
+        Executor(),
+    )
+    reports, entered = [], __import__("threading").Event()
+
+    def work(progress):
+        try:
+            return operator._run(ctx, ntt_plugin.common.params_with_defaults(operator, ctx), slow_after_first(progress))
+        except BaseException as error:
+            reports.append(error)
+            raise
+
+    def slow_after_first(progress):
+        def watched(done, total, detail=""):
+            if done == 1 and detail:  # image 2: let the reader go away, then continue
+                entered.set()
+                time.sleep(0.5)
+            progress(done, total, detail)
+
+        return watched
+
+    messages = run_with_progress(operator, ctx, "Images", work)
+    next(messages)  # "Loading the models"
+    while not entered.is_set():
+        next(messages)
+    messages.close()  # what FiftyOne does when the request goes away
+    deadline = time.monotonic() + 60
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (error,) = reports
+    assert str(error).startswith(
+        "the App's request went away (page closed or reloaded, or the server is stopping): stopped after 1 of 3 samples"
+    )
+    assert len(dataset.exists("pred")) == 1
+
+
 def test_sharded_run_queues_fixed_shards_that_label_each_sample_once(dataset, models, tmp_path):
     more = scenes_dataset(tmp_path, count=5, size=(64, 80), seed=9)
     dataset.add_samples(more)
@@ -241,12 +388,22 @@ def test_an_app_run_streams_its_progress_then_its_report_and_a_reload(dataset, m
     assert set(names[1:-2]) == {"set_progress"}
     steps = [params for _, params in messages[1:-2]]
     values = [step["progress"] for step in steps]
-    assert values and values == sorted(set(values)) and values[-1] == 1.0
-    assert [step["label"] for step in steps] == [f"Images: {round(v * 3)}/3" for v in values]
+    assert values and values == sorted(values) and values[-1] == 1.0  # never backwards
+    labels = [step["label"] for step in steps]  # what is happening now, at every stage of each image
+    assert labels[0] == "image 1 of 3: image encoders" and labels[-1] == "Images: 3/3", labels
+    assert {re.sub(r"\d+", "N", label) for label in labels} <= {
+        "image N of N: image encoders",
+        "image N of N: prompts N/N",
+        "image N of N: post-processing",
+        "image N of N: writing",
+        "Images: N/N",
+    }, labels
     output = messages[-2][1]
-    assert list(output["outputs"]["type"]["properties"]) == ["report"]  # as resolve_output shows it
+    shown = output["outputs"]["type"]["properties"]  # as resolve_output shows it: the summary, as Markdown
+    assert list(shown) == ["summary"] and shown["summary"]["view"]["name"] == "MarkdownView"
     report = output["results"]["report"]
     assert report["processed"] == len(dataset) and dataset.count("pred.detections") == report["instances"]
+    assert output["results"]["summary"] == f"**pred**: {report['instances']} instance(s) in 3 sample(s)."
 
 
 def test_app_progress_is_throttled_and_a_failure_mid_run_is_shown_with_its_message(dataset):
@@ -334,6 +491,8 @@ def test_forms_resolve_with_paper_defaults(dataset, models):
         defaults["score_threshold"] == 0.0 and defaults["points_per_side"] == 32 and defaults["max_detections"] == 100
     )
     assert defaults["sam_iou_threshold"] == 0.4 and defaults["sam2"] == "" and defaults["dinov2"] == ""
+    paper = Settings()  # the form reads its defaults from the library's settings
+    assert {n: defaults[n] for n in FORM_SETTINGS} == {n: getattr(paper, n) for n in FORM_SETTINGS}
     assert (
         props["bank_key"].invalid and "no memory bank: run 'Build memory bank' first" in props["bank_key"].error_message
     )
@@ -358,7 +517,7 @@ def test_forms_resolve_with_paper_defaults(dataset, models):
             {"pred_field": "pred", "gt_field": "gt", "eval_key": "eval_ntt", "exclude_references": True},
         ),
         ("export_memory_bank", {"bank_key": "references"}),
-        ("import_memory_bank", {"bank_key": "imported", "overwrite": False}),
+        ("import_memory_bank", {"bank_key": "", "overwrite": False}),  # empty: the folder's name
         ("delete_memory_bank", {"bank_key": "references"}),
     ],
 )
@@ -400,7 +559,7 @@ BAD_PARAMS = [
     (
         "build_memory_bank",
         dict(gt_field="gt", classes=["unicorn"]),
-        "tag",
+        "classes",  # under the field it is about
         "no reference found: no label of 'gt' is tagged 'reference' among classes 'unicorn'",
     ),
     (
@@ -438,8 +597,8 @@ BAD_PARAMS = [
     (
         "boxes_to_masks",
         dict(in_field="gt", in_place=True),
-        "in_place_problem",
-        "'gt' is a ground-truth field: write to a new field",
+        "in_place",  # the library's check (labels.check_in_place), under its own field
+        "'gt' is a ground-truth field: write the masks to a new field instead",
     ),
     (
         "import_memory_bank",
@@ -529,3 +688,52 @@ def test_ground_truth_changes_only_by_evaluation_attributes_after_every_operator
     assert dataset.count("gt.detections.ev") > 0  # the evaluation did annotate the ground truth
     dataset.delete_evaluation("ev")
     assert field_documents(dataset, "gt") == before
+
+
+@pytest.mark.bad_input
+def test_a_resume_with_other_settings_is_refused_in_the_form_naming_each_setting(segmented, models):
+    params = dict(bank_key="references", pred_field="pred", skip_existing=True, **models)
+    props = inputs_of("segment_by_reference", segmented, {**params, **FAST, "points_per_side": 3, "max_detections": 7})
+    assert props["skip_existing"].invalid
+    assert props["skip_existing"].error_message == (
+        "field 'pred' was written with a different settings: resuming would mix results (max_detections: 5 in the "
+        "field, 7 now; points_per_side: 2 in the field, 3 now); use the same bank, models and settings, overwrite "
+        "the field, or choose another field"
+    )
+    assert not inputs_of("segment_by_reference", segmented, {**params, **FAST})["skip_existing"].invalid
+
+
+def test_the_build_form_ignores_empty_class_rows_and_shows_counts_after_the_choices(dataset):
+    props = inputs_of("build_memory_bank", dataset, {"classes": ["", "  "]})  # the App's "Add" makes empty rows
+    assert not any(p.invalid for p in props.values())
+    names = list(props)
+    assert names.index("found") == names.index("classes") + 1  # right after the field, tag and class choices
+    everything = inputs_of("build_memory_bank", dataset)["found"].view.label
+    assert props["found"].view.label == everything
+
+    props = inputs_of("build_memory_bank", dataset, {"classes": ["nope"]})
+    assert props["classes"].invalid and not props["tag"].invalid  # the error under the field it is about
+    assert (
+        props["classes"].error_message
+        == "no reference found: no label of 'gt' is tagged 'reference' among classes 'nope'"
+    )
+
+
+@pytest.mark.bad_input
+def test_the_offline_stand_in_models_are_refused_plainly_in_the_forms(segmented, models):
+    """A bank of `ntt demo --offline` names stand-ins that no model loader can load: the forms say so
+    (the panel pre-fills the bank's models, so Preview and Segment show it)."""
+    message = (
+        "'standin:connected-regions' is an offline stand-in model of `ntt demo --offline`: it cannot be loaded "
+        "here, so banks built with it cannot segment from the App; give a SAM2 checkpoint (hub id, short name or "
+        "local folder) and a bank built with it"
+    )
+    params = dict(
+        bank_key="references", pred_field="new", sam2="standin:connected-regions", dinov2="standin:colour-stats"
+    )
+    props = inputs_of("segment_by_reference", segmented, params)
+    assert (props["sam2"].invalid, props["sam2"].error_message) == (True, message)
+    assert props["dinov2"].error_message.startswith("'standin:colour-stats' is an offline stand-in model")
+    with pytest.raises(ExecutionError, match="Path: sam2. Reason: 'standin:connected-regions' is an offline"):
+        run("segment_by_reference", segmented, {**params, **FAST})
+    assert not segmented.has_field("new")

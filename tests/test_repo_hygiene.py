@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE_DIRS = ("ntt_core", "plugin", "tests", "benchmarks", "scripts")
+SOURCE_DIRS = ("ntt_core", "ntt_plugin", "tests", "benchmarks", "scripts")
 
 
 def _pyproject() -> dict:
@@ -261,3 +261,13 @@ def test_the_library_has_no_import_cycle():
     assert {"ntt_core.cli", "ntt_core.fiftyone.predictions", "ntt_core.geometry"} <= set(graph)
     assert "ntt_core.fiftyone.fields" in graph["ntt_core.fiftyone.predictions"]  # relative imports resolve
     assert _cycles(graph) == []
+
+
+def test_every_installed_package_has_a_name_of_its_own_and_fiftyone_loads_the_plugin_from_one():
+    """No generic top-level name (such as ``plugin``) goes into site-packages."""
+    import yaml
+
+    packages = _pyproject()["tool"]["setuptools"]["packages"]
+    assert all(package.split(".")[0].startswith("ntt_") for package in packages), packages
+    entry = Path(yaml.safe_load((REPO / "fiftyone.yml").read_text())["py_entry"])
+    assert entry.parts[0] in packages and (REPO / entry).is_file()

@@ -98,9 +98,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         if args.coco_dir is not None:
             coco_folder(args.coco_dir)
-        zoo = check_downloads(
-            args.coco_dir, args.sam2, args.dinov2
-        )  # before anything heavy: one line naming all that is missing
+        # before anything heavy: one line naming all that is missing
+        zoo = check_downloads(args.coco_dir, args.sam2, args.dinov2)
 
     replacing = earlier_demo_exists(name)
     note = ensure_plugin()

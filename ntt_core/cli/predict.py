@@ -31,10 +31,10 @@ from .options import (
     fraction,
     load_device,
     load_encoder,
+    load_segmenter,
     positive_float,
     settings_from,
 )
-from .options import load_segmenter as _segmenter  # a name of this module: a test checks a refused resume loads none
 from .output import check_outputs, estimate, replace_json
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if resuming:
         check_resumable(journal_file, identity)  # before the models load
     device = load_device(args.device)
-    segmenter = _segmenter(args, device, settings)
+    segmenter = load_segmenter(args, device, settings)
     encoder = load_encoder(args, device, settings.encoder_size or bank.encoder_input_size)
     cache = None if args.no_cache else CandidateCache(args.cache or default_folder(), round(args.cache_limit * 2**30))
     predictor = Predictor(segmenter, encoder, bank, settings, cache=cache)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import model_downloads, shards
 from ..errors import NttError
 from .build_memory import add_parser as add_build_memory
 from .demo import add_parser as add_demo
 from .evaluate import add_parser as add_evaluate
+from .models import add_parser as add_models
 from .options import EXIT_BAD_INPUT, EXIT_HELP, EXIT_INTERRUPTED, EXIT_OK, HelpFormatter, Interrupted
 from .output import log_warnings_to_stderr
 from .predict import add_parser as add_predict
 from .sample_references import add_parser as add_sample_references
+from .shards import add_parser as add_shards
 
 #: The subcommands, in the order ``ntt --help`` lists them.
 COMMANDS = (
@@ -22,8 +23,8 @@ COMMANDS = (
     add_predict,
     add_evaluate,
     add_demo,
-    model_downloads.add_parser,
-    shards.add_parser,
+    add_models,
+    add_shards,
 )
 
 

@@ -5,7 +5,7 @@
 - :mod:`.references`: references out of a dataset's ground truth;
 - :mod:`.bank_runs`: memory banks stored as runs (method ``ntt_memory_bank``);
 - :mod:`.building`: building a bank from a dataset;
-- :mod:`.predictions`: prediction records (runs ``ntt_predictions_<field>``), resuming, shards,
+- :mod:`.predictions`: prediction records (runs ``segmentation_<field>``), resuming, shards,
   the predictor as a FiftyOne ``Model``;
 - :mod:`.labels`: ``Instances`` -> ``fo.Detections``, boxes -> masks;
 - :mod:`.evaluation`: FiftyOne's COCO evaluation plus pycocotools figures;

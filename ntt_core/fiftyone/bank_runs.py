@@ -3,11 +3,28 @@ payload is the run result, its checksum and description the run config."""
 
 from __future__ import annotations
 
+import keyword
+import re
 from pathlib import Path
 
 import fiftyone.core.utils as fou
 
 from .fields import BANK_METHOD, FiftyOneAdapterError, check_key
+
+DEFAULT_BANK_KEY = "references"
+STANDIN_PREFIX = "standin:"  # model ids of ntt_core.standins
+
+
+def check_loadable_model(source: str, role: str) -> None:
+    """Raise if the model field ``source`` names an offline stand-in (``standin:*``, a bank of
+    ``ntt demo --offline``): those are made in code by the demo, no model loader can load them."""
+    if isinstance(source, str) and source.startswith(STANDIN_PREFIX):
+        raise FiftyOneAdapterError(
+            f"'{source}' is an offline stand-in model of `ntt demo --offline`: it cannot be loaded here, so "
+            f"banks built with it cannot segment from the App; give a {role} checkpoint (hub id, short name or "
+            "local folder) and a bank built with it"
+        )
+
 
 # imports torch: loaded at first use, so that forms resolve in the App without it
 memory_bank = fou.lazy_import("ntt_core.memory_bank")
@@ -87,6 +104,13 @@ def load_memory_bank(dataset, key: str):
     return memory_bank.MemoryBank.from_payload(payload)
 
 
+def bank_reference_ids(dataset, key: str) -> list[str]:
+    """The label ids of bank ``key``'s entries (shots and negatives), read from its manifest alone."""
+    _check_bank_exists(dataset, key)
+    results = dataset._root_dataset.load_run_results(key, cache=False, load_view=False)
+    return list((getattr(results, "bank", None) or {}).get("manifest", {}).get("reference_ids", []))
+
+
 def delete_memory_bank(dataset, key: str) -> None:
     _check_bank_exists(dataset, key)
     dataset._root_dataset.delete_run(key)
@@ -98,6 +122,13 @@ def export_memory_bank(dataset, key: str, directory: str | Path) -> Path:
     if directory.exists() and any(directory.iterdir()):
         raise FiftyOneAdapterError(f"{directory}: export folder is not empty")
     return load_memory_bank(dataset, key).save(directory)
+
+
+def imported_bank_key(directory: str | Path | None) -> str:
+    """The name an imported bank keeps: its folder's (as exported, e.g. ``.../references``), made a
+    valid key; ``imported`` when the folder's name cannot be one."""
+    name = re.sub(r"\W", "_", Path(directory).name) if directory else ""
+    return name if name.isidentifier() and not keyword.iskeyword(name) else "imported"
 
 
 def import_memory_bank(dataset, key: str, directory: str | Path, overwrite: bool = False):

@@ -9,7 +9,7 @@ from ..references import InvalidReferenceError
 from ..settings import Settings
 from .bank_runs import check_bank_key, save_memory_bank
 from .fields import Progress
-from .references import DEFAULT_REFERENCE_TAG, collect_references
+from .references import DEFAULT_REFERENCE_TAG, chosen_classes, collect_references
 
 
 def build_dataset_memory_bank(
@@ -47,7 +47,7 @@ def build_dataset_memory_bank(
             encoder,
             segmenter,
             settings=settings,
-            classes=list(classes) if classes else None,
+            classes=chosen_classes(classes),
             progress=None if progress is None else (lambda done: progress(done, total)),
         )
     except InvalidReferenceError as error:  # say why the labels left out here could not be used either

@@ -19,6 +19,7 @@ from .predictions import prediction_record
 geometry = fou.lazy_import("ntt_core.geometry")
 
 #: pycocotools figures stored on an evaluation as custom metrics (key -> (iou type, metric)).
+DEFAULT_EVAL_KEY = "eval_ntt"
 PYCOCOTOOLS_METRICS = {"pycocotools_segm_AP": ("segm", "AP"), "pycocotools_bbox_AP": ("bbox", "AP")}
 
 

@@ -18,7 +18,9 @@ BANK_METHOD = "ntt_memory_bank"
 PREDICTION_METHOD = "ntt_predictions"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
-Progress = Callable[[int, int], None]  # (done, total)
+#: ``progress(done, total)``; some runs add ``detail``, a line on what is happening now ("image 3 of 40:
+#: prompts 256/1024"). A :class:`~ntt_core.errors.RunStopped` it raises stops the run (see each run).
+Progress = Callable[..., None]
 
 
 class FiftyOneAdapterError(NttError):
@@ -46,6 +48,14 @@ def image_collection(samples) -> tuple[fo.core.collections.SampleCollection, str
             f"only image samples can be processed; this collection holds media of type '{samples.media_type}'"
         )
     return samples, note
+
+
+def images_to_process(samples) -> tuple[fo.core.collections.SampleCollection, str]:
+    """:func:`image_collection`, refusing an empty collection."""
+    images, note = image_collection(samples)
+    if len(images) == 0:
+        raise FiftyOneAdapterError("the target view is empty: nothing to process")
+    return images, note
 
 
 def check_detections_field(samples, name: str, role: str = "field") -> None:

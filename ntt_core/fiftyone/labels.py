@@ -15,13 +15,22 @@ from .fields import (
     Progress,
     check_detections_field,
     check_output_field,
-    image_collection,
+    images_to_process,
     protected_fields,
 )
 
 # these import torch: loaded at first use, so that forms resolve in the App without it
 geometry = fou.lazy_import("ntt_core.geometry")
 box_prompts = fou.lazy_import("ntt_core.box_prompts")
+
+#: What :func:`instances_to_detections` writes on each detection besides FiftyOne's own ``confidence``:
+#: declared on the prediction field (:func:`declare_prediction_attributes`) so that the App's sidebar filters them.
+PREDICTION_ATTRIBUTES = {
+    "reference_id": fof.StringField,
+    "sam_iou": fof.FloatField,
+    "semantic_score": fof.FloatField,
+    "merge_factor": fof.FloatField,
+}
 
 
 def instances_to_detections(instances: Instances) -> fo.Detections:
@@ -50,6 +59,22 @@ def instances_to_detections(instances: Instances) -> fo.Detections:
     return fo.Detections(detections=detections)
 
 
+def declare_prediction_attributes(dataset, field_name: str) -> None:
+    """Declare :data:`PREDICTION_ATTRIBUTES` in the schema of the Detections field ``field_name``
+    (those already declared are left as they are)."""
+    dataset = dataset._root_dataset
+    for name, kind in PREDICTION_ATTRIBUTES.items():
+        path = f"{field_name}.detections.{name}"
+        if not dataset.has_field(path):
+            dataset.add_sample_field(path, kind)
+
+
+def check_in_place(dataset, field_name: str) -> None:
+    """Raise if ``field_name`` may not get its masks in place: it is ground truth (:func:`.fields.protected_fields`)."""
+    if field_name in protected_fields(dataset):
+        raise FiftyOneAdapterError(f"'{field_name}' is a ground-truth field: write the masks to a new field instead")
+
+
 def boxes_to_masks(
     samples,
     in_field: str,
@@ -64,14 +89,13 @@ def boxes_to_masks(
     ``out_field``; ``out_field=None`` or equal to ``in_field`` writes in place, which is refused
     for ground-truth fields. Returns ``{"field", "filled", "kept", "failed", "samples"}``.
     """
-    samples, _ = image_collection(samples)
+    samples, _ = images_to_process(samples)
     dataset = samples._root_dataset
     check_detections_field(samples, in_field, "input field")
     in_place = out_field in (None, in_field)
     out_field = in_field if in_place else out_field
     if in_place:
-        if in_field in protected_fields(dataset):
-            raise FiftyOneAdapterError(f"'{in_field}' is a ground-truth field: write the masks to a new field instead")
+        check_in_place(dataset, in_field)
     elif check_output_field(dataset, out_field, overwrite=overwrite):
         dataset.clear_sample_field(out_field)
     else:

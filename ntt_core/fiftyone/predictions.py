@@ -1,4 +1,4 @@
-"""Predictions into a dataset: the record of how a field was made (run ``ntt_predictions_<field>``),
+"""Predictions into a dataset: the record of how a field was made (run ``segmentation_<field>``),
 resuming and sharded runs, and the predictor as a FiftyOne ``Model``. Each batch is written as
 soon as it is done, one atomic update per sample."""
 
@@ -13,32 +13,45 @@ import fiftyone.core.models as fomo
 import fiftyone.core.utils as fou
 import numpy as np
 
+from ..errors import RunStopped
 from ..input_rules import check_count
 from ..settings import MEMORY_ONLY, Settings
 from .bank_runs import load_memory_bank, memory_bank_info
-from .fields import PREDICTION_METHOD, FiftyOneAdapterError, Progress, check_output_field, image_collection
-from .labels import instances_to_detections
+from .fields import (
+    PREDICTION_METHOD,
+    FiftyOneAdapterError,
+    Progress,
+    check_output_field,
+    image_collection,
+    images_to_process,
+)
+from .labels import declare_prediction_attributes, instances_to_detections
 
 # imports torch: loaded at first use, so that forms resolve in the App without it
 pipeline = fou.lazy_import("ntt_core.predictor")
 candidate_cache = fou.lazy_import("ntt_core.candidate_cache")
 
-PREDICTION_RUN_PREFIX = "ntt_predictions_"
+DEFAULT_PREDICTION_FIELD = "ntt_predictions"
+PREDICTION_RUN_PREFIX = "segmentation_"
+LEGACY_RUN_PREFIX = "ntt_predictions_"  # records written before: still read
 #: Keys of a prediction record that must agree before ``skip_existing`` may resume a field.
 RECORD_MATCH_KEYS = ("bank_key", "bank_sha256", "segmenter_fingerprint", "encoder_fingerprint", "dtype", "settings")
 
 
 def prediction_run_key(field_name: str) -> str:
+    """The key of the run that records how ``field_name`` was segmented: ``segmentation_<field>``."""
     return PREDICTION_RUN_PREFIX + field_name
 
 
 def prediction_record(dataset, field_name: str) -> dict | None:
-    """How ``field_name`` was predicted (bank, models, settings), or None if not by this tool."""
+    """How ``field_name`` was predicted (bank, models, settings), or None if not by this tool
+    (a record under the earlier key ``ntt_predictions_<field>`` is read too)."""
     dataset = dataset._root_dataset
-    key = prediction_run_key(field_name)
-    if key not in dataset.list_runs(method=PREDICTION_METHOD):
-        return None
-    return dataset.get_run_info(key).config.serialize()
+    runs = dataset.list_runs(method=PREDICTION_METHOD)
+    for key in (prediction_run_key(field_name), LEGACY_RUN_PREFIX + field_name):
+        if key in runs:
+            return dataset.get_run_info(key).config.serialize()
+    return None
 
 
 def make_prediction_record(dataset, field_name: str, bank_key: str, segmenter, encoder, settings: Settings) -> dict:
@@ -76,7 +89,8 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
     """Create the prediction field and its run record, or check an existing one.
 
     ``overwrite`` clears every value of the field and replaces the record; ``skip_existing``
-    keeps the field only if its record matches ``record`` on :data:`RECORD_MATCH_KEYS`.
+    keeps the field only if its record matches ``record`` on :data:`RECORD_MATCH_KEYS`. The field's
+    detection attributes are declared in the schema (:func:`.labels.declare_prediction_attributes`).
     """
     dataset = dataset._root_dataset
     name = record["pred_field"]
@@ -90,12 +104,8 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
             raise FiftyOneAdapterError(
                 f"field '{name}' was not written by segment-by-reference (no run record): cannot resume it; choose another field"
             )
-        differ = [k for k in RECORD_MATCH_KEYS if _resume_part(existing, k) != _resume_part(record, k)]
-        if differ:
-            raise FiftyOneAdapterError(
-                f"field '{name}' was written with a different {', '.join(differ)}: resuming would mix results; "
-                "use the same bank, models and settings, overwrite the field, or choose another field"
-            )
+        _check_same_run(name, existing, record)
+        declare_prediction_attributes(dataset, name)  # a field written before they were declared
         return
     if exists:
         for eval_key in dataset.list_evaluations(pred_field=name):
@@ -106,6 +116,47 @@ def prepare_prediction_field(dataset, record: dict, overwrite: bool = False, ski
     if dataset.has_run(key) and key not in dataset.list_runs(method=PREDICTION_METHOD):
         raise FiftyOneAdapterError(f"run key '{key}' is taken by another run")
     dataset.register_run(key, dataset.init_run(method=PREDICTION_METHOD, **record), overwrite=True)
+    declare_prediction_attributes(dataset, name)
+
+
+def check_resume(dataset, pred_field: str, bank_key: str, settings: Settings) -> None:
+    """Before the models load: raise if resuming ``pred_field`` with ``bank_key`` and ``settings``
+    would mix results (the bank or a setting differs from the field's record); each difference is
+    named with both values. The models are compared when the run starts (:func:`prepare_prediction_field`)."""
+    existing = prediction_record(dataset, pred_field)
+    if existing is None:
+        return
+    bank = memory_bank_info(dataset, bank_key)
+    partial = {"bank_key": bank_key, "bank_sha256": bank["sha256"], "settings": settings.to_dict()}
+    _check_same_run(pred_field, existing, partial)
+
+
+def _check_same_run(name: str, existing: dict, record: dict) -> None:
+    """Raise unless ``record`` agrees with the field's ``existing`` record on :data:`RECORD_MATCH_KEYS`
+    (those that ``record`` has)."""
+    differ, details = [], []
+    for key in (k for k in RECORD_MATCH_KEYS if k in record):
+        old, new = _resume_part(existing, key), _resume_part(record, key)
+        if old == new:
+            continue
+        differ.append(key)
+        if key == "settings" and isinstance(old, dict) and isinstance(new, dict):
+            names = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
+            details += [f"{n}: {old.get(n)!r} in the field, {new.get(n)!r} now" for n in names]
+        else:
+            details.append(f"{key}: {_short(old)} in the field, {_short(new)} now")
+    if differ:
+        raise FiftyOneAdapterError(
+            f"field '{name}' was written with a different {', '.join(differ)}: resuming would mix results "
+            f"({'; '.join(details)}); use the same bank, models and settings, overwrite the field, or choose "
+            "another field"
+        )
+
+
+def _short(value) -> str:
+    """A recorded value as the error shows it: fingerprints and checksums cut to 12 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:13] + "…'"
 
 
 def _resume_part(record: dict, key: str):
@@ -118,11 +169,9 @@ def _resume_part(record: dict, key: str):
 
 
 def _target(samples):
-    """The image samples to segment (:func:`.fields.image_collection`), their dataset and the
-    collection's note; an empty target is refused."""
-    samples, note = image_collection(samples)
-    if len(samples) == 0:
-        raise FiftyOneAdapterError("the target view is empty: nothing to segment")
+    """The image samples to segment (:func:`.fields.images_to_process`), their dataset and the
+    collection's note."""
+    samples, note = images_to_process(samples)
     return samples, samples._root_dataset, note
 
 
@@ -151,7 +200,10 @@ def segment_by_reference(
     (only samples whose field is still empty are processed). Unreadable images stay empty and
     are reported. ``should_stop`` is asked before each batch is written (one call a batch); when it
     says so the run stops with an error, writing nothing more (a delegated shard whose operation
-    was marked failed). Returns ``{"field",
+    was marked failed). ``progress(done, total, detail)`` is called at every stage of each batch
+    (image encoders, each prompt batch, post-processing, writing) and after it; a
+    :class:`~ntt_core.errors.RunStopped` it raises stops the run there (inside a batch: nothing of
+    the batch is written) with the resume hint. Returns ``{"field",
     "processed", "instances", "skipped_existing", "failed", "note"}``.
     """
     check_count(batch_size, "batch_size")
@@ -173,11 +225,16 @@ def segment_by_reference(
         "failed": [],
         "note": note,
     }
+    total = len(ids)
     stream = predictor.predict_stream(paths, batch_size)
-    for start in range(0, len(ids), batch_size):
+    for start in range(0, total, batch_size):
         batch_ids = ids[start : start + batch_size]
+        now = _batch_progress(progress, start, len(batch_ids), total)
+        predictor.on_stage = now
         try:  # one batch of the stream
             results = [result for _, result in itertools.islice(stream, len(batch_ids))]
+        except RunStopped as stop:
+            raise _stopped(stop, start, total, pred_field) from None
         except Exception as error:
             raise FiftyOneAdapterError(
                 f"segmentation stopped after {start} of {len(ids)} samples: {str(error) or type(error).__name__}. "
@@ -189,6 +246,8 @@ def segment_by_reference(
                 f"stopped after {start} of {len(ids)} samples: this run's operation is no longer running "
                 f"(marked failed or taken over); the finished samples are saved in '{pred_field}'"
             )
+        if now is not None:
+            now("writing", 0, 1)  # stopping here writes nothing of the batch
         values = {}
         for sample_id, result in zip(batch_ids, results):
             if isinstance(result, Exception):
@@ -200,8 +259,54 @@ def segment_by_reference(
             dataset.set_values(pred_field, values, key_field="id")
         report["processed"] += len(values)
         if progress is not None:
-            progress(start + len(batch_ids), len(ids))
+            try:
+                progress(start + len(batch_ids), total)
+            except RunStopped as stop:  # after the batch is written
+                raise _stopped(stop, start + len(batch_ids), total, pred_field) from None
     return report
+
+
+def _batch_progress(progress: Progress | None, start: int, count: int, total: int):
+    """``on_stage(stage, done, total)`` for the batch of ``count`` images from ``start``: ``progress``
+    with the detail "image 3 of 40: prompts 256/1024" (None without ``progress``)."""
+    if progress is None:
+        return None
+    images = f"image {start + 1}" if count == 1 else f"images {start + 1}-{start + count}"
+
+    def now(stage: str, done: int, of: int) -> None:
+        what = f"{stage} {done}/{of}" if stage == "prompts" else stage
+        progress(start, total, detail=f"{images} of {total}: {what}")
+
+    return now
+
+
+def _stopped(stop: RunStopped, done: int, total: int, pred_field: str) -> RunStopped:
+    return RunStopped(
+        f"{stop}: stopped after {done} of {total} samples; the finished samples are saved in '{pred_field}'. "
+        f"To resume, run Segment by reference into '{pred_field}' again with skip_existing "
+        "('Skip samples that already have predictions')"
+    )
+
+
+def without_references(samples, bank_key: str):
+    """``samples`` less the samples holding ``bank_key``'s references."""
+    dataset = samples._root_dataset
+    return samples.exclude(memory_bank_info(dataset, bank_key).get("reference_sample_ids", []))
+
+
+def segmentation_plan(
+    samples, bank_key: str, pred_field: str, skip_existing: bool = False, skip_references: bool = False
+) -> dict:
+    """What a run over ``samples`` would process: ``{"samples"`` (to segment), ``"existing"`` (skipped:
+    they have predictions), ``"references"`` (samples holding the bank's references among those of
+    ``samples``), ``"note"}``; ``skip_references`` leaves those out (:func:`without_references`)."""
+    samples, dataset, note = _target(samples)
+    chosen = without_references(samples, bank_key)
+    references = len(samples) - len(chosen)
+    if not skip_references:
+        chosen = samples
+    existing = len(chosen.exists(pred_field)) if skip_existing and dataset.has_field(pred_field) else 0
+    return {"samples": len(chosen) - existing, "existing": existing, "references": references, "note": note}
 
 
 def start_sharded_prediction(

@@ -31,6 +31,16 @@ class ReferenceSelection:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+class ClassesNotFoundError(FiftyOneAdapterError):
+    """Classes were asked for that have no reference."""
+
+
+def chosen_classes(classes) -> list[str] | None:
+    """The class names asked for, empty entries (a blank row of the App's list) left out; None for all."""
+    names = [name.strip() for name in classes or [] if name and name.strip()]
+    return names or None
+
+
 def reference_view(
     samples, gt_field: str, mode: str = "label_tag", tag: str = DEFAULT_REFERENCE_TAG, label_ids=None, classes=None
 ):
@@ -53,8 +63,9 @@ def reference_view(
         view = samples.select_labels(ids=list(label_ids), fields=gt_field, omit_empty=True)
     else:
         raise FiftyOneAdapterError(f"reference mode {mode!r} is unknown; use one of {', '.join(REFERENCE_MODES)}")
+    classes = chosen_classes(classes)
     if classes:
-        view = view.filter_labels(gt_field, F("label").is_in(list(classes)), only_matches=True)
+        view = view.filter_labels(gt_field, F("label").is_in(classes), only_matches=True)
     return view
 
 
@@ -124,7 +135,9 @@ def collect_references(
 
 
 def check_reference_counts(counts: dict[str, int], gt_field: str, mode: str, tag: str, classes) -> None:
-    """Raise when ``counts`` (references per class) is empty or lacks a requested class."""
+    """Raise when ``counts`` (references per class) is empty or lacks a requested class
+    (:class:`ClassesNotFoundError`)."""
+    classes = chosen_classes(classes)
     if not counts:
         where = {
             "label_tag": f"no label of '{gt_field}' is tagged '{tag}'",
@@ -132,10 +145,11 @@ def check_reference_counts(counts: dict[str, int], gt_field: str, mode: str, tag
             "label_ids": f"none of the selected labels is in '{gt_field}'",
         }[mode]
         of = f" among classes {', '.join(map(repr, classes))}" if classes else ""
-        raise FiftyOneAdapterError(f"no reference found: {where}{of}")
+        kind = ClassesNotFoundError if classes else FiftyOneAdapterError  # with classes chosen, they are the cause
+        raise kind(f"no reference found: {where}{of}")
     missing = [name for name in classes or [] if name not in counts]
     if missing:
-        raise FiftyOneAdapterError(f"no reference for class(es) {', '.join(map(repr, missing))} in '{gt_field}'")
+        raise ClassesNotFoundError(f"no reference for class(es) {', '.join(map(repr, missing))} in '{gt_field}'")
 
 
 def _skip(label, reason: str) -> dict:

@@ -26,7 +26,7 @@ from bson import ObjectId
 
 from ..images import ImageError, load_image
 from ..settings import Settings
-from .bank_runs import list_memory_banks, load_memory_bank, memory_bank_info, save_memory_bank
+from .bank_runs import bank_reference_ids, list_memory_banks, load_memory_bank, memory_bank_info, save_memory_bank
 from .fields import FiftyOneAdapterError, detections_fields
 from .predictions import prediction_record
 from .references import collect_references, reference_instance
@@ -35,6 +35,7 @@ from .references import collect_references, reference_instance
 bank_review = fou.lazy_import("ntt_core.bank_review")
 memory_bank = fou.lazy_import("ntt_core.memory_bank")
 models = fou.lazy_import("ntt_core.models")
+reference_descriptors = fou.lazy_import("ntt_core.reference_descriptors")
 
 NEGATIVE_TAG = "not_this_class"
 REMOVE_TAG = "remove_reference"
@@ -116,9 +117,18 @@ def bank_overview(dataset, key: str, per_class: int = 8, size: int = 96) -> dict
         "timestamp": info["timestamp"],
         "sha256": info["sha256"],
         "num_references": len(bank.reference_ids),
+        "source_fields": _count_fields(located.values()),
         "not_found": len(bank.reference_ids) - len(located),
         "classes": classes,
     }
+
+
+def _count_fields(entries) -> dict[str, int]:
+    """Entries per field their labels are in (ground truth, and predictions accepted into the bank)."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.field] = counts.get(entry.field, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _thumbnail(entry: ReferenceLabel, images: dict, size: int, colour, context: float) -> str | None:
@@ -181,6 +191,19 @@ def tagged_labels(samples, tag: str) -> dict[str, list[str]]:
     return found
 
 
+def check_not_in_bank(dataset, key: str, labels: Mapping[str, Sequence[str]]) -> None:
+    """Raise if any of ``labels`` (``{field: label ids}``) is already an entry of bank ``key``: adding
+    it again would be skipped, and a shot tagged as a negative would contradict itself."""
+    known = set(bank_reference_ids(dataset, key))
+    present = [label_id for ids in labels.values() for label_id in ids if label_id in known]
+    if present:
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise FiftyOneAdapterError(
+            f"{len(present)} of these label(s) are already entries of memory bank '{key}' ({shown}): "
+            "remove their tag, or remove them from the bank first (tag them remove_reference)"
+        )
+
+
 def load_bank_models(dataset, key: str, dinov2: str = "", sam2: str = "", device: str | None = None, dtype=None):
     """(encoder, segmenter or None) to describe new references of bank ``key``: the bank's own
     encoder (at its input size) unless ``dinov2`` names another source; SAM2 only when ``sam2``
@@ -222,7 +245,7 @@ def add_to_memory_bank(
         skipped += selection.skipped
     if not images and not skipped:
         raise FiftyOneAdapterError("no label given: select predictions (or tag labels) in the App first")
-    described = memory_bank.describe_references(
+    described = reference_descriptors.describe_references(
         images,
         encoder,
         segmenter,

@@ -191,9 +191,24 @@ class App:
         self.page.keyboard.type(label)
         self.page.keyboard.press("Enter")
         prompt = self.page.get_by_test_id("operators-prompt-modal")
-        prompt.get_by_role("button", name="Execute").wait_for()
+        self.primary(prompt).wait_for()
         self.settle(prompt)
         return prompt
+
+    @staticmethod
+    def primary(prompt):
+        """The form's main button: Execute, or Schedule where the operator pre-selects it (a long run)."""
+        split = prompt.get_by_role("group", name="split button").get_by_role("button").first
+        return split.or_(prompt.get_by_role("button", name="Execute", exact=True)).first
+
+    def choose_execute(self, prompt):
+        """Make Execute (an immediate run) the main button, choosing it in the split button's menu
+        when the operator pre-selected Schedule; returns it."""
+        execute = prompt.get_by_role("button", name="Execute", exact=True)
+        if not execute.count():
+            prompt.locator(".MuiDialogActions-root [aria-haspopup=menu]").click()
+            self.page.get_by_role("menuitem").filter(has_text="Execute").click()
+        return execute
 
     @staticmethod
     def field(prompt, label: str):
@@ -214,7 +229,7 @@ class App:
 
     def execute(self, prompt):
         """Click Execute; return once the prompt shows the run's output (or its error)."""
-        prompt.get_by_role("button", name="Execute").click()
+        self.choose_execute(prompt).click()
         prompt.get_by_role("button", name="Close").wait_for(timeout=RUN_MS)
         return prompt
 
@@ -223,7 +238,7 @@ class App:
         return the modal that showed its progress, once it shows the run's output (or error) instead.
         :meth:`shown` then gives every state that modal went through."""
         self.page.evaluate(RECORD_SHOWN)
-        prompt.get_by_role("button", name="Execute").click()
+        self.choose_execute(prompt).click()
         shown = self.page.get_by_test_id("operators-prompt-view-modal")
         expect(prompt).to_be_hidden(timeout=RUN_MS)  # the form goes once the run has streamed everything
         expect(shown.get_by_role("progressbar")).to_have_count(0)  # the output has replaced the progress
@@ -279,9 +294,12 @@ class App:
         return path
 
 
-def output_value(name: str, value: str) -> re.Pattern:
-    """A string entry of the run's output as the form's JSON view shows it."""
-    return re.compile(rf'{name}:\s*string\s*"{re.escape(value)}"')
+BUILT = re.compile(r"Memory bank references: \d+ reference\(s\) of \d+ class\(es\)\.")  # Build's summary
+
+
+def segmented(field: str, samples: int) -> re.Pattern:
+    """Segment by reference's summary of a run into ``field`` over ``samples`` samples."""
+    return re.compile(rf"{re.escape(field)}: \d+ instance\(s\) in {samples} sample\(s\)")
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import fiftyone as fo
 import pytest
-from app_pages import expect, output_value
+from app_pages import BUILT, expect, segmented
 from fiftyone_scenes import scenes_dataset
 from PIL import Image, ImageDraw
 
@@ -79,7 +79,7 @@ def test_a_run_that_runs_out_of_memory_shows_the_resume_hint_then_resumes(own_ap
         app.open(dataset)
         # the bank, built in the App: the server imports torch and loads the models
         shown = app.run(app.operator_form("Build memory bank from reference instances"))
-        expect(shown).to_contain_text(output_value("key", "references"))
+        expect(shown).to_contain_text(BUILT)
         shown.get_by_role("button", name="Done").click()
 
         base = vm_size(server.process.pid)
@@ -105,7 +105,7 @@ def test_a_run_that_runs_out_of_memory_shows_the_resume_hint_then_resumes(own_ap
 
         shown.get_by_role("button", name="Done").click()
         shown = run_form(app, skip_existing=True)  # on the same page and server, without the cap
-        expect(shown).to_contain_text(output_value("field", "ntt_predictions"))
+        expect(shown).to_contain_text(segmented("ntt_predictions", 1))
         dataset.reload()
         resumed = detection_ids(dataset, "ntt_predictions")
         assert sorted(resumed) == sorted(dataset.values("id")), (memory, resumed)

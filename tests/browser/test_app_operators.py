@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import fiftyone.operators as foo
 import pytest
 import yaml
-from app_pages import PLUGIN, REPO, expect, output_value, pixels
+from app_pages import BUILT, PLUGIN, REPO, expect, pixels, segmented
 from fiftyone import ViewField as F
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
@@ -63,6 +63,11 @@ def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(f
     )
     for operator in operators:
         assert operator.config.label in listing and operator.name in listing, operator.uri
+    app.page.keyboard.type("NTT")  # the product prefix of every label finds them all, and only them
+    typed = app.page.get_by_test_id("operators-browser")
+    for operator in operators:
+        assert operator.config.label.startswith("NTT: "), operator.uri
+        expect(typed).to_contain_text(operator.config.label)
     assert not server.torch_loaded(), "listing the operators imported torch in the App server"
 
     prompt = app.operator_form("Build memory bank from reference instances")
@@ -77,7 +82,7 @@ def test_operator_browser_lists_every_operator_and_builds_a_bank_from_its_form(f
     gt_before = field_documents(dataset, "gt")
 
     shown = app.run(prompt)
-    expect(shown).to_contain_text(output_value("key", "references"))
+    expect(shown).to_contain_text(BUILT)
     app.screenshot("done")
     dataset.reload()
     assert dataset.list_runs() == ["references"]
@@ -97,15 +102,21 @@ def test_segment_by_reference_on_a_saved_view_shows_its_progress_and_adds_a_fiel
     prompt = app.operator_form("Segment by reference")
     expect(app.field(prompt, "Output field")).to_have_value("ntt_predictions")
     shown = app.run(prompt)  # with the paper's 32 x 32 prompts per image: long enough to watch
-    expect(shown).to_contain_text(output_value("field", "ntt_predictions"))
+    expect(shown).to_contain_text(segmented("ntt_predictions", 3))
     app.screenshot("done")
     states = app.shown()
     assert states[0]["text"].startswith("Loading the models"), states
-    bars = [(int(s["value"]), re.search(r"Images: (\d+)/3", s["text"])) for s in states if s["value"] is not None]
-    assert all(label for _, label in bars), states
-    assert [value for value, _ in bars] == [round(100 * int(label[1]) / 3) for _, label in bars], states
-    assert [value for value, _ in bars] == sorted({value for value, _ in bars}), states
+    bars = [(int(s["value"]), s["text"]) for s in states if s["value"] is not None]
+    done = []  # images finished, by what each label says
+    for _, text in bars:  # what is happening now: each stage of each image, then the images done
+        now = re.search(r"image (\d) of 3: (image encoders|prompts \d+/1024|post-processing|writing)", text)
+        finished = re.search(r"Images: (\d)/3", text)
+        assert now or finished, bars
+        done.append(int(now[1]) - 1 if now else int(finished[1]))
+    assert [value for value, _ in bars] == [round(100 * d / 3) for d in done], bars
+    assert [value for value, _ in bars] == sorted(value for value, _ in bars), bars  # never backwards
     assert any(0 < value < 100 for value, _ in bars), f"no progress was shown during the run: {states}"
+    assert any("prompts" in text for _, text in bars), f"no prompt batch was shown: {bars}"
     shown.get_by_role("button", name="Done").click()
 
     checkbox = app.sidebar_checkbox("ntt_predictions")
@@ -131,7 +142,7 @@ def test_form_errors_show_inline_and_disable_execute(app, banked):
     dataset.save_view("nothing", dataset.match(F("filepath") == ""))  # saved before the App loads the dataset
     app.open(dataset)
     prompt = app.operator_form("Segment by reference")
-    execute = prompt.get_by_role("button", name="Execute")
+    execute = app.primary(prompt)  # Execute, or Schedule where this machine's figures make the run long
     expect(prompt.get_by_text("field 'ntt_predictions' already exists: choose another name")).to_be_visible()
     expect(execute).to_be_disabled()
     app.screenshot("existing-field")
@@ -143,7 +154,7 @@ def test_form_errors_show_inline_and_disable_execute(app, banked):
     assert app.sample_count() == 0
     prompt = app.operator_form("Segment by reference")
     expect(prompt.get_by_text("the target view is empty: nothing to process")).to_be_visible()
-    expect(prompt.get_by_role("button", name="Execute")).to_be_disabled()
+    expect(app.primary(prompt)).to_be_disabled()
     app.screenshot("empty-view")
     assert field_documents(dataset, "ntt_predictions") == before
     assert not dataset.has_field("new_predictions")
@@ -218,3 +229,57 @@ def test_two_ground_truth_labels_are_tagged_as_references_in_the_sample_modal(ap
         assert dataset.count_label_tags() == {DEFAULT_REFERENCE_TAG: 2}
     finally:
         dataset.delete()
+
+
+def test_a_long_segmentation_shows_its_size_and_estimate_and_defaults_to_schedule(app, banked, tiny_models):
+    """With a kept figure that makes the run long, the form says how long and pre-selects Schedule;
+    Execute stays in the split button's menu."""
+    from fiftyone.operators.store import ExecutionStore
+
+    from ntt_core.fiftyone.timings import STORE, record_timing, timing_key
+
+    key = timing_key("auto", str(tiny_models[0]), str(tiny_models[1]), 32)  # the form's defaults here
+    record_timing(key, 50 * 30.0, 50)  # 30 s per image on this machine
+    try:
+        app.open(banked)
+        prompt = app.operator_form("Segment by reference")
+        expect(
+            prompt.get_by_text("Segments 6 sample(s); the 2 sample(s) holding the bank's references")
+        ).to_be_visible()
+        expect(prompt.get_by_text("About 3 min on 'auto' for 6 image(s)")).to_be_visible()
+        expect(prompt.get_by_text("A long run: Schedule is pre-selected")).to_be_visible()
+        expect(prompt.get_by_role("button", name="Schedule", exact=True)).to_be_visible()
+        prompt.get_by_text("A long run: Schedule is pre-selected").scroll_into_view_if_needed()  # above the buttons
+        app.screenshot("schedule-default", prompt)
+        prompt.locator(".MuiDialogActions-root [aria-haspopup=menu]").click()
+        expect(app.page.get_by_role("menuitem").filter(has_text="Execute")).to_have_count(1)
+        app.page.keyboard.press("Escape")
+    finally:
+        ExecutionStore.create(STORE).delete(key)
+
+
+def test_the_prediction_attributes_are_filters_in_the_sidebar(app, dataset, tiny_models):
+    models = dict(sam2=str(tiny_models[0]), dinov2=str(tiny_models[1]), device="cpu")
+
+    def build_and_segment():  # in a thread: Playwright's event loop runs in this one (see the queue test)
+        foo.get_operator(f"{PLUGIN}/build_memory_bank")(dataset, "gt", **models)
+        segment = foo.get_operator(f"{PLUGIN}/segment_by_reference")
+        segment(dataset, "references", "ntt_predictions", points_per_side=4, sam_iou_threshold=0.0, **models)
+
+    with ThreadPoolExecutor(1) as worker:
+        worker.submit(build_and_segment).result()
+    app.open(dataset)
+    sidebar = app.page.get_by_test_id("sidebar")
+    sidebar.get_by_test_id("sidebar-field-arrow-enabled-ntt_predictions").click()  # the field's attributes
+    for name in ("confidence", "semantic_score", "sam_iou", "merge_factor"):
+        expect(sidebar.locator(f"[data-cy^=numeric-filter-][data-cy$='.{name}']")).to_have_count(1)
+    expect(sidebar.locator("[data-cy^=categorical-filter-][data-cy$='.reference_id']")).to_have_count(1)
+    semantic = sidebar.locator("[data-cy^=numeric-filter-][data-cy$='.semantic_score']")
+    semantic.scroll_into_view_if_needed()
+    minimum = semantic.locator("input").first
+    minimum.fill("0.5")
+    minimum.press("Enter")
+    expect(semantic.get_by_text("Reset")).to_be_visible()  # the filter is on
+    app.page.wait_for_timeout(1000)  # the grid redraws with it
+    app.screenshot("sidebar-filters")
+    app.open_sample(0)  # filtered, then a sample opened: no console error (checked at the end)

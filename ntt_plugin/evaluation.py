@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fiftyone.operators as foo
 
+from . import reports
 from .common import (
     call,
     check,
@@ -12,6 +13,7 @@ from .common import (
     finish,
     form,
     params_with_defaults,
+    product_label,
     report_output,
     require_library,
 )
@@ -20,11 +22,13 @@ MODEL_EVALUATION_PANEL = "model_evaluation_panel_builtin"  # FiftyOne's Model Ev
 
 
 class EvaluateByReference(foo.Operator):
+    summarize = staticmethod(reports.evaluation)
+
     @property
     def config(self):
         return foo.OperatorConfig(
             name="evaluate_by_reference",
-            label="Evaluate reference segmentation (COCO)",
+            label=product_label("Evaluate reference segmentation (COCO)"),
             description="COCO mAP with masks in the Model Evaluation panel, plus pycocotools bbox/segm AP",
             dynamic=True,
             allow_delegated_execution=True,
@@ -34,7 +38,7 @@ class EvaluateByReference(foo.Operator):
         return form(ctx, "Evaluate reference segmentation", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.evaluation import check_eval_key
+        from ntt_core.fiftyone.evaluation import DEFAULT_EVAL_KEY, check_eval_key
         from ntt_core.fiftyone.fields import detections_fields
         from ntt_core.fiftyone.predictions import prediction_record
 
@@ -56,7 +60,7 @@ class EvaluateByReference(foo.Operator):
             description,
             default=default_gt if default_gt in gt_choices else None,
         )
-        key_prop = inputs.str("eval_key", default="eval_ntt", label="Evaluation key")
+        key_prop = inputs.str("eval_key", default=DEFAULT_EVAL_KEY, label="Evaluation key")
         inputs.bool(
             "exclude_references",
             default=True,
@@ -84,7 +88,7 @@ class EvaluateByReference(foo.Operator):
         )
         if not ctx.delegated:
             ctx.ops.open_panel(MODEL_EVALUATION_PANEL, layout="horizontal")  # shows the new run
-        return finish(ctx, {"report": report})
+        return finish(self, ctx, report)
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Evaluation")
@@ -93,7 +97,7 @@ class EvaluateByReference(foo.Operator):
         self,
         sample_collection,
         pred_field: str,
-        eval_key: str = "eval_ntt",
+        eval_key: str | None = None,
         gt_field: str | None = None,
         exclude_references: bool = True,
         use_masks: bool = True,
@@ -102,11 +106,9 @@ class EvaluateByReference(foo.Operator):
     ):
         params = dict(
             pred_field=pred_field,
-            eval_key=eval_key,
             exclude_references=exclude_references,
             use_masks=use_masks,
             overwrite=overwrite,
         )
-        if gt_field:
-            params["gt_field"] = gt_field
+        params.update({name: value for name, value in (("eval_key", eval_key), ("gt_field", gt_field)) if value})
         return call(self, sample_collection, params, delegate)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from . import reports
 from .common import (
     bank_choice,
     call,
     check,
+    check_models,
     count_input,
     current,
     field_choice,
@@ -17,6 +21,7 @@ from .common import (
     model_inputs,
     model_options,
     params_with_defaults,
+    product_label,
     report_output,
     require_library,
     run_with_progress,
@@ -24,19 +29,83 @@ from .common import (
 
 
 def _target_problem(inputs, target) -> None:
-    """An error in the form when the target cannot be segmented; a notice when it was mapped."""
+    """An error in the form when the target cannot be processed; a notice when it was mapped."""
     from ntt_core.errors import NttError
-    from ntt_core.fiftyone.fields import FiftyOneAdapterError, image_collection
+    from ntt_core.fiftyone.fields import images_to_process
 
     try:
-        images, note = image_collection(target)
-        if len(images) == 0:
-            raise FiftyOneAdapterError("the target view is empty: nothing to process")
+        _, note = images_to_process(target)
     except NttError as error:
         invalid(inputs.view("target_problem", types.Error(label=str(error))), str(error))
         return
     if note:
         inputs.view("target_note", types.Notice(label=note))
+
+
+SCHEDULE_ADVICE = (
+    "A long run: Schedule is pre-selected, so the App stays usable; start a worker on the server with "
+    "`fiftyone delegated launch` (the Memory banks panel shows its progress and can stop it). "
+    "Execute runs it now, in this page, until it finishes."
+)
+
+
+def form_settings(params: dict):
+    """The method's settings that the form sets (the others: the paper's)."""
+    from ntt_core.settings import Settings
+
+    names = ("points_per_side", "sam_iou_threshold", "max_detections", "score_threshold")
+    return Settings(**{name: params[name] for name in names})
+
+
+def _run_plan(ctx, params: dict):
+    """``(plan, seconds, line, schedule)`` of a segmentation with ``params`` (None when the form has
+    an error that makes it unknowable): the samples it would process, its estimated seconds (None
+    when no figure is kept for the device, models and grid), the form's line on the estimate, and
+    whether to recommend *Schedule*: over ``LONG_RUN_S``, or unknown with the paper's models on a
+    device that may be a CPU."""
+    from ntt_core.errors import NttError
+    from ntt_core.fiftyone.predictions import DEFAULT_PREDICTION_FIELD, segmentation_plan
+    from ntt_core.fiftyone.timings import LONG_RUN_S, estimate, timing_key
+    from ntt_core.settings import Settings
+
+    def get(name: str, default):
+        return default if params.get(name) is None else params[name]
+
+    try:
+        plan = segmentation_plan(
+            ctx.target_view(),
+            params.get("bank_key"),
+            get("pred_field", DEFAULT_PREDICTION_FIELD),
+            skip_existing=bool(params.get("skip_existing")),
+            skip_references=bool(params.get("skip_reference_samples")),
+        )
+    except NttError:
+        return None
+    sam2, dinov2, device = get("sam2", ""), get("dinov2", ""), get("device", "auto")
+    key = timing_key(device, sam2, dinov2, int(get("points_per_side", Settings().points_per_side)))
+    seconds, line = estimate(key, plan["samples"])
+    paper_models_on_cpu = not sam2 and not dinov2 and device in ("auto", "cpu")
+    schedule = (seconds is not None and seconds > LONG_RUN_S) or (seconds is None and paper_models_on_cpu)
+    return plan, seconds, line, schedule
+
+
+def _timed(progress, key: str):
+    """``progress`` that also keeps the seconds per image of this run (after its first image when
+    no figure exists yet, and at its end): see ``ntt_core.fiftyone.timings``."""
+    from ntt_core.fiftyone.timings import record_timing, seconds_per_image
+
+    started, counted = time.monotonic(), 0
+    first = seconds_per_image(key) is None
+
+    def timed(done: int, total: int, detail: str = "") -> None:
+        nonlocal started, counted, first
+        if not detail and done > counted and (first or done == total):
+            now = time.monotonic()
+            record_timing(key, now - started, done - counted)
+            started, counted, first = now, done, False
+        progress(done, total, detail)
+
+    return timed
 
 
 def _shard_watch(ctx) -> dict:
@@ -57,11 +126,13 @@ def _shard_label(params: dict, attempt: int = 1) -> str:
 
 
 class SegmentByReference(foo.Operator):
+    summarize = staticmethod(reports.segment)
+
     @property
     def config(self):
         return foo.OperatorConfig(
             name="segment_by_reference",
-            label="Segment by reference",
+            label=product_label("Segment by reference"),
             description="Find every instance of a memory bank's classes and write them as Detections with instance masks",
             dynamic=True,
             allow_delegated_execution=True,
@@ -72,13 +143,21 @@ class SegmentByReference(foo.Operator):
         return form(ctx, "Segment by reference", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.predictions import check_prediction_field, planning_unfinished
+        from ntt_core.fiftyone.bank_runs import list_memory_banks
+        from ntt_core.fiftyone.predictions import (
+            DEFAULT_PREDICTION_FIELD,
+            check_prediction_field,
+            check_resume,
+            planning_unfinished,
+        )
+        from ntt_core.settings import Settings
 
+        paper = Settings()
         shard = ctx.params.get("shard_sample_ids") is not None
         if not shard:
             _target_problem(inputs, ctx.target_view())
         bank_choice(inputs, ctx)
-        field_prop = inputs.str("pred_field", default="ntt_predictions", label="Output field")
+        field_prop = inputs.str("pred_field", default=DEFAULT_PREDICTION_FIELD, label="Output field")
         inputs.bool("overwrite", default=False, label="Overwrite the field if it exists (clears all its values)")
         inputs.bool(
             "skip_existing",
@@ -87,24 +166,29 @@ class SegmentByReference(foo.Operator):
             description="Resumes an interrupted run; needs the same bank, models and settings as the field's run record",
         )
         inputs.float(
-            "score_threshold", min=0.0, max=1.0, default=0.0, label="Score threshold", description="0 as in the paper"
+            "score_threshold",
+            min=0.0,
+            max=1.0,
+            default=paper.score_threshold,
+            label="Score threshold",
+            description=f"{paper.score_threshold:g} as in the paper",
         )
-        count_input(ctx, inputs, "max_detections", "Max instances per image", default=100)
+        count_input(ctx, inputs, "max_detections", "Max instances per image", default=paper.max_detections)
         count_input(
             ctx,
             inputs,
             "points_per_side",
             "Prompt grid points per side",
-            default=32,
-            description="32 as in the paper",
+            default=paper.points_per_side,
+            description=f"{paper.points_per_side} as in the paper",
         )
         inputs.float(
             "sam_iou_threshold",
             min=0.0,
             max=1.0,
-            default=0.4,
+            default=paper.sam_iou_threshold,
             label="SAM2 IoU threshold",
-            description="0.4 as in the paper",
+            description=f"{paper.sam_iou_threshold:g} as in the paper",
         )
         count_input(ctx, inputs, "batch_size", "Images per batch", default=1)
         count_input(
@@ -115,12 +199,61 @@ class SegmentByReference(foo.Operator):
             default=1,
             description="Above 1: queue that many delegated operations over fixed parts of the target for `fiftyone delegated launch` workers",
         )
+        inputs.bool(
+            "skip_reference_samples",
+            default=False,
+            label="Leave out the samples holding the bank's references",
+            description="They are segmented too by default; evaluation leaves them out either way",
+        )
         model_inputs(inputs)
+        check_models(ctx, inputs)
         field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
         shards = current(ctx, inputs, "num_shards")
         planning = isinstance(shards, int) and shards > 1 and planning_unfinished(ctx.dataset, field)
         skip = current(ctx, inputs, "skip_existing") or shard or planning  # a planning step that died continues
-        check(field_prop, lambda: check_prediction_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip))
+        exists = check(
+            field_prop, lambda: check_prediction_field(ctx.dataset, field, overwrite=overwrite, skip_existing=skip)
+        )
+        key = current(ctx, inputs, "bank_key")
+        if exists and skip and not overwrite and key in list_memory_banks(ctx.dataset):
+            values = {name: current(ctx, inputs, name) for name in inputs.properties}
+            check(
+                inputs.properties["skip_existing"],
+                lambda: check_resume(ctx.dataset, field, key, form_settings(values)),
+            )
+        if not shard:
+            self._plan(ctx, inputs)
+
+    def _plan(self, ctx, inputs) -> None:
+        """What the run will do: how many samples (the reference samples among them or not), how long
+        on the chosen device (from the kept figure), and the advice to schedule a long run."""
+        found = _run_plan(ctx, {name: current(ctx, inputs, name) for name in inputs.properties})
+        if found is None:
+            return
+        plan, seconds, line, schedule = found
+        existing = f"; {plan['existing']} already have predictions and are skipped" if plan["existing"] else ""
+        if plan["references"]:
+            left_out = current(ctx, inputs, "skip_reference_samples")
+            where = "left out" if left_out else "among them"
+            references = f"; the {plan['references']} sample(s) holding the bank's references are {where}"
+        else:
+            references = "; none of them holds the bank's references"
+        inputs.view("plan", types.Notice(label=f"Segments {plan['samples']} sample(s){existing}{references}."))
+        inputs.view("estimate", types.Notice(label=line))
+        if schedule:
+            inputs.view("schedule_advice", types.Warning(label=SCHEDULE_ADVICE))
+
+    def resolve_execution_options(self, ctx):
+        """Immediate or scheduled; a long run (see :func:`_run_plan`) defaults to *Schedule*."""
+        from fiftyone.operators.executor import ExecutionOptions
+
+        shard = ctx.params.get("shard_sample_ids") is not None
+        found = None if shard else _run_plan(ctx, params_with_defaults(self, ctx))  # the App may send no params
+        return ExecutionOptions(
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=bool(found and found[3]),
+        )
 
     def resolve_run_name(self, ctx):
         return _shard_label(ctx.params) if ctx.params.get("shard") else self.config.label
@@ -131,24 +264,28 @@ class SegmentByReference(foo.Operator):
 
     def _run(self, ctx, p: dict, progress) -> dict:
         require_library()
-        from ntt_core.fiftyone.predictions import finish_planning, segment_by_reference, start_sharded_prediction
+        from ntt_core.fiftyone.predictions import (
+            finish_planning,
+            segment_by_reference,
+            start_sharded_prediction,
+            without_references,
+        )
+        from ntt_core.fiftyone.timings import timing_key
         from ntt_core.models import load_models
-        from ntt_core.settings import Settings
 
         if p["overwrite"] and p.get("shard_sample_ids") is None:
             from ntt_core.shards import check_no_live_shards
 
             check_no_live_shards(ctx.dataset.name, p["pred_field"])
         segmenter, encoder = load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
-        settings = Settings(
-            points_per_side=p["points_per_side"],
-            sam_iou_threshold=p["sam_iou_threshold"],
-            max_detections=p["max_detections"],
-            score_threshold=p["score_threshold"],
-        )
+        settings = form_settings(p)
         run = dict(
             bank_key=p["bank_key"], pred_field=p["pred_field"], segmenter=segmenter, encoder=encoder, settings=settings
         )
+        progress = _timed(progress, timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"]))
+        target = ctx.target_view()
+        if p.get("skip_reference_samples"):
+            target = without_references(target, p["bank_key"])
         if p.get("shard_sample_ids") is not None:
             target = ctx.dataset.select(p["shard_sample_ids"])
             return segment_by_reference(
@@ -159,13 +296,11 @@ class SegmentByReference(foo.Operator):
             from ntt_core.shards import live_shard_sample_ids
 
             assigned = live_shard_sample_ids(ctx.dataset.name, p["pred_field"]) if not p["overwrite"] else set()
-            shards = start_sharded_prediction(
-                ctx.target_view(), **run, num_shards=p["num_shards"], **flags, assigned=assigned
-            )
+            shards = start_sharded_prediction(target, **run, num_shards=p["num_shards"], **flags, assigned=assigned)
             queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
             finish_planning(ctx.dataset, p["pred_field"])
             return {"field": p["pred_field"], "shards": queued, "left_to_queued_shards": len(assigned)}
-        return segment_by_reference(ctx.target_view(), **run, batch_size=p["batch_size"], **flags, progress=progress)
+        return segment_by_reference(target, **run, batch_size=p["batch_size"], **flags, progress=progress)
 
     def _queue_shard(self, ctx, p: dict, sample_ids: list[str], index: int, count: int) -> dict:
         """Queue one shard: a delegated operation over fixed sample ids, resuming the field."""
@@ -181,46 +316,52 @@ class SegmentByReference(foo.Operator):
         self,
         sample_collection,
         bank_key: str,
-        pred_field: str = "ntt_predictions",
+        pred_field: str | None = None,
         overwrite: bool = False,
         skip_existing: bool = False,
-        score_threshold: float = 0.0,
-        max_detections: int = 100,
-        points_per_side: int = 32,
-        sam_iou_threshold: float = 0.4,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+        points_per_side: int | None = None,
+        sam_iou_threshold: float | None = None,
         batch_size: int = 1,
         num_shards: int = 1,
+        skip_reference_samples: bool = False,
         sam2: str = "",
         dinov2: str = "",
         device: str = "auto",
         dtype: str = "auto",
         delegate: bool = False,
     ):
+        """Segment ``sample_collection`` with ``bank_key``; a setting left None is the form's default
+        (the paper's, from ``ntt_core.settings.Settings``; the field ``ntt_predictions``)."""
+        thresholds = dict(score_threshold=score_threshold, sam_iou_threshold=sam_iou_threshold)
         params = dict(
             bank_key=bank_key,
             pred_field=pred_field,
             overwrite=overwrite,
             skip_existing=skip_existing,
-            score_threshold=float(score_threshold),
+            **{name: float(value) for name, value in thresholds.items() if value is not None},
             max_detections=max_detections,
             points_per_side=points_per_side,
-            sam_iou_threshold=float(sam_iou_threshold),
             batch_size=batch_size,
             num_shards=num_shards,
+            skip_reference_samples=skip_reference_samples,
             sam2=sam2,
             dinov2=dinov2,
             device=device,
             dtype=dtype,
         )
-        return call(self, sample_collection, params, delegate)
+        return call(self, sample_collection, {k: v for k, v in params.items() if v is not None}, delegate)
 
 
 class BoxesToMasks(foo.Operator):
+    summarize = staticmethod(reports.boxes_to_masks)
+
     @property
     def config(self):
         return foo.OperatorConfig(
             name="boxes_to_masks",
-            label="Boxes to masks (SAM2)",
+            label=product_label("Boxes to masks (SAM2)"),
             description="Fill the masks of box-only detections with SAM2 box prompts, into a new field",
             dynamic=True,
             allow_delegated_execution=True,
@@ -231,7 +372,8 @@ class BoxesToMasks(foo.Operator):
         return form(ctx, "Boxes to masks", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.fields import check_output_field, detections_fields, protected_fields
+        from ntt_core.fiftyone.fields import check_output_field, detections_fields
+        from ntt_core.fiftyone.labels import check_in_place
 
         _target_problem(inputs, ctx.target_view())
         fields = detections_fields(ctx.dataset)
@@ -241,15 +383,14 @@ class BoxesToMasks(foo.Operator):
         )
         in_field = current(ctx, inputs, "in_field")
         if current(ctx, inputs, "in_place"):
-            if in_field in protected_fields(ctx.dataset):
-                message = f"'{in_field}' is a ground-truth field: write to a new field"
-                invalid(inputs.view("in_place_problem", types.Error(label=message)), message)
+            check(inputs.properties["in_place"], lambda: check_in_place(ctx.dataset, in_field))
         else:
             out_prop = inputs.str("out_field", default=f"{in_field}_masks", label="Output field")
             inputs.bool("overwrite", default=False, label="Overwrite the output field if it exists")
             out_field, overwrite = current(ctx, inputs, "out_field"), current(ctx, inputs, "overwrite")
             check(out_prop, lambda: check_output_field(ctx.dataset, out_field, overwrite=overwrite))
         model_inputs(inputs, encoder=False)
+        check_models(ctx, inputs)
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)

@@ -7,9 +7,12 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from . import reports
 from .common import (
     bank_choice,
     call,
+    check,
+    check_models,
     current,
     finish,
     form,
@@ -17,8 +20,10 @@ from .common import (
     model_inputs,
     model_options,
     params_with_defaults,
+    product_label,
     report_output,
     require_library,
+    result,
     run_with_progress,
 )
 
@@ -43,14 +48,26 @@ def selected_prediction(ctx) -> tuple[str, str] | None:
     return None
 
 
-def show_reference(ctx, match: dict) -> None:
-    """Show the reference of ``match`` (see ``ntt_core.fiftyone.review.matched_reference``) in the App:
-    its sample alone in the grid, opened in the modal, its label selected."""
-    ctx.ops.set_view(ctx.dataset.select(match["sample_id"]))
+def show_reference(ctx, match: dict) -> str | None:
+    """Open the reference of ``match`` (see ``ntt_core.fiftyone.review.matched_reference``) in the
+    App's modal with its label selected (drawn highlighted). The user's view is kept when it holds
+    the reference's sample; otherwise the App shows the whole dataset (never a one-sample view that
+    would outlive the review) and the returned note says so."""
+    note = None
+    if not in_view(ctx.view, match["sample_id"]):
+        ctx.ops.set_view(ctx.dataset.view())
+        note = "the reference's sample is outside the current view: the App now shows the whole dataset"
     ctx.ops.open_sample(match["sample_id"])
     if match["field"]:
         label = {"label_id": match["reference_id"], "sample_id": match["sample_id"], "field": match["field"]}
         ctx.ops.set_selected_labels([{**label, "frame_number": None}])
+    return note
+
+
+def in_view(view, sample_id: str) -> bool:
+    """Whether sample ``sample_id`` is among the samples of ``view`` (a patches or other generated view
+    holds other documents, so never)."""
+    return not view._is_generated and len(view.select(sample_id)) == 1
 
 
 def bank_of_selection(ctx, inputs) -> types.Property:
@@ -65,11 +82,13 @@ def bank_of_selection(ctx, inputs) -> types.Property:
 
 
 class ShowMatchedReference(foo.Operator):
+    summarize = staticmethod(reports.matched_reference)
+
     @property
     def config(self):
         return foo.OperatorConfig(
             name="show_matched_reference",
-            label="Show matched reference",
+            label=product_label("Show matched reference"),
             description="Open the reference instance whose descriptor best matched the selected prediction",
             dynamic=True,
         )
@@ -91,8 +110,8 @@ class ShowMatchedReference(foo.Operator):
 
         field, label_id = selected_prediction(ctx)
         match = matched_reference(ctx.dataset, field, label_id)
-        show_reference(ctx, match)
-        return {"report": match}
+        note = show_reference(ctx, match)
+        return result(self, {**match, "note": note})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Matched reference")
@@ -106,6 +125,7 @@ class _AddReferences(foo.Operator):
 
     negative = False
     title = ""
+    summarize = staticmethod(reports.bank_update)
 
     def resolve_input(self, ctx):
         return form(ctx, self.title, self._form)
@@ -117,9 +137,13 @@ class _AddReferences(foo.Operator):
         from ntt_core.errors import NttError
         from ntt_core.fiftyone.bank_runs import list_memory_banks, memory_bank_info
         from ntt_core.fiftyone.fields import check_detections_field
+        from ntt_core.fiftyone.review import check_not_in_bank
 
-        bank_of_selection(ctx, inputs)
+        bank_prop = bank_of_selection(ctx, inputs)
         labels = self._labels(ctx, inputs)
+        key = current(ctx, inputs, "bank_key")
+        if labels and key in list_memory_banks(ctx.dataset):
+            check(bank_prop, lambda: check_not_in_bank(ctx.dataset, key, labels))
         counts: dict[str, int] = {}
         for field, ids in labels.items():
             try:
@@ -134,7 +158,6 @@ class _AddReferences(foo.Operator):
             role = "negative references of" if self.negative else "shots of"
             found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
             inputs.view("found", types.Notice(label=f"{sum(counts.values())} label(s) become {role}: {found}"))
-        key = current(ctx, inputs, "bank_key")
         info = memory_bank_info(ctx.dataset, key) if key in list_memory_banks(ctx.dataset) else {}
         inputs.str(
             "dinov2",
@@ -150,6 +173,7 @@ class _AddReferences(foo.Operator):
             description="Only for labels without a mask (box prompts); empty: such labels are skipped",
         )
         model_inputs(inputs, segmenter=False, encoder=False)  # device and dtype
+        check_models(ctx, inputs)
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)
@@ -157,8 +181,9 @@ class _AddReferences(foo.Operator):
 
     def _run(self, ctx, p: dict, progress) -> dict:
         require_library()
-        from ntt_core.fiftyone.review import add_to_memory_bank, load_bank_models
+        from ntt_core.fiftyone.review import add_to_memory_bank, check_not_in_bank, load_bank_models
 
+        check_not_in_bank(ctx.dataset, p["bank_key"], self._labels(ctx, None))  # before the models load
         options = model_options(p)
         encoder, segmenter = load_bank_models(ctx.dataset, p["bank_key"], p["dinov2"], p["sam2"], **options)
         return add_to_memory_bank(
@@ -182,7 +207,7 @@ class AddToMemoryBank(_AddReferences):
     def config(self):
         return foo.OperatorConfig(
             name="add_to_memory_bank",
-            label="Add selected predictions to references",
+            label=product_label("Add selected predictions to references"),
             description="Accepted predictions (or any selected labels) become new shots of their class in a memory bank",
             dynamic=True,
             allow_delegated_execution=True,
@@ -211,7 +236,7 @@ class AddNegativeReferences(_AddReferences):
     def config(self):
         return foo.OperatorConfig(
             name="add_negative_references",
-            label="Add 'not_this_class' labels as negative references",
+            label=product_label("Add 'not_this_class' labels as negative references"),
             description="Labels tagged not_this_class (e.g. false positives) damp look-alikes of their class",
             dynamic=True,
             allow_delegated_execution=True,
@@ -244,11 +269,13 @@ class AddNegativeReferences(_AddReferences):
 
 
 class RemoveFromMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.bank_update)
+
     @property
     def config(self):
         return foo.OperatorConfig(
             name="remove_from_memory_bank",
-            label="Remove tagged references",
+            label=product_label("Remove tagged references"),
             description="Remove the memory bank entries whose labels carry a tag (remove_reference)",
             dynamic=True,
         )
@@ -276,7 +303,7 @@ class RemoveFromMemoryBank(foo.Operator):
 
         p = params_with_defaults(self, ctx)
         ids = [i for ids in tagged_labels(ctx.dataset, p["tag"]).values() for i in ids]
-        return finish(ctx, {"report": remove_from_memory_bank(ctx.dataset, p["bank_key"], ids)})
+        return finish(self, ctx, remove_from_memory_bank(ctx.dataset, p["bank_key"], ids))
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Memory bank updated")

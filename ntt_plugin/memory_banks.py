@@ -5,20 +5,25 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from . import reports
 from .common import (
     bank_choice,
     call,
     check,
+    check_models,
     count_input,
     current,
     field_choice,
     finish,
     form,
+    invalid,
     model_inputs,
     model_options,
     params_with_defaults,
+    product_label,
     report_output,
     require_library,
+    result,
     run_with_progress,
 )
 
@@ -37,11 +42,13 @@ def selected_label_ids(ctx, gt_field: str) -> list[str]:
 
 
 class BuildMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.build)
+
     @property
     def config(self):
         return foo.OperatorConfig(
             name="build_memory_bank",
-            label="Build memory bank from reference instances",
+            label=product_label("Build memory bank from reference instances"),
             description="Describe tagged or selected ground-truth instances with DINOv2 and store them as a named memory bank",
             dynamic=True,
             allow_delegated_execution=True,
@@ -52,9 +59,9 @@ class BuildMemoryBank(foo.Operator):
         return form(ctx, "Build memory bank", self._form)
 
     def _form(self, ctx, inputs):
-        from ntt_core.fiftyone.bank_runs import check_bank_key
+        from ntt_core.fiftyone.bank_runs import DEFAULT_BANK_KEY, check_bank_key
         from ntt_core.fiftyone.fields import detections_fields
-        from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG, count_references
+        from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG
 
         target = ctx.target_view()
         fields = detections_fields(ctx.dataset)
@@ -67,29 +74,40 @@ class BuildMemoryBank(foo.Operator):
         if mode != "label_ids":
             inputs.str("tag", default=DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
         inputs.list("classes", types.String(), label="Classes", description="Classes to include (empty: all)")
+        gt_field = current(ctx, inputs, "gt_field")
+        if gt_field in fields:  # the counts right after the choices they follow
+            self._counts(ctx, inputs, target, gt_field, mode)
         count_input(ctx, inputs, "max_per_class", "Max references per class", description="First ones in dataset order")
-        key_prop = inputs.str("bank_key", default="references", label="Memory bank name")
+        key_prop = inputs.str("bank_key", default=DEFAULT_BANK_KEY, label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
         model_inputs(inputs)
-
-        gt_field = current(ctx, inputs, "gt_field")
-        if gt_field in fields:
-            counts = check(
-                inputs.properties.get("tag") or inputs.properties["classes"],
-                lambda: count_references(
-                    target,
-                    gt_field,
-                    mode=mode,
-                    tag=current(ctx, inputs, "tag"),
-                    label_ids=selected_label_ids(ctx, gt_field),
-                    classes=ctx.params.get("classes") or None,
-                ),
-            )
-            if counts:
-                found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
-                inputs.view("found", types.Notice(label=f"References found per class: {found}"))
+        check_models(ctx, inputs)
         key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
         check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite))
+
+    def _counts(self, ctx, inputs, target, gt_field: str, mode: str) -> None:
+        """References found per class, or the error under the field it is about (the classes, else
+        the tag, else the field)."""
+        from ntt_core.errors import NttError
+        from ntt_core.fiftyone.references import ClassesNotFoundError, count_references
+
+        try:
+            counts = count_references(
+                target,
+                gt_field,
+                mode=mode,
+                tag=current(ctx, inputs, "tag"),
+                label_ids=selected_label_ids(ctx, gt_field),
+                classes=ctx.params.get("classes"),
+            )
+        except NttError as error:
+            about = (
+                "classes" if isinstance(error, ClassesNotFoundError) else "tag" if mode != "label_ids" else "gt_field"
+            )
+            invalid(inputs.properties[about], str(error))
+            return
+        found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+        inputs.view("found", types.Notice(label=f"References found per class: {found}"))
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)
@@ -114,7 +132,7 @@ class BuildMemoryBank(foo.Operator):
             mode=p["reference_mode"],
             tag=p.get("tag", DEFAULT_REFERENCE_TAG),
             label_ids=selected_label_ids(ctx, p["gt_field"]),
-            classes=p.get("classes") or None,
+            classes=p.get("classes"),
             max_per_class=p.get("max_per_class"),
             overwrite=p["overwrite"],
             progress=progress,
@@ -127,9 +145,9 @@ class BuildMemoryBank(foo.Operator):
         self,
         sample_collection,
         gt_field: str,
-        bank_key: str = "references",
+        bank_key: str | None = None,
         reference_mode: str = "label_tag",
-        tag: str = "reference",
+        tag: str | None = None,
         label_ids=None,
         classes=None,
         max_per_class: int | None = None,
@@ -155,15 +173,17 @@ class BuildMemoryBank(foo.Operator):
             dtype=dtype,
             overwrite=overwrite,
         )
-        return call(self, sample_collection, params, delegate)
+        return call(self, sample_collection, {k: v for k, v in params.items() if v is not None}, delegate)
 
 
 class ExportMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.exported)
+
     @property
     def config(self):
         return foo.OperatorConfig(
             name="export_memory_bank",
-            label="Export memory bank",
+            label=product_label("Export memory bank"),
             description="Write a stored memory bank to a folder (manifest.json + features.safetensors)",
             dynamic=True,
         )
@@ -181,7 +201,7 @@ class ExportMemoryBank(foo.Operator):
 
         p = params_with_defaults(self, ctx)
         path = export_memory_bank(ctx.dataset, p["bank_key"], p["directory"])
-        return {"report": {"bank_key": p["bank_key"], "directory": str(path)}}
+        return result(self, {"bank_key": p["bank_key"], "directory": str(path)})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Exported")
@@ -191,11 +211,13 @@ class ExportMemoryBank(foo.Operator):
 
 
 class ImportMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.imported)
+
     @property
     def config(self):
         return foo.OperatorConfig(
             name="import_memory_bank",
-            label="Import memory bank",
+            label=product_label("Import memory bank"),
             description="Read a memory bank folder (exported from any dataset, or written by the CLI) into this dataset",
             dynamic=True,
         )
@@ -209,38 +231,63 @@ class ImportMemoryBank(foo.Operator):
         inputs.str(
             "directory", required=True, label="Folder", description="Holds manifest.json and features.safetensors"
         )
-        key_prop = inputs.str("bank_key", default="imported", label="Memory bank name")
+        key_prop = inputs.str(
+            "bank_key",
+            default="",
+            allow_empty=True,
+            label="Memory bank name",
+            description="Empty: the folder's name, as the bank was exported",
+        )
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
-        key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
-        check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite))
+        key, overwrite = _import_key(ctx.params), current(ctx, inputs, "overwrite")
+        if check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite)) is None and not key_prop.invalid:
+            inputs.view("name", types.Notice(label=f"Imported as memory bank '{key}'"))
 
     def execute(self, ctx):
         require_library()
         from ntt_core.fiftyone.bank_runs import import_memory_bank
 
         p = params_with_defaults(self, ctx)
-        bank = import_memory_bank(ctx.dataset, p["bank_key"], p["directory"], overwrite=p["overwrite"])
-        return finish(
-            ctx, {"report": {"bank_key": p["bank_key"], "classes": list(bank.classes), "counts": bank.counts()}}
-        )
+        key = _import_key(p)
+        bank = import_memory_bank(ctx.dataset, key, p["directory"], overwrite=p["overwrite"])
+        return finish(self, ctx, {"bank_key": key, "classes": list(bank.classes), "counts": bank.counts()})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Imported")
 
-    def __call__(self, sample_collection, directory: str, bank_key: str = "imported", overwrite: bool = False):
+    def __call__(self, sample_collection, directory: str, bank_key: str = "", overwrite: bool = False):
+        """Import the bank in ``directory``, named ``bank_key`` (empty: the folder's name)."""
         return call(self, sample_collection, dict(directory=str(directory), bank_key=bank_key, overwrite=overwrite))
 
 
+def _import_key(params: dict) -> str:
+    from ntt_core.fiftyone.bank_runs import imported_bank_key
+
+    return params.get("bank_key") or imported_bank_key(params.get("directory"))
+
+
 class DeleteMemoryBank(foo.Operator):
+    summarize = staticmethod(reports.deleted)
+
     @property
     def config(self):
-        return foo.OperatorConfig(name="delete_memory_bank", label="Delete memory bank", dynamic=True)
+        return foo.OperatorConfig(name="delete_memory_bank", label=product_label("Delete memory bank"), dynamic=True)
 
     def resolve_input(self, ctx):
         return form(ctx, "Delete memory bank", self._form)
 
     def _form(self, ctx, inputs):
+        from ntt_core.fiftyone.bank_runs import list_memory_banks, memory_bank_info
+
         bank_choice(inputs, ctx)
+        key = current(ctx, inputs, "bank_key")
+        if key in list_memory_banks(ctx.dataset):
+            entries = memory_bank_info(ctx.dataset, key).get("num_references")
+            warning = (
+                f"Deletes memory bank '{key}' ({entries} entries) from this dataset: this cannot be undone "
+                "(Export keeps a copy). Labels and predictions stay as they are."
+            )
+            inputs.view("confirm", types.Warning(label=warning))
 
     def execute(self, ctx):
         require_library()
@@ -248,7 +295,10 @@ class DeleteMemoryBank(foo.Operator):
 
         key = params_with_defaults(self, ctx)["bank_key"]
         delete_memory_bank(ctx.dataset, key)
-        return finish(ctx, {"report": {"deleted": key}})
+        return finish(self, ctx, {"deleted": key})
+
+    def resolve_output(self, ctx):
+        return report_output(ctx, "Deleted")
 
     def __call__(self, sample_collection, bank_key: str):
         return call(self, sample_collection, dict(bank_key=bank_key))

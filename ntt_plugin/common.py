@@ -22,6 +22,8 @@ import fiftyone.operators.types as types
 
 INSTALL_HINT = "install the library with `pip install -e <repository>` (or `pip install -r requirements.txt`) in the environment that runs FiftyOne"
 DEVICES = ("auto", "cuda", "cpu", "mps")
+#: Starts every operator's label, so that typing it in the App's operator browser lists them all.
+LABEL_PREFIX = "NTT: "
 DTYPES = ("auto", "float32", "bfloat16")
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ def require_library() -> None:
     """Make ``ntt_core`` importable, or raise a :class:`LibraryMissingError` saying how to install it.
 
     A plugin folder that holds the whole repository (``fiftyone plugins download``) has the
-    library next to ``plugin/``: it is importable from there without installing it.
+    library next to ``ntt_plugin/``: it is importable from there without installing it.
     """
     try:
         importlib.import_module("ntt_core.fiftyone.fields")
@@ -45,6 +47,11 @@ def require_library() -> None:
             sys.path.append(str(repo))
             return require_library()
         raise LibraryMissingError(f"the ntt_core library is not importable ({error}); {INSTALL_HINT}") from None
+
+
+def product_label(text: str) -> str:
+    """An operator's label in the App: :data:`LABEL_PREFIX` and ``text``."""
+    return LABEL_PREFIX + text
 
 
 def form(ctx, title: str, build: Callable) -> types.Property:
@@ -170,16 +177,32 @@ def model_inputs(inputs, segmenter: bool = True, encoder: bool = True) -> None:
     )
 
 
+def check_models(ctx, inputs) -> None:
+    """Mark a model field that names a model no loader can load (the offline demo's stand-ins)."""
+    from ntt_core.fiftyone.bank_runs import check_loadable_model
+
+    for name, role in (("sam2", "SAM2"), ("dinov2", "DINOv2")):
+        if name in inputs.properties:
+            source = current(ctx, inputs, name)
+            check(inputs.properties[name], lambda source=source, role=role: check_loadable_model(source, role))
+
+
 def model_options(params: dict) -> dict:
     """Device and dtype keyword arguments of the model loaders (which read "auto" themselves)."""
     return {name: params[name] for name in ("device", "dtype")}
 
 
-def finish(ctx, report: dict) -> dict:
-    """Reload the App's dataset after an immediate run; return the report as the result."""
+def result(operator, report: dict) -> dict:
+    """The operator's result: its report (for scripts) and the report's summary (shown in the App,
+    ``operator.summarize``, see :mod:`.reports`)."""
+    return {"report": report, "summary": operator.summarize(report)}
+
+
+def finish(operator, ctx, report: dict) -> dict:
+    """Reload the App's dataset after an immediate run; return the :func:`result`."""
     if not ctx.delegated:
         ctx.trigger("reload_dataset")
-    return report
+    return result(operator, report)
 
 
 def from_app(ctx) -> bool:
@@ -192,80 +215,144 @@ def from_app(ctx) -> bool:
     return not ctx.delegated and "operator_uri" in ctx.request_params
 
 
-def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[[int, int], None]], dict]):
-    """Run ``work(progress)``, which returns the report and calls ``progress(done, total)`` as it goes.
+def run_with_progress(operator, ctx, label: str, work: Callable[[Callable[..., None]], dict]):
+    """Run ``work(progress)``, which returns the report and calls ``progress(done, total, detail="")``
+    as it goes (``detail``: what is happening now, e.g. "image 3 of 40: prompts 256/1024").
 
-    From Python and in delegated runs: returns ``{"report": report}`` (progress goes to
-    ``ctx.set_progress``). From the App, which shows progress only from operators that run as
+    From Python and in delegated runs: returns its :func:`result` (progress goes to
+    ``ctx.set_progress``; a delegated run asked to stop from the panel, see
+    ``ntt_core.fiftyone.stops``, stops at its next progress without ``detail``, i.e. after the
+    image it is on). From the App, which shows progress only from operators that run as
     generators (``execute_as_generator=True``): returns a generator of App messages instead (see
     :func:`_stream`); such an operator must run all of its work through this.
     """
     if from_app(ctx):
         return _stream(operator, ctx, label, work)
+    stop_requested = _stop_check(ctx)
+
+    def progress(done: int, total: int, detail: str = "") -> None:
+        ctx.set_progress(**_progress(label, done, total, detail))
+        if not detail and stop_requested():
+            from ntt_core.errors import RunStopped
+
+            raise RunStopped("stopped from the Memory banks panel")
+
     if ctx.delegated:  # the first heartbeat, before the models load (see ntt_core.shards)
-        ctx.set_progress(progress=0.0, label=f"{label}: loading the models")
-    report = work(lambda done, total: ctx.set_progress(**_progress(label, done, total)))
-    return finish(ctx, {"report": report})
+        ctx.set_progress(progress=0.0, label=LOADING)
+    report = work(progress)
+    return finish(operator, ctx, report)
 
 
+def _stop_check(ctx) -> Callable[[], bool]:
+    """Whether this delegated run was asked to stop (read at most every ``STOP_POLL_S``); never for other runs."""
+    operation_id = getattr(ctx, "_delegated_operation_id", None)  # set by FiftyOne's delegated service
+    if not ctx.delegated or operation_id is None:
+        return lambda: False
+    from ntt_core.fiftyone.stops import stop_requested
+
+    asked_at = [float("-inf")]
+
+    def check() -> bool:
+        if time.monotonic() - asked_at[0] < STOP_POLL_S:
+            return False
+        asked_at[0] = time.monotonic()
+        return stop_requested(ctx.dataset, str(operation_id))
+
+    return check
+
+
+LOADING = "Loading the models"
 PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second
+KEEPALIVE_S = 1.0  # an App run sends its progress at least this often, so it sees when nobody reads it
+GONE_AFTER_S = 10.0  # an App run whose messages nobody read for this long stops (page closed, server stopping)
+STOP_POLL_S = 2.0
 _END = object()
 
 
-def _progress(label: str, done: int, total: int) -> dict:
-    return {"progress": done / max(total, 1), "label": f"{label}: {done}/{total}"}
+def _progress(label: str, done: int, total: int, detail: str = "") -> dict:
+    return {"progress": done / max(total, 1), "label": detail or f"{label}: {done}/{total}"}
 
 
 def _stream(operator, ctx, label: str, work):
     """Run ``work`` in a thread; yield the App a ``set_progress`` for its latest progress at most
-    every ``PROGRESS_INTERVAL_S``, then its report as the operator's output (or its error, which
-    also goes to the server's log), then a dataset reload (finished samples are saved either way).
+    every ``PROGRESS_INTERVAL_S`` (and the last one again every ``KEEPALIVE_S``), then its report as
+    the operator's output (or its error, which also goes to the server's log), then a dataset
+    reload (finished samples are saved either way).
 
     A failure is shown rather than raised: an exception raised while FiftyOne streams the messages
-    breaks the response, and the App then shows nothing. A run whose App page goes away finishes.
+    breaks the response, and the App then shows nothing. When the App's request goes away (the page
+    is closed or reloaded, or the server is stopping: SIGTERM cancels the requests after a grace
+    period), FiftyOne stops reading or closes this generator; the work's next progress (a prompt
+    batch of a segmentation) then raises :class:`~ntt_core.errors.RunStopped`, so the run ends
+    with what it has written, and no server thread waits on it.
     """
+    from ntt_core.errors import RunStopped
+
     events: queue.SimpleQueue = queue.SimpleQueue()
     outcome: dict = {}
+    read_at = [time.monotonic()]  # when FiftyOne last asked for a message
+    gone = threading.Event()
+
+    def progress(done: int, total: int, detail: str = "") -> None:
+        if gone.is_set() or time.monotonic() - read_at[0] > GONE_AFTER_S:
+            gone.set()
+            raise RunStopped("the App's request went away (page closed or reloaded, or the server is stopping)")
+        events.put((done, total, detail))
 
     def run() -> None:
         try:
-            outcome["report"] = work(lambda done, total: events.put((done, total)))
+            outcome["report"] = work(progress)
         except BaseException as error:  # shown in the App below
             outcome["error"] = error
         finally:
             events.put(_END)
 
     threading.Thread(target=run, name=f"{operator.config.name}-run", daemon=True).start()
-    yield ctx.ops.set_progress(label="Loading the models")
-    latest, shown_at = None, float("-inf")
-    while True:
-        due = shown_at + PROGRESS_INTERVAL_S
-        try:
-            event = events.get(timeout=None if latest is None else max(0.0, due - time.monotonic()))
-        except queue.Empty:  # the pending progress is due
-            event = None
-        if event is _END:
-            break
-        latest = event or latest
-        if time.monotonic() >= due:
+    try:
+        shown = {"label": LOADING}
+        yield ctx.ops.set_progress(**shown)
+        read_at[0] = time.monotonic()
+        latest, shown_at = None, float("-inf")
+        while True:
+            due = shown_at + PROGRESS_INTERVAL_S
+            wait = KEEPALIVE_S if latest is None else max(0.0, due - time.monotonic())
+            try:
+                event = events.get(timeout=wait)
+            except queue.Empty:  # the pending progress is due, or it is time to say the run is alive
+                event = None
+            if event is _END:
+                break
+            latest = event or latest
+            if latest is None:  # nothing new: the last progress again
+                yield ctx.ops.set_progress(**shown)
+                read_at[0] = time.monotonic()
+            elif time.monotonic() >= due:
+                shown = _progress(label, *latest)
+                yield ctx.ops.set_progress(**shown)
+                read_at[0] = time.monotonic()
+                latest, shown_at = None, time.monotonic()
+        if latest is not None:
             yield ctx.ops.set_progress(**_progress(label, *latest))
-            latest, shown_at = None, time.monotonic()
-    if latest is not None:
-        yield ctx.ops.set_progress(**_progress(label, *latest))
-    if "error" in outcome:
-        error = outcome["error"]
-        logger.error("%s failed: %s", operator.uri, error, exc_info=error)
-        outputs = types.Object()
-        outputs.view("error", types.Error(label=f"{operator.config.label} failed", description=str(error)))
-        yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
-    else:
-        yield ctx.ops.show_output(operator.resolve_output(ctx).to_json(), {"report": outcome["report"]})
-    yield ctx.ops.reload_dataset()
+        if "error" in outcome:
+            error = outcome["error"]
+            logger.error("%s failed: %s", operator.uri, error, exc_info=error)
+            outputs = types.Object()
+            outputs.view(
+                "error",
+                types.Error(label=f"{operator.config.label.removeprefix(LABEL_PREFIX)} failed", description=str(error)),
+            )
+            yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
+        else:
+            yield ctx.ops.show_output(operator.resolve_output(ctx).to_json(), result(operator, outcome["report"]))
+        yield ctx.ops.reload_dataset()
+    finally:  # closed before the end: nobody is reading any more
+        gone.set()
 
 
 def report_output(ctx, label: str):
+    """The output the App shows: the result's Markdown summary (the report stays in the result)."""
     outputs = types.Object()
-    outputs.obj("report", label=label, view=types.JSONView())
+    outputs.str("summary", label=label, view=types.MarkdownView())
     return types.Property(outputs)
 
 

@@ -29,10 +29,13 @@ THRESHOLD_NOTE = (
     "use one as *Score threshold* in Segment by reference, or filter `confidence` in the sidebar."
 )
 REVIEW_HELP = (
-    "Review: select a prediction and click **Show matched reference**; select accepted predictions and click "
-    "**Add selected predictions to references**; tag false positives `not_this_class` and click "
-    "**Add 'not_this_class' labels as negatives**; tag references `remove_reference` and click "
-    "**Remove tagged references**."
+    "Review: select a prediction and click **Matched reference**; select accepted predictions and click "
+    "**Accept selected** (they become shots); tag false positives `not_this_class` and click "
+    "**Add negatives**; tag references `remove_reference` and click **Remove tagged**."
+)
+STOP_NOTE = (
+    "Stop requested: the run stops after the image it is on and keeps every sample written so far. "
+    "To resume, run Segment by reference into the same field with 'Skip samples that already have predictions'."
 )
 THUMBNAILS_PER_CLASS = 8
 
@@ -106,6 +109,19 @@ class MemoryBanksPanel(foo.Panel):
     def delete(self, ctx):
         ctx.prompt(operator_uri("delete_memory_bank"), params=self._bank(ctx), on_success=self.refresh)
 
+    def export(self, ctx):
+        ctx.prompt(operator_uri("export_memory_bank"), params=self._bank(ctx), on_success=self.refresh)
+
+    def import_bank(self, ctx):
+        ctx.prompt(operator_uri("import_memory_bank"), on_success=self.refresh)
+
+    def stop_run(self, ctx):
+        require_library()
+        from ntt_core.fiftyone.stops import request_stop
+
+        request_stop(ctx.dataset, ctx.params["operation_id"])
+        ctx.panel.state.message = STOP_NOTE
+
     def show_matched_reference(self, ctx):
         try:
             require_library()
@@ -130,8 +146,7 @@ class MemoryBanksPanel(foo.Panel):
         self._show(ctx, match)
 
     def _show(self, ctx, match: dict) -> None:
-        show_reference(ctx, match)
-        ctx.panel.state.message = None
+        ctx.panel.state.message = show_reference(ctx, match)
 
     def _bank(self, ctx) -> dict:
         return {"bank_key": ctx.params.get("bank_key")}
@@ -152,13 +167,16 @@ class MemoryBanksPanel(foo.Panel):
         panel = types.Object()
         actions = panel.h_stack("actions", gap=1)
         actions.btn("build", label="Build memory bank", on_click=self.build, variant="contained")
-        actions.btn(
+        actions.btn("import_bank", label="Import", on_click=self.import_bank)
+        _button(
+            actions,
             "show_matched_reference",
-            label="Show matched reference",
-            on_click=self.show_matched_reference,
-            disabled=not ctx.selected_labels,
+            "Matched reference",
+            self.show_matched_reference,
+            None if ctx.selected_labels else NEEDS_PREDICTION,
         )
         actions.btn("refresh", label="Refresh", on_click=self.refresh)
+        _why_disabled(panel, "actions_disabled", [None if ctx.selected_labels else NEEDS_PREDICTION])
         message = ctx.panel.get_state("message")
         if message:
             panel.view("message", types.Warning(label=message))
@@ -169,6 +187,7 @@ class MemoryBanksPanel(foo.Panel):
             return types.Property(panel, view=types.GridView(orientation="vertical"))
         from ntt_core.fiftyone.bank_runs import list_memory_banks
 
+        self._render_running(ctx, panel)
         banks = list_memory_banks(ctx.dataset)
         if not banks:
             panel.md(EMPTY_STATE, name="empty")
@@ -178,6 +197,21 @@ class MemoryBanksPanel(foo.Panel):
             panel.md(THRESHOLD_NOTE, name="threshold_note")
             panel.md(REVIEW_HELP, name="review_help")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+    def _render_running(self, ctx, panel) -> None:
+        """The scheduled segmentations a worker is running, each with its progress and a stop button."""
+        from ntt_core.fiftyone.stops import running_segmentations
+
+        for index, run in enumerate(running_segmentations(ctx.dataset)):
+            row = panel.h_stack(f"running_{index}", gap=1, align_y="center")
+            row.md(f"**Running:** {run['label']}: {run['progress'] or 'starting'}", name="progress")
+            row.btn(
+                "stop",
+                label="Stop requested" if run["stop_requested"] else "Stop after this image",
+                on_click=self.stop_run,
+                params={"operation_id": run["id"]},
+                disabled=run["stop_requested"],
+            )
 
     def _render_bank(self, ctx, panel, name: str, key: str) -> None:
         from ntt_core.errors import NttError
@@ -195,32 +229,23 @@ class MemoryBanksPanel(foo.Panel):
             panel.md(summary_markdown(overview), name=f"{name}_summary")
             for index, entry in enumerate(overview["classes"]):
                 self._render_thumbnails(panel, f"{name}_class_{index}", entry)
+        # short labels in rows of at most four, so that a split layout or the modal's tab does not wrap them
         buttons = panel.h_stack(f"{name}_actions", gap=1)
         on = {"bank_key": key}
+        reasons = []
         if overview is not None:
-            buttons.btn("segment", label="Segment current view", on_click=self.segment, params=on, variant="contained")
-            buttons.btn(
-                "preview",
-                label="Preview on selected samples",
-                on_click=self.preview,
-                params=on,
-                disabled=not ctx.selected,
-            )
-            buttons.btn(
-                "add_selected",
-                label="Add selected predictions to references",
-                on_click=self.add_selected,
-                params=on,
-                disabled=not ctx.selected_labels,
-            )
-            buttons.btn(
-                "add_negatives",
-                label="Add 'not_this_class' labels as negatives",
-                on_click=self.add_negatives,
-                params=on,
-            )
-            buttons.btn("remove_tagged", label="Remove tagged references", on_click=self.remove_tagged, params=on)
-        buttons.btn("delete", label="Delete memory bank", on_click=self.delete, params=on)
+            buttons.btn("segment", label="Segment view", on_click=self.segment, params=on, variant="contained")
+            reasons.append(None if ctx.selected else NEEDS_SAMPLES)
+            _button(buttons, "preview", "Preview selected", self.preview, reasons[-1], params=on)
+            buttons.btn("export", label="Export", on_click=self.export, params=on)
+        buttons.btn("delete", label="Delete", on_click=self.delete, params=on)
+        if overview is not None:
+            review = panel.h_stack(f"{name}_review", gap=1)
+            reasons.append(None if ctx.selected_labels else NEEDS_LABELS)
+            _button(review, "add_selected", "Accept selected", self.add_selected, reasons[-1], params=on)
+            review.btn("add_negatives", label="Add negatives", on_click=self.add_negatives, params=on)
+            review.btn("remove_tagged", label="Remove tagged", on_click=self.remove_tagged, params=on)
+        _why_disabled(panel, f"{name}_disabled", reasons)
 
     def _render_thumbnails(self, panel, name: str, entry: dict) -> None:
         row = panel.h_stack(name, gap=1, align_y="center")
@@ -242,11 +267,32 @@ class MemoryBanksPanel(foo.Panel):
             row.md(f"+{entry['more']} more", name="more")
 
 
+NEEDS_PREDICTION = "Show matched reference: select a prediction in the sample modal first"
+NEEDS_SAMPLES = "Preview: select samples in the grid first"
+NEEDS_LABELS = "Add selected predictions: select predictions (sample modal or patches view) first"
+
+
+def _button(row, name: str, label: str, on_click, why_disabled: str | None, **options) -> None:
+    """A button that is disabled when ``why_disabled`` says why (shown as its tooltip)."""
+    row.btn(name, label=label, on_click=on_click, disabled=why_disabled is not None, title=why_disabled, **options)
+
+
+def _why_disabled(panel, name: str, reasons: list[str | None]) -> None:
+    """One line under a row of buttons saying why the disabled ones are disabled."""
+    shown = [reason for reason in reasons if reason]
+    if shown:
+        panel.md("*" + "; ".join(shown) + ".*", name=name)
+
+
 def summary_markdown(overview: dict) -> str:
     """A bank's header, models, source and per-class table (shots, negatives, suggested threshold)."""
-    source = f"`{overview['gt_field']}`" if overview["gt_field"] else "an imported folder"
+    fields = overview.get("source_fields") or {}
+    if fields:  # every field its entries are labels of: ground truth, accepted predictions
+        source = ", ".join(f"`{field}` ({count})" for field, count in fields.items())
+    else:
+        source = f"`{overview['gt_field']}`" if overview["gt_field"] else "an imported folder"
     if overview.get("tag"):
-        source += f" (label tag `{overview['tag']}`)"
+        source += f"; built from label tag `{overview['tag']}`"
     segmenter = f"SAM2 `{overview['segmenter_id']}`" if overview["segmenter_id"] else "no SAM2 (masks given)"
     lines = [
         f"### Memory bank `{overview['key']}`",
