@@ -6,13 +6,15 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from .common import call, form, require_library
+from .common import call, form, product_label, require_library
 
 
 class ClearCandidateCache(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(name="clear_candidate_cache", label="Clear candidate cache", dynamic=True)
+        return foo.OperatorConfig(
+            name="clear_candidate_cache", label=product_label("Clear candidate cache"), dynamic=True
+        )
 
     def resolve_input(self, ctx):
         return form(ctx, "Clear candidate cache", self._form)
