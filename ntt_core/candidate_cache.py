@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ DEFAULT_MAX_BYTES = 4 * 2**30
 #: The logit stored for pixels no result reads (outside a candidate's box and margin).
 OUTSIDE = -1.0
 SUFFIX = ".safetensors"
+#: Prefix of entries being written; one older than ``ABANDONED_S`` seconds was left by a process that died.
+PART = ".part-"
+ABANDONED_S = 3600
 
 
 def default_folder() -> Path:
@@ -181,7 +185,7 @@ class CandidateCache:
         }
         if sum(t.numel() * t.element_size() for t in tensors.values()) > self.max_bytes:
             return  # larger than the whole cache
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".part-", suffix=SUFFIX)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=PART, suffix=SUFFIX)
         try:
             os.close(handle)
             save_file(tensors, temporary, metadata)
@@ -197,11 +201,12 @@ class CandidateCache:
         return sum(size for _, size, _ in self._entries())
 
     def evict(self) -> None:
-        """Remove least recently used entries until the folder holds at most ``max_bytes``."""
+        """Remove abandoned partial writes, then least recently used entries until the folder holds
+        at most ``max_bytes``."""
         entries = sorted(self._entries(), key=lambda entry: entry[2])
         total = sum(size for _, size, _ in entries)
-        for path, size, _ in entries:
-            if total <= self.max_bytes:
+        for path, size, last_use in entries:
+            if total <= self.max_bytes and last_use > 0:
                 break
             path.unlink(missing_ok=True)  # another process may have removed it already
             total -= size
@@ -215,17 +220,22 @@ class CandidateCache:
         return freed
 
     def _entries(self) -> list[tuple[Path, int, float]]:
-        """(path, bytes, last use) of each entry, of any schema."""
+        """(path, bytes, last use) of each entry, of any schema, and of each abandoned partial write
+        (last use 0); writes under way are not listed."""
         entries = []
         try:
             with os.scandir(self.folder) as scan:
                 for item in scan:
-                    if item.name.endswith(SUFFIX) and not item.name.startswith(".part-"):
-                        try:
-                            stat = item.stat()
-                        except FileNotFoundError:
-                            continue
+                    if not item.name.endswith(SUFFIX):
+                        continue
+                    try:
+                        stat = item.stat()
+                    except FileNotFoundError:
+                        continue
+                    if not item.name.startswith(PART):
                         entries.append((Path(item.path), stat.st_size, stat.st_mtime))
+                    elif time.time() - stat.st_mtime > ABANDONED_S:
+                        entries.append((Path(item.path), stat.st_size, 0.0))
         except FileNotFoundError:
             pass
         return entries

@@ -216,6 +216,18 @@ def test_least_recently_used_entries_go_first(tmp_path):
     assert cache.size_bytes() <= cache.max_bytes
 
 
+def test_partial_writes_left_by_a_dead_process_are_removed(tmp_path):
+    segmenter, encoder, images, refs = standin_setup()
+    bank = bank_of(refs, images, encoder, STANDIN_SETTINGS)
+    abandoned, under_way = tmp_path / ".part-dead.safetensors", tmp_path / ".part-live.safetensors"
+    abandoned.write_bytes(b"half an entry")
+    under_way.write_bytes(b"being written")
+    os.utime(abandoned, (1, 1))
+    Predictor(segmenter, encoder, bank, STANDIN_SETTINGS, CandidateCache(tmp_path)).predict(images[:1])
+    assert not abandoned.exists() and under_way.exists()
+    assert len(list(tmp_path.iterdir())) == 2
+
+
 # --- bad input ---
 
 
