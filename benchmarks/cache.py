@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     models_only = {kind: {name: defaults[name] for name in PAPER} for kind, defaults in speed.DEFAULTS.items()}
     speed.fill_defaults(args, models_only, device)
     segmenter, encoder, models = speed.build_models(args, device, dtype)
+    segmenter = speed.ForcedSurvivors(segmenter)  # each cache folder below holds one survivor count
     settings = Settings(points_per_side=args.points_per_side)
     bank = speed.synthetic_bank(encoder, args.classes, args.shots, args.seed)
     edited = without_one_reference(bank)

@@ -1,5 +1,5 @@
 """Prompt decoding alone: transformers' ``Sam2MaskDecoder``, a baseline version of ntt_core's decoder
-(``main``'s, read from git) and this tree's, each followed by the method's best-of-three choice and
+(issue 17's starting point, commit 246641b, read from git) and this tree's, each followed by the method's best-of-three choice and
 IoU filter (what ``proposals.propose`` keeps).
 
 All get the same inputs: image features of the shapes SAM2 gives (random values: the cost does not
@@ -54,6 +54,8 @@ from ntt_core.prompt_decoder import decode_best
 from ntt_core.proposals import best_of_three, point_grid
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The decoder that issue 17's speed-ups are measured against: main of the day the issue was filed.
+BASELINE = "246641b"
 
 #: What each device runs unless told otherwise.
 DEFAULTS = {
@@ -226,13 +228,13 @@ def run(args: argparse.Namespace) -> dict:
 
     decoders = {"transformers": transformers_decoder}
     if args.baseline != "none":
-        baseline = baseline_decoder(args.baseline or "main")
+        baseline = baseline_decoder(args.baseline or BASELINE)
         if baseline is not None:
             decoders["baseline"] = baseline
         elif args.baseline:
             raise BenchmarkError(f"--baseline {args.baseline}: git cannot show ntt_core/prompt_decoder.py there")
         else:  # the default, on a copy without git history (e.g. a device machine): transformers only
-            print("decoder.py: no git revision 'main' here; timing without the baseline", file=sys.stderr)
+            print(f"decoder.py: no git revision {BASELINE} here; timing without the baseline", file=sys.stderr)
             args.baseline = "none"
     decoders["ours"] = our_decoder
     torch.manual_seed(args.seed)
@@ -250,7 +252,7 @@ def run(args: argparse.Namespace) -> dict:
         "images": args.images,
         "prompts": args.prompts,
         "repeats": args.repeats,
-        "baseline": None if args.baseline == "none" else args.baseline or "main",
+        "baseline": None if args.baseline == "none" else args.baseline or BASELINE,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "rows": rows,
         # the first row's figures, as before pass rates were rows
@@ -282,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--baseline",
-        help="git revision whose ntt_core decoder is timed too (default: main where git has it; 'none': skip it)",
+        help=f"git revision whose ntt_core decoder is timed too (default: {BASELINE}, issue 17's starting point, "
+        "where git has it; 'none': skip it)",
     )
     add_run_options(parser)
     return parser

@@ -6,9 +6,9 @@ values. How many candidates survive filtering does, so ``--survivors N`` replace
 that leave the IoU filter by exactly N blob-shaped masks, which makes the post-processing figures
 mean the same with any weights. ``--sam2`` / ``--dinov2`` load real weights instead.
 
-Stages are timed by wrapping the public functions and model methods the predictor calls (the
-measured code is the predictor itself); on CUDA the device is synchronised around each stage here,
-never in the library. A cost account follows on one more image (``"cost"``, skip with ``--no-cost``):
+Stages are timed through the predictor's own stage labels (``ntt_core.stages``: the measured code is
+the predictor itself, unpatched); on CUDA the device is synchronised around each stage here, never in
+the library. A cost account follows on one more image (``"cost"``, skip with ``--no-cost``):
 FLOPs, calls that would sync a GPU with the host, and the largest tensors, per stage. Does not need
 fiftyone.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -45,7 +44,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntt_core import predictor as predictor_module
 from ntt_core.coco import instances_to_coco_results
 from ntt_core.errors import NttError
 from ntt_core.frames import image_tensor
@@ -63,32 +61,10 @@ from ntt_core.models import (
     load_segmenter,
 )
 from ntt_core.predictor import Predictor
-from ntt_core.proposals import Candidates
 from ntt_core.settings import Settings
+from ntt_core.stages import observe, stage
 from ntt_core.synthetic import make_scene
 
-#: Stage of each function the predictor module calls; a stage's time excludes the stages nested in it.
-FUNCTION_STAGES = {
-    "load_image": "decode",
-    "square_frame": "preprocess",
-    "bicubic": "preprocess",
-    "propose": "mask_postprocess",  # gathering the kept candidates; the decoder calls inside are their own stage
-    "mask_boxes": "mask_postprocess",
-    "pool_features": "matching",
-    "score_classes": "matching",
-    "best_references": "matching",
-    "class_nms": "nms",
-    "window_bounds": "merge",
-    "full_resolution_stats": "merge",
-    "soft_merge_factors": "merge",
-    "crop_masks": "merge",
-}
-#: Stage of each model method, by (predictor attribute, method).
-METHOD_STAGES = {
-    ("segmenter", "embed"): "sam2_encoder",
-    ("encoder", "encode"): "dinov2_encoder",
-    ("segmenter", "segment_best_points"): "prompt_decoding",
-}
 STAGES = (
     "decode",
     "preprocess",
@@ -255,9 +231,10 @@ def blob_logits(count: int, size: int, seed: int, device: torch.device) -> torch
 
 
 class StageTimer:
-    """Exclusive totals per stage of wrapped callables (a nested stage's share is not its caller's):
-    wall time, and any other cumulative ``meters`` (name -> reading so far, e.g. FLOPs counted);
-    ``sync`` runs before and after every timed call so asynchronous device work lands in its stage."""
+    """Exclusive totals per stage of the predictor's :func:`~ntt_core.stages.stage` labels (a nested
+    stage's share is not its caller's): wall time, and any other cumulative ``meters`` (name ->
+    reading so far, e.g. FLOPs counted); ``sync`` runs on entering and leaving every stage so
+    asynchronous device work lands in its stage. ``counts[name]`` lists the ``items`` of each entry."""
 
     def __init__(self, sync: Callable[[], None], meters: dict[str, Callable[[], float]] | None = None) -> None:
         self.sync = sync
@@ -274,26 +251,26 @@ class StageTimer:
     def _read(self) -> dict[str, float]:
         return {name: read() for name, read in self.meters.items()}
 
-    def wrap(self, stage: str, function: Callable) -> Callable:
-        @functools.wraps(function)
-        def timed(*args, **kwargs):
+    @contextlib.contextmanager
+    def stage(self, name: str, items: int | None = None):
+        """The hook :func:`~ntt_core.stages.observe` takes: meters ``name`` around the enclosed step."""
+        if items is not None:
+            self.counts[name].append(items)
+        self.sync()
+        start = self._read()
+        self._children.append(dict.fromkeys(self.meters, 0.0))
+        self.stack.append(name)
+        try:
+            yield
+        finally:
             self.sync()
-            start = self._read()
-            self._children.append(dict.fromkeys(self.meters, 0.0))
-            self.stack.append(stage)
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.sync()
-                spent = {name: value - start[name] for name, value in self._read().items()}
-                children = self._children.pop()
-                self.stack.pop()
-                for name, value in spent.items():
-                    self.totals[name][stage] += value - children[name]
-                    if self._children:
-                        self._children[-1][name] += value
-
-        return timed
+            spent = {meter: value - start[meter] for meter, value in self._read().items()}
+            children = self._children.pop()
+            self.stack.pop()
+            for meter, value in spent.items():
+                self.totals[meter][name] += value - children[meter]
+                if self._children:
+                    self._children[-1][meter] += value
 
     def reset(self) -> None:
         for totals in self.totals.values():
@@ -301,45 +278,46 @@ class StageTimer:
         self.counts.clear()
 
 
+class ForcedSurvivors:
+    """A segmenter that decodes as ``segmenter`` does, but while ``survivors`` (``[N, m, m]``
+    logits) is set, every image's candidates after the IoU filter are those N masks (returned with
+    the image batch's first prompt batch, none with the others)."""
+
+    def __init__(self, segmenter) -> None:
+        self.segmenter = segmenter
+        self.survivors: torch.Tensor | None = None
+        self._first = False
+
+    def __getattr__(self, name: str):
+        return getattr(self.segmenter, name)
+
+    def embed(self, frames: torch.Tensor):
+        self._first = True
+        return self.segmenter.embed(frames)
+
+    def segment_best_points(self, features, points: torch.Tensor, iou_threshold: float):
+        chosen = self.segmenter.segment_best_points(features, points, iou_threshold)
+        if self.survivors is None:
+            return chosen
+        logits = self.survivors if self._first else self.survivors[:0]
+        self._first = False
+        iou = torch.linspace(0.99, 0.45, self.survivors.shape[0], device=logits.device)[: logits.shape[0]]
+        return [(logits, iou) for _ in chosen]
+
+
 @contextlib.contextmanager
 def instrumented(predictor: Predictor, timer: StageTimer, survivors: torch.Tensor | None):
-    """Time the predictor's stages; with ``survivors`` (``[N, m, m]`` logits) every image's
-    candidates after the IoU filter are replaced by those N masks. Restores everything on exit."""
-    missing = [name for name in FUNCTION_STAGES if not hasattr(predictor_module, name)]
-    if missing:
-        raise BenchmarkError(f"ntt_core.predictor no longer calls {', '.join(missing)}: update FUNCTION_STAGES")
-    originals = {name: getattr(predictor_module, name) for name in FUNCTION_STAGES}
-    patched_methods = []
+    """Meter the predictor's stages with ``timer``; with ``survivors`` (``[N, m, m]`` logits, the
+    predictor's segmenter a :class:`ForcedSurvivors`) every image's candidates after the IoU filter
+    are those N masks."""
+    if survivors is not None:
+        predictor.segmenter.survivors = survivors
     try:
-        for name, stage in FUNCTION_STAGES.items():
-            setattr(predictor_module, name, timer.wrap(stage, originals[name]))
-        for (owner, method), stage in METHOD_STAGES.items():
-            target = getattr(predictor, owner)
-            setattr(target, method, timer.wrap(stage, getattr(target, method)))
-            patched_methods.append((target, method))
-        timed_propose = predictor_module.propose
-
-        def propose(*args, **kwargs):
-            candidates = timed_propose(*args, **kwargs)
-            if survivors is not None:
-                iou = torch.linspace(0.99, 0.45, survivors.shape[0], device=survivors.device)
-                candidates = [Candidates(survivors, iou) for _ in candidates]
-            timer.counts["proposed"] += [len(c.sam_iou) for c in candidates]
-            return candidates
-
-        timed_stats = predictor_module.full_resolution_stats
-
-        def full_resolution_stats(logits, *args, **kwargs):
-            timer.counts["after_nms"].append(logits.shape[0])
-            return timed_stats(logits, *args, **kwargs)
-
-        predictor_module.propose, predictor_module.full_resolution_stats = propose, full_resolution_stats
-        yield
+        with observe(timer.stage):
+            yield
     finally:
-        for name, function in originals.items():
-            setattr(predictor_module, name, function)
-        for target, method in patched_methods:
-            delattr(target, method)  # the class's method shows through again
+        if survivors is not None:
+            predictor.segmenter.survivors = None
 
 
 # --- measuring ---
@@ -375,7 +353,6 @@ def measure(
 ) -> dict:
     """Images/s end to end (decode to COCO RLE) and seconds per image per stage."""
     category_ids = {name: i + 1 for i, name in enumerate(predictor.bank.classes)}
-    write = timer.wrap("writing", instances_to_coco_results)
     batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     outputs = 0
     with instrumented(predictor, timer, survivors):
@@ -383,24 +360,31 @@ def measure(
             predictor.predict_paths(batch)
         timer.reset()
         timer.sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for number, batch in enumerate(batches):
             for index, result in enumerate(predictor.predict_paths(batch)):
                 if isinstance(result, ImageError):
                     raise BenchmarkError(str(result))
-                outputs += len(write(result, number * batch_size + index + 1, category_ids))
+                with stage("writing"):
+                    outputs += len(instances_to_coco_results(result, number * batch_size + index + 1, category_ids))
         timer.sync()
-        total = time.perf_counter() - start
+        total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     count = len(paths)
-    stages = {stage: timer.seconds.get(stage, 0.0) / count for stage in STAGES}
+    stages = {name: timer.seconds.get(name, 0.0) / count for name in STAGES}
     stages["other"] = max(0.0, total / count - sum(stages.values()))
+    cpu_stages = {name: timer.totals["cpu_seconds"].get(name, 0.0) / count for name in STAGES}
+    cpu_stages["other"] = max(0.0, total_cpu / count - sum(cpu_stages.values()))
+    proposed = timer.counts["mask_postprocess"]  # each image's candidates after the IoU filter
     return {
         "images_per_s": count / total,
         "seconds_per_image": total / count,
         "stages": stages,
+        # this process's user + system time (all its threads): less moved by other jobs than wall time
+        "cpu_seconds_per_image": total_cpu / count,
+        "cpu_stages": cpu_stages,
         "candidates": {
-            "proposed": float(np.mean(timer.counts["proposed"])) if timer.counts["proposed"] else 0.0,
-            "after_nms": float(np.sum(timer.counts["after_nms"]) / count),
+            "proposed": float(np.mean(proposed)) if proposed else 0.0,
+            "after_nms": float(np.sum(timer.counts["merge"]) / count),
             "output": outputs / count,
         },
     }
@@ -491,10 +475,10 @@ def cost_account(predictor: Predictor, path: Path, survivors: torch.Tensor | Non
     timer = StageTimer(lambda: None, {"flops": flops.get_total_flops, "sync_calls": lambda: syncs.total})
     sizes = LargestTensors(timer)
     category_ids = {name: i + 1 for i, name in enumerate(predictor.bank.classes)}
-    write = timer.wrap("writing", instances_to_coco_results)
     with instrumented(predictor, timer, survivors), flops, sizes, syncs:
         for result in predictor.predict_paths([path]):
-            write(result, 1, category_ids)
+            with stage("writing"):
+                instances_to_coco_results(result, 1, category_ids)
     device_type = predictor.segmenter.device.type
     per_stage = {
         name: {stage: timer.totals[name].get(stage, 0.0) for stage in STAGES} for name in ("flops", "sync_calls")
@@ -678,9 +662,10 @@ def run(args: argparse.Namespace) -> dict:
     device, dtype = device_and_dtype(args)
     resolve_defaults(args, device)
     segmenter, encoder, models = build_models(args, device, dtype)
+    segmenter = ForcedSurvivors(segmenter)
     settings = Settings(points_per_side=args.points_per_side, prompt_batch_size=args.prompt_batch_size)
     sync = device_sync(device)
-    timer = StageTimer(sync)
+    timer = StageTimer(sync, {"cpu_seconds": time.process_time})
     weights = {model["weights"] for model in models.values()}
     report = {
         "device": str(device),
@@ -747,13 +732,13 @@ def print_report(report: dict) -> None:
         f"{report['images']} images {report['image_size']['width']}x{report['image_size']['height']}, batch {report['batch_size']}, "
         f"{report['prompts']} prompts, {report['classes']} classes x {report['shots']} shots, survivors {report['survivors'] or 'natural'}"
     )
-    print(f"{'stage':<18}{'s/image':>10}{'share':>8}")
+    print(f"{'stage':<18}{'s/image':>10}{'share':>8}{'CPU s/image':>13}")
     total = report["seconds_per_image"]
-    for stage, seconds in report["stages"].items():
-        print(f"{stage:<18}{seconds:>10.4f}{100 * seconds / total:>7.1f}%")
+    for name, seconds in report["stages"].items():
+        print(f"{name:<18}{seconds:>10.4f}{100 * seconds / total:>7.1f}%{report['cpu_stages'][name]:>13.4f}")
     candidates = report["candidates"]
     print(
-        f"{report['images_per_s']:.3f} images/s ({total:.3f} s/image); candidates per image: {candidates['proposed']:.0f} proposed, "
+        f"{report['images_per_s']:.3f} images/s ({total:.3f} s/image, {report['cpu_seconds_per_image']:.3f} CPU s/image); candidates per image: {candidates['proposed']:.0f} proposed, "
         f"{candidates['after_nms']:.0f} after NMS, {candidates['output']:.0f} written"
     )
     device_peak = f"{report['peak_device_mb']:.0f} MiB" if report["peak_device_mb"] is not None else "-"

@@ -22,6 +22,7 @@ from .merging import crop_masks, full_resolution_stats, soft_merge_factors, wind
 from .models import FeatureEncoder, PromptSegmenter
 from .proposals import Candidates, class_nms, point_grid, propose
 from .settings import Settings
+from .stages import stage
 
 
 class Predictor:
@@ -102,20 +103,26 @@ class Predictor:
         if not arrays:
             return []
         frame, size = self.segmenter.input_size, self.encoder.input_size
-        frames = torch.cat([square_frame(a, frame) for a in arrays]).to(self.segmenter.device)
-        stage = self.on_stage or (lambda name, done, total: None)
-        stage("image encoders", 0, 1)
-        sam_features = self.segmenter.embed(frames)
-        dense = self.encoder.encode(bicubic(frames.to(self.encoder.device), (size, size)))  # [B, C, g, g]
-        candidates = propose(
-            self.segmenter,
-            sam_features,
-            len(arrays),
-            self.points,
-            self.settings.prompt_batch(self.segmenter.device.type),
-            self.settings.sam_iou_threshold,
-            on_batch=None if self.on_stage is None else lambda done, total: stage("prompts", done, total),
-        )
+        progress = self.on_stage or (lambda name, done, total: None)
+        progress("image encoders", 0, 1)
+        with stage("preprocess"):
+            frames = torch.cat([square_frame(a, frame) for a in arrays]).to(self.segmenter.device)
+        with stage("sam2_encoder"):
+            sam_features = self.segmenter.embed(frames)
+        with stage("preprocess"):
+            resized = bicubic(frames.to(self.encoder.device), (size, size))
+        with stage("dinov2_encoder"):
+            dense = self.encoder.encode(resized)  # [B, C, g, g]
+        with stage("mask_postprocess"):  # gathering the kept candidates; decoding is its own stage inside
+            candidates = propose(
+                self.segmenter,
+                sam_features,
+                len(arrays),
+                self.points,
+                self.settings.prompt_batch(self.segmenter.device.type),
+                self.settings.sam_iou_threshold,
+                on_batch=None if self.on_stage is None else lambda done, total: progress("prompts", done, total),
+            )
         return [describe(c, dense[i]) for i, c in enumerate(candidates)]
 
     def predict_paths(
@@ -131,7 +138,9 @@ class Predictor:
         good, arrays = [], []
         for i, path in enumerate(paths):
             try:
-                arrays.append(self._check(load_image(path, exif_orientation), name=str(path)))
+                with stage("decode"):
+                    image = load_image(path, exif_orientation)
+                arrays.append(self._check(image, name=str(path)))
                 good.append(i)
             except ImageError as error:
                 results[i] = error
@@ -185,29 +194,33 @@ class Predictor:
         logits, sam_iou, descriptors = found.logits, found.sam_iou, found.descriptors
         if logits.shape[0] == 0:
             return Instances.empty(image_size, classes)
-        masks = logits > 0  # [N, m, m]
-        semantic, labels = score_classes(
-            descriptors, self.prototypes, self.negative_prototypes, self.has_negative, s.negative_temperature
-        )
-        low_boxes = mask_boxes(masks)  # [N, 4] at SAM2's mask resolution
-        keep = class_nms(low_boxes, sam_iou, labels, s.nms_iou_threshold, s.pre_merge_keep)
-        keep = keep[semantic[keep] > 0]  # in decreasing SAM-IoU order
-        if keep.numel() == 0:
-            return Instances.empty(image_size, classes)
-        logits, sam_iou, low_boxes = logits[keep], sam_iou[keep], low_boxes[keep]
-        descriptors, semantic, labels = descriptors[keep], semantic[keep], labels[keep]
+        with stage("mask_postprocess", items=logits.shape[0]):
+            low_boxes = mask_boxes(logits > 0)  # [N, 4] at SAM2's mask resolution
+        with stage("matching", items=logits.shape[0]):
+            semantic, labels = score_classes(
+                descriptors, self.prototypes, self.negative_prototypes, self.has_negative, s.negative_temperature
+            )
+        with stage("nms", items=logits.shape[0]):
+            keep = class_nms(low_boxes, sam_iou, labels, s.nms_iou_threshold, s.pre_merge_keep)
+            keep = keep[semantic[keep] > 0]  # in decreasing SAM-IoU order
+            if keep.numel() == 0:
+                return Instances.empty(image_size, classes)
+            logits, sam_iou, low_boxes = logits[keep], sam_iou[keep], low_boxes[keep]
+            descriptors, semantic, labels = descriptors[keep], semantic[keep], labels[keep]
 
-        windows = window_bounds(low_boxes, logits.shape[-1], image_size)
-        areas, boxes, intersections = full_resolution_stats(logits, labels, windows, image_size)
-        factors = soft_merge_factors(areas, intersections, descriptors, s.soft_merge_exponent)
-        scores = semantic * factors
-        valid = (areas > 0) & (scores >= s.score_threshold)
-        order = torch.nonzero(valid).flatten()
-        order = order[scores[order].argsort(descending=True, stable=True)][: s.max_detections]
-
-        reference = best_references(descriptors[order], labels[order], self.references, self.reference_class)
-        boxes = boxes[order]
-        crops = crop_masks(logits[order], boxes, image_size)
+        with stage("merge", items=logits.shape[0]):
+            windows = window_bounds(low_boxes, logits.shape[-1], image_size)
+            areas, boxes, intersections = full_resolution_stats(logits, labels, windows, image_size)
+            factors = soft_merge_factors(areas, intersections, descriptors, s.soft_merge_exponent)
+            scores = semantic * factors
+            valid = (areas > 0) & (scores >= s.score_threshold)
+            order = torch.nonzero(valid).flatten()
+            order = order[scores[order].argsort(descending=True, stable=True)][: s.max_detections]
+        with stage("matching"):
+            reference = best_references(descriptors[order], labels[order], self.references, self.reference_class)
+        with stage("merge"):
+            boxes = boxes[order]
+            crops = crop_masks(logits[order], boxes, image_size)
         rows = self.reference_rows[reference.cpu()].tolist()
         return Instances(
             image_size=tuple(image_size),
@@ -226,9 +239,12 @@ class Predictor:
 def describe(candidates: Candidates, dense: torch.Tensor) -> DescribedCandidates:
     """The non-empty candidates of one image with their L2-normalised descriptors pooled from its
     dense features ``[C, g, g]`` (on the features' device)."""
-    logits = candidates.logits.to(dense.device)
-    sam_iou = candidates.sam_iou.to(dense.device)
-    masks = logits > 0  # [N, m, m]
-    nonempty = masks.flatten(1).any(1)
-    logits, sam_iou, masks = logits[nonempty], sam_iou[nonempty], masks[nonempty]
-    return DescribedCandidates(logits, sam_iou, F.normalize(pool_features(dense, masks), dim=1))  # [N, C]
+    with stage("mask_postprocess", items=candidates.logits.shape[0]):
+        logits = candidates.logits.to(dense.device)
+        sam_iou = candidates.sam_iou.to(dense.device)
+        masks = logits > 0  # [N, m, m]
+        nonempty = masks.flatten(1).any(1)
+        logits, sam_iou, masks = logits[nonempty], sam_iou[nonempty], masks[nonempty]
+    with stage("matching", items=logits.shape[0]):
+        descriptors = F.normalize(pool_features(dense, masks), dim=1)  # [N, C]
+    return DescribedCandidates(logits, sam_iou, descriptors)

@@ -10,6 +10,7 @@ from torchvision.ops import batched_nms
 
 from .models import PromptSegmenter
 from .prompt_decoder import choose_outputs
+from .stages import stage
 
 
 @dataclass
@@ -51,7 +52,9 @@ def propose(
     kept_iou: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     for start in range(0, points.shape[0], prompt_batch_size):
         chunk = points[start : start + prompt_batch_size][None].expand(batch_size, -1, -1)
-        for image, (logits, iou) in enumerate(segmenter.segment_best_points(features, chunk, iou_threshold)):
+        with stage("prompt_decoding", items=chunk.shape[0] * chunk.shape[1]):
+            chosen = segmenter.segment_best_points(features, chunk, iou_threshold)
+        for image, (logits, iou) in enumerate(chosen):
             kept_logits[image].append(logits)
             kept_iou[image].append(iou)
         if on_batch is not None:

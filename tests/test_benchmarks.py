@@ -147,6 +147,8 @@ def _check_speed_report(report: dict, images: int) -> None:
     assert all(seconds >= 0 for seconds in report["stages"].values())
     assert report["stages"]["decode"] > 0 and report["stages"]["sam2_encoder"] > 0 and report["stages"]["writing"] > 0
     assert sum(report["stages"].values()) == pytest.approx(report["seconds_per_image"], rel=1e-6)
+    assert set(report["cpu_stages"]) == STAGES and report["cpu_stages"]["sam2_encoder"] > 0
+    assert sum(report["cpu_stages"].values()) == pytest.approx(report["cpu_seconds_per_image"], rel=1e-6)
     assert report["images_per_s"] * report["seconds_per_image"] == pytest.approx(1.0)
     assert report["images"] == images
     assert report["device"] == "cpu" and report["peak_device_mb"] is None

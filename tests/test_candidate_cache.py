@@ -28,7 +28,7 @@ from ntt_core.synthetic import make_dataset
 STANDIN_SETTINGS = Settings(points_per_side=6)
 TINY_SETTINGS = Settings(points_per_side=4, prompt_batch_size=8, sam_iou_threshold=0.0)
 #: PIPELINE_VERSION -> digest of the source of the code that computes candidates and descriptors.
-PIPELINE_SOURCES = {1: "1768471a18083ea1144dd1ffd77c0e67606cd3127021208a836088edab95921f"}
+PIPELINE_SOURCES = {1: "3fc0828086889d4c7d6587ffe7ec446b6981e47c9a638ca039c067be263c1795"}
 
 
 def candidate_code_digest() -> str:

@@ -1,8 +1,11 @@
 """The whole pipeline with tiny random-weight models loaded from disk."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ntt_core.images import ImageError
 from ntt_core.memory_bank import build_memory_bank
@@ -10,6 +13,7 @@ from ntt_core.models import load_encoder, load_segmenter
 from ntt_core.predictor import Predictor
 from ntt_core.references import ReferenceImage, ReferenceInstance
 from ntt_core.settings import Settings
+from ntt_core.stages import observe
 
 SETTINGS = Settings(points_per_side=3, prompt_batch_size=4, sam_iou_threshold=0.0)
 
@@ -122,6 +126,34 @@ def test_default_prompt_batch_is_the_papers_on_an_accelerator_and_64_on_cpu(pred
     settings = SETTINGS.replace(points_per_side=9, prompt_batch_size=None)  # 81 prompts on this CPU predictor
     Predictor(segmenter, predictor.encoder, predictor.bank, settings).predict(images()[:1])
     assert decoded == [64, 17]
+
+
+def test_every_stage_is_labelled_and_observing_changes_no_result(predictor, tmp_path):
+    """The stage labels benchmarks/speed.py times (ntt_core.stages): each stage of an image once or
+    more, the decoder once per prompt batch with its prompt count, in pipeline order."""
+    paths = []
+    for i, image in enumerate(images()[:2]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    entered: list[tuple[str, int | None]] = []
+
+    def hook(name, items):
+        entered.append((name, items))
+        return contextlib.nullcontext()
+
+    with observe(hook):
+        observed = predictor.predict_paths(paths)
+    plain = predictor.predict_paths(paths)
+    for a, b in zip(observed, plain):
+        assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+    names = [name for name, _ in entered]
+    assert names[:2] == ["decode", "decode"]
+    assert names[2:7] == ["preprocess", "sam2_encoder", "preprocess", "dinov2_encoder", "mask_postprocess"]
+    decoded = [items for name, items in entered if name == "prompt_decoding"]
+    assert decoded == [2 * 4, 2 * 4, 2 * 1]  # 2 images x 9 prompts, 4 at a time
+    per_image = [items for name, items in entered if name == "mask_postprocess" and items is not None]
+    assert len(per_image) == 2 and sum(per_image) > 0  # each image's candidates after the IoU filter
+    assert {"matching", "nms", "merge"} <= set(names)
 
 
 def test_predict_stream_yields_each_image_in_order_batch_by_batch(predictor, tmp_path, monkeypatch):
