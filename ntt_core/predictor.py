@@ -194,7 +194,7 @@ class Predictor:
         logits, sam_iou, descriptors = found.logits, found.sam_iou, found.descriptors
         if logits.shape[0] == 0:
             return Instances.empty(image_size, classes)
-        with stage("mask_postprocess", items=logits.shape[0]):
+        with stage("mask_postprocess"):  # its candidates were counted where they were described
             low_boxes = mask_boxes(logits > 0)  # [N, 4] at SAM2's mask resolution
         with stage("matching", items=logits.shape[0]):
             semantic, labels = score_classes(
