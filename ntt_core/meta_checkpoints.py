@@ -3,9 +3,10 @@
 Meta ships SAM2 as ``{"model": state_dict}`` ``.pt`` files (image and video modules together) and
 DINOv2 as flat ``dinov2_vit{s,b,l,g}14_pretrain.pth`` state dicts. Both are read with
 ``torch.load(weights_only=True)`` (no code in the file ever runs), renamed to the module names of
-``transformers.Sam2Model`` / ``transformers.Dinov2Model`` and loaded strictly: a key the image path
+``transformers.Sam2Model`` / ``Sam2VideoModel`` / ``Dinov2Model`` and loaded strictly: a key the model
 needs that is missing or has the wrong shape is a :class:`CheckpointError`, never a random weight.
-SAM2's video-only modules (memory attention and encoder, object pointers) are dropped.
+``Sam2Model`` (the image path) drops SAM2's video-only modules (memory attention and encoder, object
+pointers); ``Sam2VideoModel`` takes every tensor of the file.
 
 The architecture comes, in this order, from the ``config`` argument, from a sidecar
 ``<checkpoint>.config.json`` (a transformers config dict), or from the checkpoint's shapes plus
@@ -54,6 +55,29 @@ _SAM2_VIDEO_PREFIXES = (
     "obj_ptr_tpos_proj.",
 )
 _SAM2_VIDEO_KEYS = {"maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial"}
+# Meta module name -> Sam2VideoModel module name for the video-only weights, applied before _SAM2_RENAMES.
+_SAM2_VIDEO_RENAMES = [
+    (r"^maskmem_tpos_enc$", "memory_temporal_positional_encoding"),
+    (r"^no_mem_pos_enc$", "no_memory_positional_encoding"),
+    (r"^no_obj_ptr$", "no_object_pointer"),
+    (r"^no_obj_embed_spatial$", "occlusion_spatial_embedding_parameter"),
+    (r"^obj_ptr_tpos_proj\.", "temporal_positional_encoding_projection_layer."),
+    (r"^obj_ptr_proj\.", "object_pointer_proj."),
+    (r"^(memory_attention\.layers\.\d+)\.norm(\d)\.", r"\1.layer_norm\2."),
+    (r"^memory_attention\.norm\.", "memory_attention.layer_norm."),
+    (r"^memory_encoder\.out_proj\.", "memory_encoder.projection."),
+    (r"^memory_encoder\.pix_feat_proj\.", "memory_encoder.feature_projection."),
+    (r"^memory_encoder\.fuser\.layers\.(\d+)\.gamma$", r"memory_encoder.memory_fuser.layers.\1.scale"),
+    (r"^memory_encoder\.fuser\.layers\.(\d+)\.dwconv\.", r"memory_encoder.memory_fuser.layers.\1.depthwise_conv."),
+    (r"^memory_encoder\.fuser\.layers\.(\d+)\.norm\.", r"memory_encoder.memory_fuser.layers.\1.layer_norm."),
+    (
+        r"^memory_encoder\.fuser\.layers\.(\d+)\.pwconv([12])\.",
+        r"memory_encoder.memory_fuser.layers.\1.pointwise_conv\2.",
+    ),
+]
+# Meta's mask downsampler: one Sequential of (conv, LayerNorm, GELU) x n and a final 1x1 conv.
+_MASK_DOWNSAMPLER = re.compile(r"^memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(weight|bias)$")
+_SAM2_IMAGE_PREFIXES = ("image_encoder.trunk.", "image_encoder.neck.convs.", "sam_", "no_mem_embed")
 #: Meta's checkpoint file names, as ``sam2``'s ``build_sam.py`` downloads them: version, Hiera size.
 _SAM2_FILE_NAME = re.compile(r"^(sam2(?:\.1)?)_hiera_(tiny|small|base_plus|large)\.pt$")
 # Keys only SAM2.1 checkpoints have (temporal encoding of object pointers, no-object spatial embedding).
@@ -82,7 +106,7 @@ _SAM2_RENAMES = [
 ]
 # Meta's ``MLP`` (layers.0 .. layers.n-1) -> transformers' (proj_in, layers.0 .. layers.n-3, proj_out).
 _MLP_LAYER = re.compile(
-    r"^(.*(?:\.mlp|output_hypernetworks_mlps\.\d+|iou_prediction_head|pred_obj_score_head))\.layers\.(\d+)\.(weight|bias)$"
+    r"^(.*(?:\.mlp|output_hypernetworks_mlps\.\d+|iou_prediction_head|pred_obj_score_head|obj_ptr_proj))\.layers\.(\d+)\.(weight|bias)$"
 )
 _PROMPT_POINT = re.compile(r"^sam_prompt_encoder\.point_embeddings\.(\d+)\.weight$")
 _PROMPT_PE = "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
@@ -186,19 +210,98 @@ def sam2_from_state_dict(state: dict[str, torch.Tensor], config=None, source: st
     return _build(Sam2Model, config, convert_sam2_state_dict(state, source), source)
 
 
+def load_meta_sam2_video(path: str | Path, config=None):
+    """Meta's SAM2 / SAM2.1 ``.pt`` file -> ``transformers.Sam2VideoModel`` (float32, eval mode, CPU),
+    every tensor of the file placed. ``config`` as for :func:`load_meta_sam2` (the image part's
+    ``Sam2Config``), or a whole ``Sam2VideoConfig``."""
+    from transformers import Sam2Config
+
+    state = read_state_dict(path)
+    check_sam2_file_name(path, state)
+    if config is None:
+        config = read_sidecar_config(path, Sam2Config)
+    return sam2_video_from_state_dict(state, config, source=str(path))
+
+
+def sam2_video_from_state_dict(state: dict[str, torch.Tensor], config=None, source: str = "state dict"):
+    """A Meta SAM2 state dict -> ``transformers.Sam2VideoModel``; see :func:`load_meta_sam2_video`."""
+    from transformers import Sam2Config, Sam2VideoConfig, Sam2VideoModel
+
+    video_typed = isinstance(config, Sam2VideoConfig) or (
+        isinstance(config, dict) and config.get("model_type") == Sam2VideoConfig.model_type
+    )
+    if video_typed:
+        config = _as_config(config, Sam2VideoConfig, source)
+    else:
+        image = infer_sam2_config(state, source) if config is None else _as_config(config, Sam2Config, source)
+        config = infer_sam2_video_config(state, image, source)
+    weights = convert_sam2_state_dict(state, source, video=True)
+    return _build(Sam2VideoModel, config, weights, source, computed=("memory_attention",))
+
+
+def infer_sam2_video_config(state: dict[str, torch.Tensor], image_config, source: str = "state dict"):
+    """The ``Sam2VideoConfig`` of a Meta SAM2 state dict: the image part from ``image_config`` (a
+    ``Sam2Config``), the memory modules' sizes from the shapes, SAM2.1's two switches (temporal
+    encoding of object pointers, no-object spatial embedding) from whether their weights exist.
+    Meta's video modules have one attention head and a 16x mask downsampler in every official size."""
+    from transformers import Sam2VideoConfig
+
+    attention, encoder, fuser = "memory_attention.layers.0.", "memory_encoder.", "memory_encoder.fuser.layers.0."
+    try:
+        hidden = state[attention + "linear1.weight"].shape[1]
+        image_size = int(image_config.prompt_encoder_config.image_size)
+        downsampler = _count(state, _MASK_DOWNSAMPLER.pattern[1:])
+        return Sam2VideoConfig(
+            vision_config=image_config.vision_config.to_dict(),
+            prompt_encoder_config=image_config.prompt_encoder_config.to_dict(),
+            mask_decoder_config=image_config.mask_decoder_config.to_dict(),
+            image_size=image_size,
+            num_maskmem=state["maskmem_tpos_enc"].shape[0],
+            enable_occlusion_spatial_embedding="no_obj_embed_spatial" in state,
+            enable_temporal_pos_encoding_for_object_pointers="obj_ptr_tpos_proj.weight" in state,
+            memory_attention_hidden_size=hidden,
+            memory_attention_num_layers=_count(state, r"memory_attention\.layers\.(\d+)\."),
+            memory_attention_downsample_rate=hidden // state[attention + "self_attn.q_proj.weight"].shape[0],
+            memory_attention_feed_forward_hidden_size=state[attention + "linear1.weight"].shape[0],
+            memory_attention_rope_feat_sizes=[image_size // 16] * 2,
+            memory_encoder_hidden_size=state[encoder + "pix_feat_proj.weight"].shape[0],
+            memory_encoder_output_channels=state[encoder + "out_proj.weight"].shape[0],
+            mask_downsampler_embed_dim=state[
+                f"{encoder}mask_downsampler.encoder.{3 * (downsampler // 2)}.weight"
+            ].shape[0],
+            mask_downsampler_kernel_size=state[encoder + "mask_downsampler.encoder.0.weight"].shape[-1],
+            mask_downsampler_padding=state[encoder + "mask_downsampler.encoder.0.weight"].shape[-1] // 2,
+            memory_fuser_num_layers=_count(state, r"memory_encoder\.fuser\.layers\.(\d+)\."),
+            memory_fuser_embed_dim=state[fuser + "dwconv.weight"].shape[0],
+            memory_fuser_intermediate_dim=state[fuser + "pwconv1.weight"].shape[0],
+            memory_fuser_kernel_size=state[fuser + "dwconv.weight"].shape[-1],
+            memory_fuser_padding=state[fuser + "dwconv.weight"].shape[-1] // 2,
+        )
+    except KeyError as error:
+        raise CheckpointError(
+            f"{source} has no video modules (no {error.args[0]!r}): an image-only SAM2 checkpoint cannot track "
+            "objects through a video; use Meta's full sam2_hiera_*.pt / sam2.1_hiera_*.pt file"
+        ) from None
+
+
 def sam2_variant(state: dict[str, torch.Tensor]) -> str:
     """``"sam2.1"`` or ``"sam2"``: SAM2.1 checkpoints carry two extra video-only weights."""
     return "sam2.1" if any(key in state for key in _SAM21_MARKERS) else "sam2"
 
 
-def convert_sam2_state_dict(state: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
-    """Meta SAM2 keys -> ``Sam2Model`` keys; video-only weights dropped, unknown keys refused."""
+def convert_sam2_state_dict(
+    state: dict[str, torch.Tensor], source: str = "state dict", video: bool = False
+) -> dict[str, torch.Tensor]:
+    """Meta SAM2 keys -> ``Sam2Model`` keys (video-only weights dropped) or, with ``video``,
+    ``Sam2VideoModel`` keys (every weight kept); unknown keys refused."""
     depths = _mlp_depths(state)
+    downsampler_final = 3 * (_count(state, _MASK_DOWNSAMPLER.pattern[1:]) // 2)  # index of the final conv
     points: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
-        if key in _SAM2_VIDEO_KEYS or key.startswith(_SAM2_VIDEO_PREFIXES):
+        is_video = key in _SAM2_VIDEO_KEYS or key.startswith(_SAM2_VIDEO_PREFIXES)
+        if is_video and not video:
             continue
         if key == _PROMPT_PE:  # one Gaussian matrix serves both the prompt and the image positional encodings
             out["prompt_encoder.shared_embedding.positional_embedding"] = value
@@ -207,14 +310,23 @@ def convert_sam2_state_dict(state: dict[str, torch.Tensor], source: str = "state
         if match := _PROMPT_POINT.match(key):
             points[int(match.group(1))] = value
             continue
-        if not key.startswith(("image_encoder.trunk.", "image_encoder.neck.convs.", "sam_", "no_mem_embed")):
+        if not is_video and not key.startswith(_SAM2_IMAGE_PREFIXES):
             unknown.append(key)
+            continue
+        if match := _MASK_DOWNSAMPLER.match(key):
+            index, kind = int(match.group(1)), match.group(2)
+            part = (
+                "final_conv"
+                if index == downsampler_final
+                else f"layers.{index // 3}.{('conv', 'layer_norm')[index % 3]}"
+            )
+            out[f"memory_encoder.mask_downsampler.{part}.{kind}"] = value
             continue
         if match := _MLP_LAYER.match(key):
             prefix, index, kind = match.group(1), int(match.group(2)), match.group(3)
             layer = "proj_in" if index == 0 else "proj_out" if index == depths[prefix] - 1 else f"layers.{index - 1}"
             key = f"{prefix}.{layer}.{kind}"
-        for pattern, replacement in _SAM2_RENAMES:
+        for pattern, replacement in (_SAM2_VIDEO_RENAMES if is_video else []) + _SAM2_RENAMES:
             key = re.sub(pattern, replacement, key)
         out[key] = value
     if unknown:
@@ -433,12 +545,18 @@ def _infer_dinov2_config(state: dict[str, torch.Tensor], source: str):
 # Shared
 
 
-def _build(model_class, config, weights: dict[str, torch.Tensor], source: str):
-    """``model_class(config)`` holding exactly ``weights``: built without random init, every tensor checked."""
+def _build(model_class, config, weights: dict[str, torch.Tensor], source: str, computed: tuple[str, ...] = ()):
+    """``model_class(config)`` holding exactly ``weights``: built without random init, every tensor checked.
+
+    ``computed``: submodules built for real, whose non-persistent buffers (rotary frequencies,
+    positions) come from the config, not from the checkpoint."""
     with torch.device("meta"):
         model = model_class(config)
+    for name in computed:
+        model.set_submodule(name, type(model.get_submodule(name))(config))
     expected = dict(model.state_dict())
-    expected.update(model.named_buffers())  # non-persistent buffers would stay empty: refuse them too
+    # non-persistent buffers that nothing computed would stay empty: refuse them too
+    expected.update((key, value) for key, value in model.named_buffers() if value.is_meta)
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
     wrong = [

@@ -320,3 +320,80 @@ def _dissolve(frame: torch.Tensor, labels: torch.Tensor, min_area: int) -> torch
             best_distance = torch.where(better, distance, best_distance)
         labels = best_label
     return (keep.cumsum(0) - 1)[labels]
+
+
+class RegionPropagator:
+    """A :class:`~ntt_core.propagation.Propagator` that follows connected regions of similar colour.
+
+    Each frame is split into regions as :class:`ConnectedRegionSegmenter` splits it. A track keeps its
+    last mask and the mean colour under its starting mask; on the next frame (either direction) it
+    takes, among the regions whose mean colour is within ``colour_tolerance`` (largest channel
+    difference) of its own, the one that overlaps its last mask grown by ``search`` pixels the most.
+    With none, the object is absent (object score -1) and the last mask is kept, so the object is
+    found again if it reappears where it vanished. ``released`` lists (track, last frame visited) in
+    the order tracks were released.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 128,
+        mask_size: int | None = None,
+        tolerance: float = 0.05,
+        min_area: int = 12,
+        search: int = 4,
+        colour_tolerance: float = 0.12,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.regions = ConnectedRegionSegmenter(input_size, mask_size, tolerance, min_area, device=device)
+        self.input_size, self.mask_size = input_size, self.regions.mask_size
+        self.search, self.colour_tolerance = search, colour_tolerance
+        self.device = torch.device(device)
+        self.model_id = "standin:region-propagator"
+        self.frames: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # index -> (labels [S, S], colours [K, 3])
+        self.tracks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (last mask [S, S], colour [3])
+        self.released: list[tuple[int, int]] = []
+        self._visited: dict[int, int] = {}
+
+    def add_frame(self, index: int, frame: torch.Tensor) -> None:
+        frame = frame.to(self.device, torch.float32)
+        labels = _dissolve(frame, label_regions(frame, self.regions.tolerance), self.regions.min_area)
+        count = torch.bincount(labels.flatten()).clamp(min=1)
+        sums = torch.zeros(len(count), 3, device=self.device).index_add_(0, labels.flatten(), frame.flatten(1).T)
+        self.frames[index] = (labels, sums / count[:, None])
+
+    def drop_frame(self, index: int) -> None:
+        self.frames.pop(index, None)
+
+    def start(self, track: int, index: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        labels, colours = self.frames[index]
+        mask = mask.to(self.device, torch.bool)
+        weights = torch.bincount(labels[mask], minlength=len(colours)).float()
+        self.tracks[track] = (mask, (weights[:, None] * colours).sum(0) / weights.sum().clamp(min=1))
+        self._visited[track] = index
+        return self.regions._logits(mask.float()), torch.tensor(1.0)
+
+    def propagate(self, tracks: list[int], index: int, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        labels, colours = self.frames[index]
+        logits, scores = [], []
+        for track in tracks:
+            last, colour = self.tracks[track]
+            near = F.max_pool2d(last.float()[None, None], 2 * self.search + 1, stride=1, padding=self.search)[0, 0] > 0
+            overlap = torch.bincount(labels[near], minlength=len(colours))
+            similar = (colours - colour).abs().amax(1) < self.colour_tolerance
+            overlap = torch.where(similar, overlap, torch.zeros_like(overlap))
+            if int(overlap.max()) > 0:
+                last = labels == overlap.argmax()
+                self.tracks[track] = (last, colour)
+                logits.append(self.regions._logits(last.float()))
+                scores.append(1.0)
+            else:
+                logits.append(torch.full((self.mask_size, self.mask_size), -self.regions.sharpness / 2))
+                scores.append(-1.0)
+            self._visited[track] = index
+        side = self.mask_size
+        stacked = torch.stack(logits) if logits else torch.zeros(0, side, side)
+        return stacked, torch.tensor(scores)
+
+    def release(self, track: int) -> None:
+        if self.tracks.pop(track, None) is not None:
+            self.released.append((track, self._visited.pop(track)))

@@ -309,3 +309,73 @@ def write_coco_folder(scenes: Sequence[Scene], folder: str | Path, classes: Sequ
     path = folder / ANNOTATIONS_NAME
     path.write_text(json.dumps(document))
     return path
+
+
+@dataclass(frozen=True)
+class MovingShape:
+    """One object of a synthetic video: a class's shape moving in a straight line, drawn from
+    frame ``first`` to frame ``last`` (inclusive); later objects are drawn on top."""
+
+    name: str  # a class of CLASS_STYLES
+    start: tuple[float, float]  # (x, y) centre at frame ``first``
+    velocity: tuple[float, float]  # pixels per frame
+    radius: float
+    first: int = 0
+    last: int = 10**9
+
+
+@dataclass
+class SyntheticVideo:
+    """Frames and the exact visible mask and identity of every object in each."""
+
+    frames: list[np.ndarray]  # T x [H, W, 3] uint8
+    masks: list[np.ndarray]  # T x [N_t, H, W] bool, visible parts (empty ones left out)
+    object_ids: list[np.ndarray]  # T x [N_t] int64, index into ``objects``
+    objects: list[MovingShape]
+
+    def scene(self, index: int) -> Scene:
+        """Frame ``index`` as a :class:`Scene` (for COCO ground truth)."""
+        masks = self.masks[index]
+        return Scene(
+            image=self.frames[index],
+            masks=masks,
+            boxes=np.array([mask_box(mask) for mask in masks], dtype=np.int64).reshape(-1, 4),
+            class_names=[self.objects[i].name for i in self.object_ids[index]],
+        )
+
+
+def make_video(
+    objects: Sequence[MovingShape], frames: int, size: tuple[int, int] = (96, 128), seed: int = 0
+) -> SyntheticVideo:
+    """A video of ``frames`` frames of ``size`` (H, W): one textured background, ``objects`` moving
+    over it (each keeps its colour and texture; shapes leaving the frame are cut at its border)."""
+    check_seed(seed)
+    unknown = [o.name for o in objects if o.name not in CLASS_STYLES]
+    if unknown:
+        raise SceneError(
+            f"unknown class(es) {', '.join(map(repr, unknown))}; choose one or more of {', '.join(CLASSES)}"
+        )
+    height, width = size
+    background = _background(np.random.default_rng([seed, 0]), size)
+    video = SyntheticVideo([], [], [], list(objects))
+    for t in range(frames):
+        image, shapes = background.copy(), []
+        for i, shape in enumerate(objects):
+            step = t - shape.first
+            if not shape.first <= t <= shape.last:
+                shapes.append(np.zeros(size, dtype=bool))
+                continue
+            centre = (shape.start[0] + step * shape.velocity[0], shape.start[1] + step * shape.velocity[1])
+            style = CLASS_STYLES[shape.name]
+            mask = _shape_mask(style.shape, size, centre, shape.radius, 0.3)
+            colour = _paint(np.random.default_rng([seed, 1 + i]), style, mask, centre, shape.radius)
+            image = np.where(mask[:, :, None], colour, image)
+            shapes.append(mask)
+        visible = [
+            mask & ~np.any(shapes[i + 1 :], axis=0) if i + 1 < len(shapes) else mask for i, mask in enumerate(shapes)
+        ]
+        present = [i for i, mask in enumerate(visible) if mask.any()]
+        video.frames.append(np.round(image * 255.0).astype(np.uint8))
+        video.masks.append(np.stack([visible[i] for i in present]) if present else np.zeros((0, height, width), bool))
+        video.object_ids.append(np.array(present, dtype=np.int64))
+    return video

@@ -43,12 +43,16 @@ class EvaluateByReference(foo.Operator):
         from ntt_core.fiftyone.predictions import prediction_record
 
         ctx.target_view()
-        fields = detections_fields(ctx.dataset)
-        predicted = [name for name in fields if prediction_record(ctx.dataset, name)]
+        fields, record_of = detections_fields(ctx.dataset), prediction_record
+        if ctx.dataset.media_type == "video":  # frame-level fields, evaluated frame by frame
+            from ntt_core.fiftyone.videos import frame_prediction_record, video_detections_fields
+
+            fields, record_of = video_detections_fields(ctx.dataset), frame_prediction_record
+        predicted = [name for name in fields if record_of(ctx.dataset, name)]
         ordered = predicted + [name for name in fields if name not in predicted]
         field_choice(inputs, "pred_field", ordered, "Predictions", "The Detections to evaluate")
         pred_field = current(ctx, inputs, "pred_field")
-        record = prediction_record(ctx.dataset, pred_field) if pred_field in fields else None
+        record = record_of(ctx.dataset, pred_field) if pred_field in fields else None
         gt_choices = [name for name in fields if name != pred_field]
         default_gt = (record or {}).get("gt_field")
         description = "Never modified, apart from the evaluation's own attributes"
@@ -77,15 +81,15 @@ class EvaluateByReference(foo.Operator):
         from ntt_core.fiftyone.evaluation import evaluate
 
         p = params_with_defaults(self, ctx)
-        report = evaluate(
-            ctx.target_view(),
-            p["pred_field"],
-            p["eval_key"],
-            gt_field=p["gt_field"],
-            exclude_references=p["exclude_references"],
-            use_masks=p["use_masks"],
-            overwrite=p["overwrite"],
-        )
+        options = dict(gt_field=p["gt_field"], use_masks=p["use_masks"], overwrite=p["overwrite"])
+        if ctx.dataset.media_type == "video":  # frame fields, every frame an image; no reference samples
+            from ntt_core.fiftyone.videos import evaluate_video
+
+            report = evaluate_video(ctx.target_view(), p["pred_field"], p["eval_key"], **options)
+        else:
+            report = evaluate(
+                ctx.target_view(), p["pred_field"], p["eval_key"], exclude_references=p["exclude_references"], **options
+            )
         if not ctx.delegated:
             ctx.ops.open_panel(MODEL_EVALUATION_PANEL, layout="horizontal")  # shows the new run
         return finish(self, ctx, report)

@@ -26,6 +26,8 @@ from .common import (
     require_library,
     run_with_progress,
 )
+from .videos import is_video, target_problem, tracking_inputs
+from .videos import run as run_video
 
 
 def _target_problem(inputs, target) -> None:
@@ -33,6 +35,8 @@ def _target_problem(inputs, target) -> None:
     from ntt_core.errors import NttError
     from ntt_core.fiftyone.fields import images_to_process
 
+    if is_video(target):
+        return target_problem(inputs, target)
     try:
         _, note = images_to_process(target)
     except NttError as error:
@@ -199,14 +203,19 @@ class SegmentByReference(foo.Operator):
             default=1,
             description="Above 1: queue that many delegated operations over fixed parts of the target for `fiftyone delegated launch` workers",
         )
-        inputs.bool(
-            "skip_reference_samples",
-            default=False,
-            label="Leave out the samples holding the bank's references",
-            description="They are segmented too by default; evaluation leaves them out either way",
-        )
+        if is_video(ctx.dataset):
+            tracking_inputs(ctx, inputs)
+        else:
+            inputs.bool(
+                "skip_reference_samples",
+                default=False,
+                label="Leave out the samples holding the bank's references",
+                description="They are segmented too by default; evaluation leaves them out either way",
+            )
         model_inputs(inputs)
         check_models(ctx, inputs)
+        if is_video(ctx.dataset):
+            return  # the frame field is checked when the run starts
         field, overwrite = current(ctx, inputs, "pred_field"), current(ctx, inputs, "overwrite")
         shards = current(ctx, inputs, "num_shards")
         planning = isinstance(shards, int) and shards > 1 and planning_unfinished(ctx.dataset, field)
@@ -263,6 +272,8 @@ class SegmentByReference(foo.Operator):
         return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
 
     def _run(self, ctx, p: dict, progress) -> dict:
+        if is_video(ctx.dataset):
+            return run_video(ctx, p, progress)
         require_library()
         from ntt_core.fiftyone.predictions import (
             finish_planning,
@@ -331,6 +342,9 @@ class SegmentByReference(foo.Operator):
         device: str = "auto",
         dtype: str = "auto",
         delegate: bool = False,
+        key_frame_stride: int = 10,
+        match_iou: float = 0.5,
+        lost_frames: int = 10,
     ):
         """Segment ``sample_collection`` with ``bank_key``; a setting left None is the form's default
         (the paper's, from ``ntt_core.settings.Settings``; the field ``ntt_predictions``)."""
@@ -350,6 +364,9 @@ class SegmentByReference(foo.Operator):
             dinov2=dinov2,
             device=device,
             dtype=dtype,
+            key_frame_stride=key_frame_stride,  # video datasets only
+            match_iou=float(match_iou),
+            lost_frames=lost_frames,
         )
         return call(self, sample_collection, {k: v for k, v in params.items() if v is not None}, delegate)
 

@@ -88,38 +88,46 @@ def save_tiny_models(folder: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 # Meta's tiny Hiera-T config shrunk further: trunk widths 16/32/64/128 (heads 1/2/4/8), 1+1+2+1 blocks,
-# decoder width 32; the video modules shrunk too, but kept, so the loader has to drop them.
-META_TINY_OVERRIDES = [
-    f"++model.image_size={SAM2_INPUT}",
-    "++model.image_encoder.trunk.embed_dim=16",
-    "++model.image_encoder.trunk.num_heads=1",
-    "++model.image_encoder.trunk.stages=[1,1,2,1]",
-    "++model.image_encoder.trunk.global_att_blocks=[3]",
-    "++model.image_encoder.trunk.window_spec=[4,2,2,2]",
-    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[2,2]",
-    "++model.image_encoder.neck.d_model=32",
-    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
-    "++model.image_encoder.neck.position_encoding.num_pos_feats=32",
-    "++model.memory_attention.d_model=32",
-    "++model.memory_attention.num_layers=1",
-    "++model.memory_attention.layer.d_model=32",
-    "++model.memory_attention.layer.dim_feedforward=64",
-    "++model.memory_attention.layer.self_attention.embedding_dim=32",
-    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
-    "++model.memory_attention.layer.cross_attention.embedding_dim=32",
-    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
-    "++model.memory_attention.layer.cross_attention.kv_in_dim=16",
-    "++model.memory_encoder.in_dim=32",
-    "++model.memory_encoder.out_dim=16",
-    "++model.memory_encoder.position_encoding.num_pos_feats=16",
-    "++model.memory_encoder.fuser.layer.dim=32",
-    "++model.memory_encoder.fuser.num_layers=1",
-]
+# decoder and memory width ``width``; the video modules shrunk too (their memory is 64 channels wide, as
+# in every official size: transformers fixes it), so the image loader has to drop them and the video
+# loader place them. Meta's memory concatenates object pointers split into 64-channel pieces: a video
+# model needs a width that is a multiple of 64.
+def meta_tiny_overrides(width: int = 32) -> list[str]:
+    return [
+        f"++model.image_size={SAM2_INPUT}",
+        "++model.image_encoder.trunk.embed_dim=16",
+        "++model.image_encoder.trunk.num_heads=1",
+        "++model.image_encoder.trunk.stages=[1,1,2,1]",
+        "++model.image_encoder.trunk.global_att_blocks=[3]",
+        "++model.image_encoder.trunk.window_spec=[4,2,2,2]",
+        "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[2,2]",
+        f"++model.image_encoder.neck.d_model={width}",
+        "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+        f"++model.image_encoder.neck.position_encoding.num_pos_feats={width}",
+        f"++model.memory_attention.d_model={width}",
+        "++model.memory_attention.num_layers=1",
+        f"++model.memory_attention.layer.d_model={width}",
+        f"++model.memory_attention.layer.dim_feedforward={2 * width}",
+        f"++model.memory_attention.layer.self_attention.embedding_dim={width}",
+        f"++model.memory_attention.layer.self_attention.feat_sizes=[{SAM2_INPUT // 16},{SAM2_INPUT // 16}]",
+        f"++model.memory_attention.layer.cross_attention.embedding_dim={width}",
+        f"++model.memory_attention.layer.cross_attention.feat_sizes=[{SAM2_INPUT // 16},{SAM2_INPUT // 16}]",
+        "++model.memory_attention.layer.cross_attention.kv_in_dim=64",
+        f"++model.memory_encoder.in_dim={width}",
+        "++model.memory_encoder.out_dim=64",
+        "++model.memory_encoder.position_encoding.num_pos_feats=64",
+        f"++model.memory_encoder.mask_downsampler.embed_dim={width}",
+        f"++model.memory_encoder.fuser.layer.dim={width}",
+        "++model.memory_encoder.fuser.num_layers=1",
+    ]
+
+
+META_TINY_OVERRIDES = meta_tiny_overrides()
 META_SAM2_CONFIGS = {"sam2": "configs/sam2/sam2_hiera_t.yaml", "sam2.1": "configs/sam2.1/sam2.1_hiera_t.yaml"}
 
 
-def tiny_meta_sam2_config():
-    """The same tiny architecture as ``META_TINY_OVERRIDES``, as a transformers config (Meta's decoder
+def tiny_meta_sam2_config(width: int = 32):
+    """The same tiny architecture as ``meta_tiny_overrides(width)``, as a transformers config (Meta's decoder
     keeps its fixed 8 heads, MLP 2048 and IoU head 256)."""
     from transformers import Sam2Config
 
@@ -141,20 +149,22 @@ def tiny_meta_sam2_config():
             },
             "backbone_channel_list": [128, 64, 32, 16],
             "backbone_feature_sizes": [[side, side], [side // 2, side // 2], [side // 4, side // 4]],
-            "fpn_hidden_size": 32,
+            "fpn_hidden_size": width,
         },
-        prompt_encoder_config={"hidden_size": 32, "image_size": SAM2_INPUT},
-        mask_decoder_config={"hidden_size": 32, "iou_head_hidden_dim": 256},
+        prompt_encoder_config={"hidden_size": width, "image_size": SAM2_INPUT},
+        mask_decoder_config={"hidden_size": width, "iou_head_hidden_dim": 256},
     )
 
 
-def build_tiny_meta_sam2(variant: str, seed: int):
-    """Meta's own SAM2Base (``variant`` "sam2" or "sam2.1") at the tiny size of ``META_TINY_OVERRIDES``,
-    every weight randomised; its ``state_dict()`` is what Meta's ``.pt`` files hold under "model"."""
-    from sam2.build_sam import build_sam2
+def build_tiny_meta_sam2(variant: str, seed: int, width: int = 32, video: bool = False):
+    """Meta's own SAM2Base (``variant`` "sam2" or "sam2.1") at the tiny size of ``meta_tiny_overrides(width)``,
+    every weight randomised; its ``state_dict()`` is what Meta's ``.pt`` files hold under "model".
+    With ``video``, Meta's SAM2VideoPredictor (the same modules, with its video inference methods)."""
+    from sam2.build_sam import build_sam2, build_sam2_video_predictor
 
     torch.manual_seed(0)
-    model = build_sam2(META_SAM2_CONFIGS[variant], None, device="cpu", hydra_overrides_extra=META_TINY_OVERRIDES)
+    build = build_sam2_video_predictor if video else build_sam2
+    model = build(META_SAM2_CONFIGS[variant], None, device="cpu", hydra_overrides_extra=meta_tiny_overrides(width))
     randomise(model, seed=seed)
     return model
 

@@ -15,6 +15,7 @@ from .output import log_warnings_to_stderr
 from .predict import add_parser as add_predict
 from .sample_references import add_parser as add_sample_references
 from .shards import add_parser as add_shards
+from .track import add_parser as add_track
 
 #: The subcommands, in the order ``ntt --help`` lists them.
 COMMANDS = (
@@ -22,6 +23,7 @@ COMMANDS = (
     add_build_memory,
     add_predict,
     add_evaluate,
+    add_track,
     add_demo,
     add_models,
     add_shards,

@@ -84,6 +84,22 @@ def evaluate(
         notes.append(f"some '{gt_field}' labels have no mask: FiftyOne's evaluation uses boxes")
     figures = pycocotools_figures(view, pred_field, gt_field, classes)  # before anything is written
     notes += figures["notes"]
+    results = coco_evaluation_with_figures(view, pred_field, gt_field, eval_key, use_masks, classes, figures)
+    return {
+        "eval_key": eval_key,
+        "gt_field": gt_field,
+        "samples": len(view),
+        "classes": classes,
+        "mAP": float(results.mAP()),
+        "use_masks": use_masks,
+        "pycocotools": {t: figures.get(t) for t in ("bbox", "segm")},
+        "notes": notes,
+    }
+
+
+def coco_evaluation_with_figures(view, pred_field, gt_field, eval_key, use_masks, classes, figures: dict):
+    """FiftyOne's COCO evaluation (masks or boxes, mAP) with the pycocotools ``figures`` kept on it as
+    custom metrics (the App lists them); returns its results."""
     results = view.evaluate_detections(
         pred_field,
         gt_field=gt_field,
@@ -104,16 +120,7 @@ def evaluate(
         for name, (iou_type, metric) in PYCOCOTOOLS_METRICS.items()
     }
     results.save()
-    return {
-        "eval_key": eval_key,
-        "gt_field": gt_field,
-        "samples": len(view),
-        "classes": classes,
-        "mAP": float(results.mAP()),
-        "use_masks": use_masks,
-        "pycocotools": {t: figures.get(t) for t in ("bbox", "segm")},
-        "notes": notes,
-    }
+    return results
 
 
 def check_eval_key(dataset, eval_key: str, overwrite: bool = False) -> bool:
