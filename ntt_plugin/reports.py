@@ -68,7 +68,12 @@ def segment(report: dict) -> str:
         left = report.get("left_to_queued_shards")
         waiting = f"{left} sample(s) were left to shards queued before." if left else ""
         return join(head, table(("Shard", "Samples", "Operation"), rows), waiting)
-    head = f"**{report['field']}**: {report['instances']} instance(s) in {report['processed']} sample(s)" + (
+    done = (
+        f"{report['tracks']} track(s) over {report['frames']} frame(s) of {report['videos']} video(s)"
+        if "videos" in report  # a video dataset: tracks
+        else f"{report['instances']} instance(s) in {report['processed']} sample(s)"
+    )
+    head = f"**{report['field']}**: {done}" + (
         f"; {report['skipped_existing']} sample(s) already had predictions." if report["skipped_existing"] else "."
     )
     return join(head, bullets([report.get("note")]), failed_table(report["failed"]))
@@ -84,8 +89,9 @@ def boxes_to_masks(report: dict) -> str:
 
 def evaluation(report: dict) -> str:
     boxes_or_masks = "instance masks" if report["use_masks"] else "boxes"
+    evaluated = f"{report['videos']} video(s)" if "videos" in report else f"{report['samples']} sample(s)"
     head = (
-        f"Evaluation **{report['eval_key']}** against `{report['gt_field']}` on {report['samples']} sample(s), "
+        f"Evaluation **{report['eval_key']}** against `{report['gt_field']}` on {evaluated}, "
         f"{len(report['classes'])} class(es), with {boxes_or_masks}: FiftyOne COCO mAP **{metric(report['mAP'])}** "
         "(details in the Model Evaluation panel)."
     )

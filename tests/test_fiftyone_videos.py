@@ -207,12 +207,15 @@ def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos
     )  # fmt: skip
     report = result["report"]
     assert (report["videos"], report["frames"], report["failed"]) == (2, 2 * FRAMES, [])
+    assert f"over {2 * FRAMES} frame(s) of 2 video(s)" in result["summary"]  # the App's summary of a video run
     assert all(count is not None for count in videos.values("sam_tracks"))
     indices = [i for frames in videos.values("frames.sam.detections.index") for f in frames for i in f or []]
     assert indices and min(indices) >= 1
     assert frame_gt(videos) == before
 
     evaluate = foo.get_operator("@ntt/no-time-to-train/evaluate_by_reference")
-    evaluation = evaluate(videos, "frames.sam", "eval_tiny")["report"]
+    evaluated = evaluate(videos, "frames.sam", "eval_tiny")
+    evaluation = evaluated["report"]
+    assert "on 2 video(s)" in evaluated["summary"]
     assert evaluation["gt_field"] == "frames.gt" and 0.0 <= evaluation["mAP"] <= 1.0
     assert "segm" in evaluation["pycocotools"] and evaluation["pycocotools"]["segm"] is not None

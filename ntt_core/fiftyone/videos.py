@@ -275,6 +275,7 @@ def evaluate_video(
         "videos": len(samples),
         "classes": classes,
         "mAP": float(results.mAP()),
+        "use_masks": use_masks,
         "pycocotools": {t: figures.get(t) for t in ("bbox", "segm")},
         "notes": ([note] if note else []) + figures["notes"],
     }
