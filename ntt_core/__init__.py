@@ -28,6 +28,7 @@ _EXPORTS = {
     "ReferenceInstance": "references",
     "build_memory_bank": "memory_bank",
     "Predictor": "predictor",
+    "CandidateCache": "candidate_cache",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .candidate_cache import CandidateCache, DescribedCandidates, context_key, image_key
 from .frames import bicubic, square_frame
 from .geometry import mask_boxes
 from .images import ImageError, as_rgb_array, load_image
@@ -30,9 +31,12 @@ class Predictor:
     ``predict(images)`` takes ``[H, W, 3]`` uint8 arrays and returns one :class:`Instances` each;
     ``predict_paths`` does the same for a batch of files; ``predict_stream`` runs a whole list of
     files batch by batch, the one loop the CLI, the benchmarks and FiftyOne segmentation share.
+    With a ``cache``, each image's bank-independent results (:meth:`candidates`) are read from it
+    when there and stored otherwise, so a bank edit re-runs only the bank-dependent finish.
     ``on_stage(stage, done, total)``, when set, is told each stage of a batch as it starts: "image
     encoders", "prompts" (after each prompt batch, with the prompts decoded of all), "post-processing"
-    (progress for a person watching; an exception it raises stops the batch there).
+    (progress for a person watching; an exception it raises stops the batch there); images served
+    from the cache skip the first two.
     """
 
     on_stage: Callable[[str, int, int], None] | None = None
@@ -43,6 +47,7 @@ class Predictor:
         encoder: FeatureEncoder,
         bank: MemoryBank,
         settings: Settings | None = None,
+        cache: CandidateCache | None = None,
     ) -> None:
         bank.check_encoder(encoder)
         self.segmenter, self.encoder, self.bank = segmenter, encoder, bank
@@ -60,6 +65,8 @@ class Predictor:
         self.reference_class = bank.class_index[positive].to(device)
         self.points = point_grid(self.settings.points_per_side, segmenter.input_size, segmenter.device)
         self.min_side = max(1, encoder.input_size // encoder.grid_size)
+        self.cache = cache
+        self.cache_context = None if cache is None else context_key(segmenter, encoder, self.settings)
 
     def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[Instances]:
         """Instances for each image of the batch; raises :class:`ImageError` on an unusable image.
@@ -73,6 +80,28 @@ class Predictor:
         sizes = [a.shape[:2] for a in arrays] if sizes is None else [tuple(int(v) for v in size) for size in sizes]
         if len(sizes) != len(arrays) or any(len(size) != 2 or min(size) < 1 for size in sizes):
             raise ValueError(f"sizes must be one (height, width) of positive integers per image, got {sizes}")
+        found = self.candidates(arrays, sizes)
+        if self.on_stage is not None:
+            self.on_stage("post-processing", 0, 1)
+        return [self._instances(entry, size) for entry, size in zip(found, sizes)]
+
+    def candidates(self, arrays: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[DescribedCandidates]:
+        """The bank-independent part of :meth:`predict` for checked images and their mask sizes: from
+        the cache where it holds them, computed (and stored) for the others."""
+        if self.cache is None:
+            return self._describe_candidates(arrays)
+        keys = [image_key(self.cache_context, array) for array in arrays]
+        found = [self.cache.load(key, size, self.encoder.device) for key, size in zip(keys, sizes)]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        for i, computed in zip(missing, self._describe_candidates([arrays[i] for i in missing])):
+            self.cache.store(keys[i], computed, sizes[i])
+            found[i] = computed
+        return found
+
+    def _describe_candidates(self, arrays: Sequence[np.ndarray]) -> list[DescribedCandidates]:
+        """SAM2's candidates of each image and their DINOv2 descriptors (nothing here reads the bank)."""
+        if not arrays:
+            return []
         frame, size = self.segmenter.input_size, self.encoder.input_size
         progress = self.on_stage or (lambda name, done, total: None)
         progress("image encoders", 0, 1)
@@ -94,8 +123,7 @@ class Predictor:
                 self.settings.sam_iou_threshold,
                 on_batch=None if self.on_stage is None else lambda done, total: progress("prompts", done, total),
             )
-        progress("post-processing", 0, 1)
-        return [self._instances(c, dense[i], sizes[i]) for i, c in enumerate(candidates)]
+        return [describe(c, dense[i]) for i, c in enumerate(candidates)]
 
     def predict_paths(
         self,
@@ -159,23 +187,16 @@ class Predictor:
             )
         return image
 
-    def _instances(self, candidates: Candidates, dense: torch.Tensor, image_size: tuple[int, int]) -> Instances:
-        """Post-process one image's candidates: describe, classify, NMS, soft-merge, top-k."""
+    def _instances(self, found: DescribedCandidates, image_size: tuple[int, int]) -> Instances:
+        """Finish one image against the bank: classify, NMS, soft-merge, top-k."""
         s = self.settings
         classes = self.bank.classes
-        device = dense.device
-        with stage("mask_postprocess", items=candidates.logits.shape[0]):
-            logits = candidates.logits.to(device)
-            sam_iou = candidates.sam_iou.to(device)
-            masks = logits > 0  # [N, m, m]
-            nonempty = masks.flatten(1).any(1)
-            logits, sam_iou, masks = logits[nonempty], sam_iou[nonempty], masks[nonempty]
-            if logits.shape[0] == 0:
-                return Instances.empty(image_size, classes)
-            low_boxes = mask_boxes(masks)  # [N, 4] at SAM2's mask resolution
-
+        logits, sam_iou, descriptors = found.logits, found.sam_iou, found.descriptors
+        if logits.shape[0] == 0:
+            return Instances.empty(image_size, classes)
+        with stage("mask_postprocess"):  # its candidates were counted where they were described
+            low_boxes = mask_boxes(logits > 0)  # [N, 4] at SAM2's mask resolution
         with stage("matching", items=logits.shape[0]):
-            descriptors = F.normalize(pool_features(dense, masks), dim=1)  # [N, C]
             semantic, labels = score_classes(
                 descriptors, self.prototypes, self.negative_prototypes, self.has_negative, s.negative_temperature
             )
@@ -213,3 +234,17 @@ class Predictor:
             merge_factors=factors[order].cpu().numpy().astype(np.float32),
             reference_ids=[self.bank.reference_ids[row] for row in rows],
         )
+
+
+def describe(candidates: Candidates, dense: torch.Tensor) -> DescribedCandidates:
+    """The non-empty candidates of one image with their L2-normalised descriptors pooled from its
+    dense features ``[C, g, g]`` (on the features' device)."""
+    with stage("mask_postprocess", items=candidates.logits.shape[0]):
+        logits = candidates.logits.to(dense.device)
+        sam_iou = candidates.sam_iou.to(dense.device)
+        masks = logits > 0  # [N, m, m]
+        nonempty = masks.flatten(1).any(1)
+        logits, sam_iou, masks = logits[nonempty], sam_iou[nonempty], masks[nonempty]
+    with stage("matching", items=logits.shape[0]):
+        descriptors = F.normalize(pool_features(dense, masks), dim=1)  # [N, C]
+    return DescribedCandidates(logits, sam_iou, descriptors)

@@ -4,6 +4,7 @@ Thin operators: each parses its form and calls the modules of :mod:`ntt_core.fif
 them imports neither torch nor the library's model code.
 """
 
+from .candidate_cache import ClearCandidateCache
 from .evaluation import EvaluateByReference
 from .memory_banks import BuildMemoryBank, DeleteMemoryBank, ExportMemoryBank, ImportMemoryBank
 from .panel import MemoryBanksPanel
@@ -22,6 +23,7 @@ OPERATORS = (
     AddToMemoryBank,
     AddNegativeReferences,
     RemoveFromMemoryBank,
+    ClearCandidateCache,
     MemoryBanksPanel,
 )
 

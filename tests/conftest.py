@@ -47,6 +47,7 @@ os.environ.update(
         "FIFTYONE_DEFAULT_DATASET_DIR": str(_SESSION_DIR / "datasets"),
         "HF_HOME": str(_SESSION_DIR / "hf"),  # no test may lean on a model cached on this machine
         "HF_HUB_OFFLINE": "1",
+        "NTT_CACHE_DIR": str(_SESSION_DIR / "ntt-cache"),  # the candidate cache's default folder
         "TRANSFORMERS_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
         "MPLBACKEND": "Agg",

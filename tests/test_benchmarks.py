@@ -400,3 +400,26 @@ def test_precision_compares_bf16_with_fp32_on_the_same_weights_and_inputs(monkey
         "share_iou_at_least_0.9",
         "score_max_abs_matched",
     }
+
+
+# --- cache.py ---
+
+
+def test_cache_benchmark_rows_per_survivor_count(monkeypatch, capsys):
+    """One row per forced survivor count: uncached and cached seconds, bytes per image, and the
+    cached instances checked against an uncached run of the edited bank."""
+    from tiny_models import tiny_dinov2_config, tiny_sam2_config
+
+    cache = _load("cache")
+    monkeypatch.setattr(cache.speed, "sam2_config", lambda arch: tiny_sam2_config())
+    monkeypatch.setattr(cache.speed, "dinov2_config", lambda arch: tiny_dinov2_config())
+    argv = ["--device", "cpu", "--images", "1", "--image-size", "64x48", "--points-per-side", "2", "--warmup", "0"]
+    argv += ["--survivors", "3", "7", "--repeats", "2", "--classes", "2", "--shots", "2", "--json"]
+    assert cache.main(argv) == 0
+    report = _last_json(capsys)
+    assert [row["survivors"] for row in report["rows"]] == [3, 7]
+    for row in report["rows"]:
+        assert row["identical"] is True and len(row["cached_runs_s_per_image"]) == 2
+        assert row["speedup"] == pytest.approx(row["uncached_s_per_image"] / row["cached_s_per_image"])
+        assert row["bytes_per_image"] > 0
+    assert report["rows"][1]["bytes_per_image"] > report["rows"][0]["bytes_per_image"]  # more candidates kept

@@ -470,3 +470,39 @@ def test_evaluate_results_for_unknown_images(folder, tmp_path, capsys):
     )
     code, _, err = run(capsys, "evaluate", "--targets", folder / "annotations.json", "--results", tmp_path / "r.json")
     assert code == 2 and "result #0 is for image id 99, which is not in the ground truth" in error_line(err)
+
+
+def test_predict_reuses_the_candidate_cache_and_can_go_without(folder, tiny_models, tmp_path, capsys, monkeypatch):
+    build_one_shot_bank(folder, tiny_models, tmp_path / "bank")
+    monkeypatch.setenv("NTT_CACHE_DIR", str(tmp_path / "default"))
+    predict = ["predict", "--memory", tmp_path / "bank", "--images", folder / "images", *models(tiny_models), *TINY]
+    cache = tmp_path / "cache"
+    assert run(capsys, *predict, "--out", tmp_path / "first.json", "--cache", cache)[0] == 0
+    entries = {path.name: path.stat().st_ino for path in cache.iterdir()}  # a rewrite renames a new file
+    assert len(entries) == len(list((folder / "images").iterdir()))
+    assert run(capsys, *predict, "--out", tmp_path / "again.json", "--cache", cache)[0] == 0
+    assert {path.name: path.stat().st_ino for path in cache.iterdir()} == entries  # all served from the cache
+    assert run(capsys, *predict, "--out", tmp_path / "uncached.json", "--no-cache")[0] == 0
+    first, again, uncached = (
+        json.loads((tmp_path / f"{name}.json").read_text()) for name in ("first", "again", "uncached")
+    )
+    assert first == again == uncached
+    assert not (tmp_path / "default").exists()  # --no-cache wrote nothing in the default folder either
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("limit", ["0", "-1", "nan"])
+def test_predict_refuses_a_cache_limit_below_zero(folder, tiny_models, tmp_path, capsys, limit):
+    argv = ["predict", "--memory", tmp_path, "--images", folder / "images", "--out", tmp_path / "r.json"]
+    with pytest.raises(SystemExit) as exit_:
+        run(capsys, *argv, "--cache-limit", limit)
+    assert exit_.value.code == 2 and f"{limit} is not a number > 0" in capsys.readouterr().err
+
+
+@pytest.mark.bad_input
+def test_predict_refuses_a_cache_folder_that_is_a_file(folder, tiny_models, tmp_path, capsys):
+    build_one_shot_bank(folder, tiny_models, tmp_path / "bank")
+    (tmp_path / "file").write_text("")
+    argv = ["predict", "--memory", tmp_path / "bank", "--images", folder / "images", "--out", tmp_path / "r.json"]
+    code, _, err = run(capsys, *argv, *models(tiny_models), *TINY, "--cache", tmp_path / "file")
+    assert code == 2 and "is a file, not a folder" in error_line(err)

@@ -607,3 +607,19 @@ def test_pycocotools_figures_honour_crowd_ground_truth(tmp_path):
     # IoU 0.81, a hit at the thresholds 0.50 ... 0.80 (7 of 10), so box AP 0.7; its mask is exact.
     assert figures["segm"]["AP"] == pytest.approx(1.0) and figures["bbox"]["AP"] == pytest.approx(0.7)
     dataset.delete()
+
+
+def test_segmenting_again_uses_the_candidate_cache_by_default(banked, models, tmp_path, monkeypatch):
+    monkeypatch.setenv("NTT_CACHE_DIR", str(tmp_path / "cache"))
+    segment_by_reference(banked, "bank", "first", *models, settings=SETTINGS)
+    entries = {path.name: path.stat().st_ino for path in (tmp_path / "cache").iterdir()}  # a rewrite renames a new file
+    assert len(entries) == len(banked)
+    segment_by_reference(banked, "bank", "again", *models, settings=SETTINGS)
+    segment_by_reference(banked, "bank", "uncached", *models, settings=SETTINGS, cache=None)
+    assert {path.name: path.stat().st_ino for path in (tmp_path / "cache").iterdir()} == entries
+    for sample in banked:
+        first, again, uncached = (
+            [(d.label, d.bounding_box, d.confidence, d.mask.tolist()) for d in sample[field].detections]
+            for field in ("first", "again", "uncached")
+        )
+        assert first == again == uncached

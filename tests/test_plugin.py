@@ -123,7 +123,8 @@ def test_the_plugin_lists_without_importing_torch():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == (
         "['add_negative_references', 'add_to_memory_bank', 'boxes_to_masks', 'build_memory_bank', "
-        "'delete_memory_bank', 'evaluate_by_reference', 'export_memory_bank', 'import_memory_bank', 'memory_banks', "
+        "'clear_candidate_cache', 'delete_memory_bank', 'evaluate_by_reference', 'export_memory_bank', 'import_memory_bank', "
+        "'memory_banks', "
         "'remove_from_memory_bank', 'segment_by_reference', 'show_matched_reference'] [] False"
     )
     listed = subprocess.run(
@@ -139,7 +140,7 @@ def test_the_plugin_lists_without_importing_torch():
 def test_every_operator_label_starts_with_the_product_prefix():
     labels = [op.config.label for op in foo.list_operators() if op.uri.startswith(f"{PLUGIN}/")]
     labels = [label for label in labels if label != "Memory banks"]  # the panel, not in the operator browser
-    assert len(labels) == 11 and all(label.startswith("NTT: ") for label in labels), labels
+    assert len(labels) == 12 and all(label.startswith("NTT: ") for label in labels), labels
 
 
 def test_fiftyone_finds_the_plugin_requirements():
@@ -437,7 +438,8 @@ def test_sharded_run_queues_fixed_shards_that_label_each_sample_once(dataset, mo
     assert len(dataset.exists("pred")) == len(dataset)
 
 
-def test_an_app_run_streams_its_progress_then_its_report_and_a_reload(dataset, models):
+def test_an_app_run_streams_its_progress_then_its_report_and_a_reload(dataset, models, tmp_path, monkeypatch):
+    monkeypatch.setenv("NTT_CACHE_DIR", str(tmp_path / "cache"))  # an empty candidate cache: every stage runs
     foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
     params = dict(bank_key="references", pred_field="pred", **FAST, **models)
     messages = run_from_app("segment_by_reference", dataset, params)

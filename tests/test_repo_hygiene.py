@@ -202,7 +202,8 @@ def test_every_library_error_derives_from_the_one_base():
         if not module.startswith("ntt_core"):
             continue
         for value in vars(importlib.import_module(module)).values():
-            if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == module:
+            is_error = isinstance(value, type) and issubclass(value, Exception) and not issubclass(value, Warning)
+            if is_error and value.__module__ == module:
                 errors.append(value)
     names = {error.__name__ for error in errors}
     assert {"ImageError", "CheckpointError", "ModelNotFoundError", "InputError", "InvalidReferenceError"} <= names

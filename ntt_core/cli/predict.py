@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..candidate_cache import DEFAULT_MAX_BYTES, CandidateCache, default_folder
 from ..coco import CocoFormatError, ResultsWriter, instances_to_coco_results, list_images, load_coco, make_targets
 from ..images import ImageError
 from .options import (
@@ -31,6 +32,7 @@ from .options import (
     load_device,
     load_encoder,
     load_segmenter,
+    positive_float,
     settings_from,
 )
 from .output import check_outputs, estimate, replace_json
@@ -63,6 +65,22 @@ def add_parser(commands, formatter) -> None:
     )
     restart.add_argument(
         "--overwrite", action="store_true", help="replace existing results (and an interrupted run's journal)"
+    )
+    cache = predict.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="candidate cache folder: each image's bank-independent work (SAM2 candidates, DINOv2 descriptors) is "
+        "kept there, so a later run with an edited bank only re-scores (default: $NTT_CACHE_DIR or ~/.cache/ntt/candidates)",
+    )
+    cache.add_argument("--no-cache", action="store_true", help="neither read nor write the candidate cache")
+    predict.add_argument(
+        "--cache-limit",
+        type=positive_float,
+        default=DEFAULT_MAX_BYTES / 2**30,
+        metavar="GIB",
+        help="size limit of the cache folder, GiB (least recently used entries go first)",
     )
     predict.add_argument("--batch-size", default=1, type=count_option("batch_size"), help="images per forward pass")
     add_model_options(predict)
@@ -140,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     device = load_device(args.device)
     segmenter = load_segmenter(args, device, settings)
     encoder = load_encoder(args, device, settings.encoder_size or bank.encoder_input_size)
-    predictor = Predictor(segmenter, encoder, bank, settings)
+    cache = None if args.no_cache else CandidateCache(args.cache or default_folder(), round(args.cache_limit * 2**30))
+    predictor = Predictor(segmenter, encoder, bank, settings, cache=cache)
     identity.update(
         segmenter=segmenter.fingerprint,
         encoder=encoder.fingerprint,

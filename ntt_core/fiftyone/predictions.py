@@ -29,6 +29,7 @@ from .labels import declare_prediction_attributes, instances_to_detections
 
 # imports torch: loaded at first use, so that forms resolve in the App without it
 pipeline = fou.lazy_import("ntt_core.predictor")
+candidate_cache = fou.lazy_import("ntt_core.candidate_cache")
 
 DEFAULT_PREDICTION_FIELD = "ntt_predictions"
 PREDICTION_RUN_PREFIX = "segmentation_"
@@ -188,8 +189,13 @@ def segment_by_reference(
     skip_existing: bool = False,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    cache=True,
 ) -> dict:
     """Predict every instance of the bank's classes in ``samples`` into ``pred_field``.
+
+    ``cache`` is the candidate cache (:func:`ntt_core.candidate_cache.open_cache`: True, the default,
+    its default folder; None none; or a folder): re-segmenting after a bank edit reuses each image's
+    bank-independent work, with the same results.
 
     Each batch is written as soon as it is done, one atomic update per sample, so a run that
     dies keeps its finished samples; re-running with ``skip_existing=True`` finishes the rest
@@ -207,7 +213,7 @@ def segment_by_reference(
     samples, dataset, note = _target(samples)
     check_prediction_field(dataset, pred_field, overwrite=overwrite, skip_existing=skip_existing)
     bank = load_memory_bank(dataset, bank_key)
-    predictor = pipeline.Predictor(segmenter, encoder, bank, settings=settings)
+    predictor = pipeline.Predictor(segmenter, encoder, bank, settings=settings, cache=candidate_cache.open_cache(cache))
     record = make_prediction_record(dataset, pred_field, bank_key, segmenter, encoder, settings)
     prepare_prediction_field(dataset, record, overwrite=overwrite, skip_existing=skip_existing)
 
@@ -400,11 +406,13 @@ class ReferenceSegmentationModel(fomo.Model):
 
 
 def reference_model(
-    dataset, bank_key: str, segmenter, encoder, settings: Settings | None = None
+    dataset, bank_key: str, segmenter, encoder, settings: Settings | None = None, cache=True
 ) -> ReferenceSegmentationModel:
-    """A :class:`ReferenceSegmentationModel` for the bank stored on ``dataset`` under ``bank_key``."""
+    """A :class:`ReferenceSegmentationModel` for the bank stored on ``dataset`` under ``bank_key``
+    (``cache`` as in :func:`segment_by_reference`)."""
+    bank = load_memory_bank(dataset, bank_key)
     return ReferenceSegmentationModel(
-        pipeline.Predictor(segmenter, encoder, load_memory_bank(dataset, bank_key), settings=settings)
+        pipeline.Predictor(segmenter, encoder, bank, settings=settings, cache=candidate_cache.open_cache(cache))
     )
 
 
