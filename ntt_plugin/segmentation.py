@@ -31,12 +31,13 @@ from .videos import is_video, target_problem, tracking_inputs
 from .videos import run as run_video
 
 
-def _target_problem(inputs, target) -> None:
-    """An error in the form when the target cannot be processed; a notice when it was mapped."""
+def _target_problem(inputs, target, videos: bool = False) -> None:
+    """An error in the form when the target cannot be processed (videos only where ``videos``: the
+    segmentation tracks them); a notice when it was mapped."""
     from ntt_core.errors import NttError
     from ntt_core.fiftyone.fields import images_to_process
 
-    if is_video(target):
+    if videos and is_video(target):
         return target_problem(inputs, target)
     try:
         _, note = images_to_process(target)
@@ -163,7 +164,7 @@ class SegmentByReference(foo.Operator):
         paper = Settings()
         shard = ctx.params.get("shard_sample_ids") is not None
         if not shard:
-            _target_problem(inputs, ctx.target_view())
+            _target_problem(inputs, ctx.target_view(), videos=True)
         bank_choice(inputs, ctx)
         field_prop = inputs.str("pred_field", default=DEFAULT_PREDICTION_FIELD, label="Output field")
         inputs.bool("overwrite", default=False, label="Overwrite the field if it exists (clears all its values)")

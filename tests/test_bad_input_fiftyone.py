@@ -174,14 +174,18 @@ def test_video_and_grouped_collections_are_refused_everywhere(media, models):
     assert video.list_runs() == [] and group.list_runs() == []
 
 
-def test_operator_forms_refuse_video_targets(media):
+def test_operator_forms_refuse_video_targets_where_only_images_work(media):
+    """Boxes to masks is for images only; Segment by reference tracks videos (its form takes them);
+    both refuse a grouped dataset until one slice is chosen."""
     video, group = media
+    props = inputs_of("boxes_to_masks", video)
+    assert props["target_problem"].invalid
+    assert props["target_problem"].error_message == (
+        "only image samples can be processed; this collection holds media of type 'video'"
+    )
+    segment = inputs_of("segment_by_reference", video)
+    assert "target_problem" not in segment and "key_frame_stride" in segment
     for name in ("segment_by_reference", "boxes_to_masks"):
-        props = inputs_of(name, video)
-        assert props["target_problem"].invalid
-        assert props["target_problem"].error_message == (
-            "only image samples can be processed; this collection holds media of type 'video'"
-        )
         assert inputs_of(name, group)["target_problem"].error_message.endswith(
             "select one image slice first (e.g. view.select_group_slices('left'))"
         )
