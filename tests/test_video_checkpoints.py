@@ -174,3 +174,25 @@ def test_tiny_transformers_video_model_tracks_through_the_real_session(tiny_mode
     assert not spy.inner.sessions and not spy.inner.frames  # no state left after the video
     for frame in frames:
         assert set(frame.track_ids.tolist()) <= set(tracker.tracks)
+
+
+def test_frame_features_keep_the_last_frames_and_one_copy_of_the_position_embeddings(video_folder):
+    """The shared feature cache holds ``feature_frames`` frames, the earliest dropped first, and one
+    set of position embeddings for all of them (they depend on the frame size only)."""
+    from transformers import Sam2VideoModel
+
+    from ntt_core.propagation import Sam2VideoPropagator
+
+    _, frames = video_folder
+    torch.manual_seed(0)
+    propagator = Sam2VideoPropagator(Sam2VideoModel(tiny_video_config()), "tiny", torch.device("cpu"), feature_frames=3)
+    for t, frame in enumerate(frames):
+        propagator.add_frame(t, square_frame(frame, propagator.input_size)[0])
+    propagator.start(1, 0, torch.from_numpy(disc_mask(0)))
+    for t in range(1, FRAMES):
+        propagator.propagate([1], t)
+    cache = propagator.cache
+    assert [t for t in range(FRAMES) if cache.get_vision_features(t)] == [FRAMES - 3, FRAMES - 2, FRAMES - 1]
+    kept = [cache.get_vision_features(t) for t in range(FRAMES - 3, FRAMES)]
+    assert all(a is b for a, b in zip(kept[0]["vision_pos_embeds"], kept[2]["vision_pos_embeds"]))
+    assert not torch.equal(kept[0]["vision_feats"][-1], kept[2]["vision_feats"][-1])  # features stay per frame
