@@ -196,3 +196,33 @@ def test_frame_features_keep_the_last_frames_and_one_copy_of_the_position_embedd
     kept = [cache.get_vision_features(t) for t in range(FRAMES - 3, FRAMES)]
     assert all(a is b for a, b in zip(kept[0]["vision_pos_embeds"], kept[2]["vision_pos_embeds"]))
     assert not torch.equal(kept[0]["vision_feats"][-1], kept[2]["vision_feats"][-1])  # features stay per frame
+
+
+def test_mask_prompts_decode_one_mask_only_in_their_own_call_and_thread():
+    """Only the decoder call made inside ``_use_mask_as_output`` is switched to one mask: not a call
+    after it failed, nor one another thread makes meanwhile."""
+    import threading
+    from types import SimpleNamespace
+
+    from ntt_core.propagation import _decode_mask_prompts_once
+
+    seen, inside, other_done = [], threading.Event(), threading.Event()
+    model = SimpleNamespace()
+    model._single_frame_forward = lambda **kwargs: seen.append(kwargs.get("multimask_output", True))
+
+    def use_mask_as_output(fail: bool):
+        model._single_frame_forward()
+        inside.set()
+        other_done.wait(5)
+        if fail:
+            raise RuntimeError("mask prompt failed")
+
+    model._use_mask_as_output = use_mask_as_output
+    assert _decode_mask_prompts_once(_decode_mask_prompts_once(model)) is model  # wrapped once
+    other = threading.Thread(target=lambda: (inside.wait(5), model._single_frame_forward(), other_done.set()))
+    other.start()
+    with pytest.raises(RuntimeError, match="mask prompt failed"):
+        model._use_mask_as_output(True)
+    other.join()
+    model._single_frame_forward()
+    assert seen == [False, True, True]  # the mask prompt's, the other thread's, the one after the error
