@@ -111,6 +111,7 @@ class Sam2VideoPropagator:
         self.sessions[track] = session
         with autocast(self.device, self.dtype):
             output = self.model(session, frame_idx=index)
+        self._trim(session, index)
         return output.pred_masks[0, 0].float(), output.object_score_logits.reshape(-1)[0].float()
 
     @torch.inference_mode()
@@ -129,8 +130,12 @@ class Sam2VideoPropagator:
         return torch.stack(logits), torch.stack(scores)
 
     def _trim(self, session, index: int) -> None:
-        """Drop the outputs of frames further than the memory window from ``index``."""
+        """Drop what SAM2 will not read again: the outputs of frames further than the memory window
+        from ``index``, and frame ``index``'s full-size mask logits ``[1, 1, S, S]`` (4 MB at S = 1024,
+        kept by transformers in every stored output; only that frame's memory encoding, done, reads them)."""
         for outputs in session.output_dict_per_obj.values():
+            for stored in (outputs["cond_frame_outputs"], outputs["non_cond_frame_outputs"]):
+                stored.get(index, {}).pop("high_res_masks", None)
             frames = outputs["non_cond_frame_outputs"]
             for old in [f for f in frames if abs(f - index) > self.window]:
                 del frames[old]

@@ -176,9 +176,10 @@ def test_tiny_transformers_video_model_tracks_through_the_real_session(tiny_mode
         assert set(frame.track_ids.tolist()) <= set(tracker.tracks)
 
 
-def test_frame_features_keep_the_last_frames_and_one_copy_of_the_position_embeddings(video_folder):
+def test_frame_features_and_session_outputs_keep_only_what_sam2_reads_again(video_folder):
     """The shared feature cache holds ``feature_frames`` frames, the earliest dropped first, and one
-    set of position embeddings for all of them (they depend on the frame size only)."""
+    set of position embeddings for all of them (they depend on the frame size only); a session keeps
+    each frame's memory but not its full-size mask logits."""
     from transformers import Sam2VideoModel
 
     from ntt_core.propagation import Sam2VideoPropagator
@@ -196,6 +197,10 @@ def test_frame_features_keep_the_last_frames_and_one_copy_of_the_position_embedd
     kept = [cache.get_vision_features(t) for t in range(FRAMES - 3, FRAMES)]
     assert all(a is b for a, b in zip(kept[0]["vision_pos_embeds"], kept[2]["vision_pos_embeds"]))
     assert not torch.equal(kept[0]["vision_feats"][-1], kept[2]["vision_feats"][-1])  # features stay per frame
+    stored = propagator.sessions[1].output_dict_per_obj[0]
+    assert sorted(stored["non_cond_frame_outputs"]) == list(range(1, FRAMES)) and 0 in stored["cond_frame_outputs"]
+    assert all("high_res_masks" not in out for kind in stored.values() for out in kind.values())  # none kept
+    assert all("maskmem_features" in out for kind in stored.values() for out in kind.values())  # memories kept
 
 
 def test_mask_prompts_decode_one_mask_only_in_their_own_call_and_thread():
