@@ -10,9 +10,9 @@ present where its object score logit is > 0 (SAM2's occlusion head).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
+import threading
 from typing import Protocol
 
 import torch
@@ -51,8 +51,9 @@ class Propagator(Protocol):
 class Sam2VideoPropagator:
     """:class:`Propagator` over ``transformers.Sam2VideoModel``: one inference session per track, all
     sessions sharing one store of frames and one cache of image features, so the image encoder runs
-    once per frame however many tracks there are (``feature_frames`` frames are kept: enough for a
-    backward pass over the frames since the last key frame to reuse them).
+    once per frame however many tracks there are (:class:`FrameFeatures` keeps ``feature_frames``
+    frames; with ``key_frame_stride + 1``, as the CLI and the plugin ask, a backward pass over the
+    frames since the last key frame encodes none of them again).
 
     Memory stays bounded: a session keeps its conditioning frame and only the outputs of the last
     ``max(num_maskmem, max_object_pointers_in_encoder)`` frames it visited, which is all SAM2's memory
@@ -67,9 +68,7 @@ class Sam2VideoPropagator:
         dtype: torch.dtype = torch.float32,
         feature_frames: int = 2,
     ) -> None:
-        from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceCache
-
-        self.model = model.to(device).eval()
+        self.model = _decode_mask_prompts_once(model.to(device).eval())
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
@@ -78,7 +77,7 @@ class Sam2VideoPropagator:
         config = model.config
         self.window = max(int(config.num_maskmem), int(config.max_object_pointers_in_encoder))
         self.frames: dict[int, torch.Tensor] = {}  # normalised [3, S, S] on the device
-        self.cache = Sam2VideoInferenceCache(device, device, max_vision_features_cache_size=max(1, feature_frames))
+        self.cache = FrameFeatures(max(1, feature_frames))
         self.sessions: dict[int, object] = {}
 
     def add_frame(self, index: int, frame: torch.Tensor) -> None:
@@ -110,8 +109,9 @@ class Sam2VideoPropagator:
         session.add_mask_inputs(session.obj_id_to_idx(track), index, mask[None, None].float())
         session.obj_with_new_inputs = [track]
         self.sessions[track] = session
-        with autocast(self.device, self.dtype), _single_mask_decoding(self.model):
+        with autocast(self.device, self.dtype):
             output = self.model(session, frame_idx=index)
+        self._trim(session, index)
         return output.pred_masks[0, 0].float(), output.object_score_logits.reshape(-1)[0].float()
 
     @torch.inference_mode()
@@ -130,8 +130,12 @@ class Sam2VideoPropagator:
         return torch.stack(logits), torch.stack(scores)
 
     def _trim(self, session, index: int) -> None:
-        """Drop the outputs of frames further than the memory window from ``index``."""
+        """Drop what SAM2 will not read again: the outputs of frames further than the memory window
+        from ``index``, and frame ``index``'s full-size mask logits ``[1, 1, S, S]`` (4 MB at S = 1024,
+        kept by transformers in every stored output; only that frame's memory encoding, done, reads them)."""
         for outputs in session.output_dict_per_obj.values():
+            for stored in (outputs["cond_frame_outputs"], outputs["non_cond_frame_outputs"]):
+                stored.get(index, {}).pop("high_res_masks", None)
             frames = outputs["non_cond_frame_outputs"]
             for old in [f for f in frames if abs(f - index) > self.window]:
                 del frames[old]
@@ -143,19 +147,64 @@ class Sam2VideoPropagator:
         self.sessions.pop(track, None)
 
 
-@contextlib.contextmanager
-def _single_mask_decoding(model):
-    """Decode one mask per prompt inside the block, as Meta's SAM2 does when it turns a mask prompt into
-    the conditioning frame's object pointer (``_use_mask_as_output`` -> ``_forward_sam_heads`` with
+class FrameFeatures:
+    """The image features of the last ``frames`` frames SAM2's video model encoded, shared by all
+    sessions of a video (the duck type of transformers' ``Sam2VideoInferenceCache``, which the
+    session calls). Per frame: ``vision_feats``, three levels ``[h*w, 1, C]``. The position
+    embeddings (``vision_pos_embeds``, same levels, C = 256) depend on the frame size only, which is
+    the same for every frame, so one copy serves all frames: transformers' cache keeps one per frame,
+    84 of the 100 MB a 1024-px frame takes (Hiera-T or Hiera-L alike)."""
+
+    def __init__(self, frames: int) -> None:
+        self.frames = frames
+        self._features: dict[int, list[torch.Tensor]] = {}
+        self._positions: list[torch.Tensor] | None = None
+
+    def cache_vision_features(self, frame_idx: int, features: dict) -> None:
+        if frame_idx not in self._features and len(self._features) >= self.frames:
+            del self._features[min(self._features)]  # the earliest frame, as transformers' cache does
+        self._features[frame_idx] = features["vision_feats"]
+        self._positions = features["vision_pos_embeds"]
+
+    def get_vision_features(self, frame_idx: int) -> dict | None:
+        if frame_idx not in self._features:
+            return None
+        return {"vision_feats": self._features[frame_idx], "vision_pos_embeds": self._positions}
+
+    def clear_all(self) -> None:
+        self._features.clear()
+        self._positions = None
+
+
+def _decode_mask_prompts_once(model):
+    """``model`` made to decode one mask when it turns a mask prompt into the conditioning frame's
+    object pointer, as Meta's SAM2 does (``_use_mask_as_output`` -> ``_forward_sam_heads`` with
     ``multimask_output=False``). transformers 5.23 decodes three there and takes the best token,
     which changes every later frame (measured: up to 0.6 in the first propagated frame's logits on a
-    tiny SAM2.1). A mask prompt is the block's only decoder call, so nothing else is affected."""
-    decode = model._single_frame_forward
-    model._single_frame_forward = functools.partial(decode, multimask_output=False)
-    try:
-        yield
-    finally:
-        del model._single_frame_forward  # the class's method again
+    tiny SAM2.1). The instance's two methods are wrapped once, for good: a thread-local flag set only
+    inside ``_use_mask_as_output`` (restored on error too) switches the decoder call it makes, so
+    every other decoder call, and other threads sharing the model, are untouched."""
+    if getattr(model, "_ntt_mask_prompts_decode_once", False):
+        return model
+    inside = threading.local()
+    use_mask_as_output, single_frame_forward = model._use_mask_as_output, model._single_frame_forward
+
+    def use_mask_as_output_once(*args, **kwargs):
+        inside.active = True
+        try:
+            return use_mask_as_output(*args, **kwargs)
+        finally:
+            inside.active = False
+
+    def single_frame_forward_as_meta(*args, **kwargs):
+        if getattr(inside, "active", False):
+            kwargs["multimask_output"] = False
+        return single_frame_forward(*args, **kwargs)
+
+    model._use_mask_as_output = use_mask_as_output_once
+    model._single_frame_forward = single_frame_forward_as_meta
+    model._ntt_mask_prompts_decode_once = True
+    return model
 
 
 def load_video_weights(source: ModelSource):

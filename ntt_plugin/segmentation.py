@@ -274,7 +274,8 @@ class SegmentByReference(foo.Operator):
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)
-        return run_with_progress(self, ctx, "Images", lambda progress: self._run(ctx, p, progress))
+        unit = "Frames" if is_video(ctx.dataset) else "Images"  # a video run counts frames
+        return run_with_progress(self, ctx, unit, lambda progress: self._run(ctx, p, progress))
 
     def _run(self, ctx, p: dict, progress) -> dict:
         if is_video(ctx.dataset):

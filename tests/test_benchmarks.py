@@ -1,6 +1,6 @@
-"""Smoke tests of benchmarks/speed.py and benchmarks/fsod.py: each main() run in-process with the
-tiniest options, its JSON contract checked; the random full-size architectures checked against
-Meta's official definitions (built on the meta device, no memory, no download)."""
+"""Smoke tests of benchmarks/speed.py, fsod.py, decoder.py and video.py: each main() run in-process
+with the tiniest options, its JSON contract checked; the random full-size architectures checked
+against Meta's official definitions (built on the meta device, no memory, no download)."""
 
 from __future__ import annotations
 
@@ -423,3 +423,27 @@ def test_cache_benchmark_rows_per_survivor_count(monkeypatch, capsys):
         assert row["speedup"] == pytest.approx(row["uncached_s_per_image"] / row["cached_s_per_image"])
         assert row["bytes_per_image"] > 0
     assert report["rows"][1]["bytes_per_image"] > report["rows"][0]["bytes_per_image"]  # more candidates kept
+
+
+# --- video.py ---
+
+
+def test_video_benchmark_times_key_and_propagated_frames(monkeypatch, capsys):
+    """benchmarks/video.py with tiny image and video configs: its JSON contract, one track followed,
+    the figures positive and consistent with each other."""
+    from tiny_models import tiny_dinov2_config, tiny_meta_sam2_config
+    from video_scenes import WIDTH, tiny_video_config
+
+    video = _load("video")
+    monkeypatch.setattr(video, "sam2_config", lambda arch: tiny_meta_sam2_config(WIDTH))
+    monkeypatch.setattr(video, "dinov2_config", lambda arch: tiny_dinov2_config())
+    monkeypatch.setattr(video, "video_config", lambda arch: tiny_video_config())
+    argv = ["--device", "cpu", "--points", "2", "--tracks", "1", "--frames", "2", "--key-frames", "1"]
+    video.main([*argv, "--stride", "5", "--size", "96x128", "--json"])
+    report = _last_json(capsys)
+    assert (report["tracks"], report["frame_size"], report["key_frame_stride"]) == (1, [96, 128], 5)
+    assert report["weights"] == "random" and report["points_per_side"] == 2
+    propagated, key = report["seconds_per_propagated_frame"], report["seconds_per_key_frame"]
+    assert 0 < propagated < key
+    assert report["key_to_propagated_cost_ratio"] == pytest.approx(key / propagated, abs=0.02)
+    assert report["frames_per_second"] == pytest.approx(5 / (key + 4 * propagated), rel=0.05)

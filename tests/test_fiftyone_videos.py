@@ -183,11 +183,16 @@ def test_bad_videos_and_views_get_clear_errors(videos, models, tmp_path):
         )
 
 
-def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos, tiny_models, tmp_path):
+def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos, tiny_models, tmp_path, monkeypatch):
     """The Segment and Evaluate operators on a video dataset with tiny random weights saved as users'
-    are: transformers' inference sessions forward, backward and released, through the plugin."""
+    are: transformers' inference sessions forward, backward and released, through the plugin; the
+    progress counts frames."""
     import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
     from transformers import Sam2VideoModel
+
+    shown = []
+    monkeypatch.setattr(ExecutionContext, "set_progress", lambda self, progress=None, label=None: shown.append(label))
 
     from ntt_core.models import load_encoder
 
@@ -208,6 +213,7 @@ def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos
     report = result["report"]
     assert (report["videos"], report["frames"], report["failed"]) == (2, 2 * FRAMES, [])
     assert f"over {2 * FRAMES} frame(s) of 2 video(s)" in result["summary"]  # the App's summary of a video run
+    assert shown and shown[-1] == f"Frames: {2 * FRAMES}/{2 * FRAMES}", shown
     assert all(count is not None for count in videos.values("sam_tracks"))
     indices = [i for frames in videos.values("frames.sam.detections.index") for f in frames for i in f or []]
     assert indices and min(indices) >= 1

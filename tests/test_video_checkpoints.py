@@ -174,3 +174,60 @@ def test_tiny_transformers_video_model_tracks_through_the_real_session(tiny_mode
     assert not spy.inner.sessions and not spy.inner.frames  # no state left after the video
     for frame in frames:
         assert set(frame.track_ids.tolist()) <= set(tracker.tracks)
+
+
+def test_frame_features_and_session_outputs_keep_only_what_sam2_reads_again(video_folder):
+    """The shared feature cache holds ``feature_frames`` frames, the earliest dropped first, and one
+    set of position embeddings for all of them (they depend on the frame size only); a session keeps
+    each frame's memory but not its full-size mask logits."""
+    from transformers import Sam2VideoModel
+
+    from ntt_core.propagation import Sam2VideoPropagator
+
+    _, frames = video_folder
+    torch.manual_seed(0)
+    propagator = Sam2VideoPropagator(Sam2VideoModel(tiny_video_config()), "tiny", torch.device("cpu"), feature_frames=3)
+    for t, frame in enumerate(frames):
+        propagator.add_frame(t, square_frame(frame, propagator.input_size)[0])
+    propagator.start(1, 0, torch.from_numpy(disc_mask(0)))
+    for t in range(1, FRAMES):
+        propagator.propagate([1], t)
+    cache = propagator.cache
+    assert [t for t in range(FRAMES) if cache.get_vision_features(t)] == [FRAMES - 3, FRAMES - 2, FRAMES - 1]
+    kept = [cache.get_vision_features(t) for t in range(FRAMES - 3, FRAMES)]
+    assert all(a is b for a, b in zip(kept[0]["vision_pos_embeds"], kept[2]["vision_pos_embeds"]))
+    assert not torch.equal(kept[0]["vision_feats"][-1], kept[2]["vision_feats"][-1])  # features stay per frame
+    stored = propagator.sessions[1].output_dict_per_obj[0]
+    assert sorted(stored["non_cond_frame_outputs"]) == list(range(1, FRAMES)) and 0 in stored["cond_frame_outputs"]
+    assert all("high_res_masks" not in out for kind in stored.values() for out in kind.values())  # none kept
+    assert all("maskmem_features" in out for kind in stored.values() for out in kind.values())  # memories kept
+
+
+def test_mask_prompts_decode_one_mask_only_in_their_own_call_and_thread():
+    """Only the decoder call made inside ``_use_mask_as_output`` is switched to one mask: not a call
+    after it failed, nor one another thread makes meanwhile."""
+    import threading
+    from types import SimpleNamespace
+
+    from ntt_core.propagation import _decode_mask_prompts_once
+
+    seen, inside, other_done = [], threading.Event(), threading.Event()
+    model = SimpleNamespace()
+    model._single_frame_forward = lambda **kwargs: seen.append(kwargs.get("multimask_output", True))
+
+    def use_mask_as_output(fail: bool):
+        model._single_frame_forward()
+        inside.set()
+        other_done.wait(5)
+        if fail:
+            raise RuntimeError("mask prompt failed")
+
+    model._use_mask_as_output = use_mask_as_output
+    assert _decode_mask_prompts_once(_decode_mask_prompts_once(model)) is model  # wrapped once
+    other = threading.Thread(target=lambda: (inside.wait(5), model._single_frame_forward(), other_done.set()))
+    other.start()
+    with pytest.raises(RuntimeError, match="mask prompt failed"):
+        model._use_mask_as_output(True)
+    other.join()
+    model._single_frame_forward()
+    assert seen == [False, True, True]  # the mask prompt's, the other thread's, the one after the error
