@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,7 @@ from speed import (
 )
 
 from ntt_core.models import SAM2_MODELS, autocast
-from ntt_core.prompt_decoder import decode_best
+from ntt_core.prompt_decoder import decode_best, reusing_buffers
 from ntt_core.proposals import best_of_three, point_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,8 +173,18 @@ def largest_difference(ours: list, reference: list) -> float | None:
     return max(differences, default=0.0)
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure_row(decoders: dict, model, inputs: dict, share: float, args, device, dtype) -> dict:
-    """One pass-rate row: every decoder timed, calls interleaved, on the same inputs and threshold."""
+    """One pass-rate row: every decoder timed, calls interleaved, on the same inputs and threshold;
+    this tree's calls share its buffers as the prompt batches of one image do in ``propose``."""
+    with reusing_buffers():
+        return _measure_row(decoders, model, inputs, share, args, device, dtype)
+
+
+def _measure_row(decoders: dict, model, inputs: dict, share: float, args, device, dtype) -> dict:
     sync = device_sync(device)
     with autocast(device, dtype):  # transformers' best IoUs of every prompt (threshold 0: all pass) set the threshold
         threshold = threshold_for(torch.cat([iou for _, iou in transformers_decoder(model, inputs, 0.0)]), share)
@@ -185,15 +196,17 @@ def measure_row(decoders: dict, model, inputs: dict, share: float, args, device,
     flops = {name: counted_flops(decode, model, inputs, threshold, device, dtype) for name, decode in decoders.items()}
     seconds: dict[str, list[float]] = {name: [] for name in decoders}
     cpu_seconds: dict[str, list[float]] = {name: [] for name in decoders}
+    faults: dict[str, list[int]] = {name: [] for name in decoders}
     for _ in range(args.repeats):
         for name, decode in decoders.items():
             sync()
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start, start_cpu, start_faults = time.perf_counter(), time.process_time(), _minor_faults()
             with autocast(device, dtype):
                 decode(model, inputs, threshold)
             sync()
             seconds[name].append(time.perf_counter() - start)
             cpu_seconds[name].append(time.process_time() - start_cpu)
+            faults[name].append(_minor_faults() - start_faults)
     decoded = args.images * args.prompts
     row = {
         "pass_rate": share,
@@ -203,6 +216,7 @@ def measure_row(decoders: dict, model, inputs: dict, share: float, args, device,
             name: {
                 "median_s": statistics.median(times),
                 "median_cpu_s": statistics.median(cpu_seconds[name]),  # this process's CPU time: less load-bound
+                "median_minor_faults": statistics.median(faults[name]),  # pages the kernel had to zero (CPU)
                 "prompts_per_s": decoded / statistics.median(times),
                 "gflops_per_prompt": flops[name] / decoded / 1e9,
                 "peak_mb": memory[name],
@@ -301,7 +315,8 @@ def print_report(report: dict) -> None:
         for name, figures in row["decoders"].items():
             memory = "n/a" if figures["peak_mb"] is None else f"{figures['peak_mb']:,.0f} MiB"
             print(
-                f"  {name:<13}{figures['median_s']:>9.4f} s ({figures['median_cpu_s']:.3f} s CPU)"
+                f"  {name:<13}{figures['median_s']:>9.4f} s ({figures['median_cpu_s']:.3f} s CPU, "
+                f"{figures['median_minor_faults'] / 1e3:,.0f} k page faults)"
                 f"{figures['prompts_per_s']:>10,.0f} prompts/s  {figures['gflops_per_prompt']:.3f} GFLOP/prompt  peak {memory}"
             )
         against = (

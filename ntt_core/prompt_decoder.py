@@ -2,7 +2,7 @@
 
 ``transformers.Sam2MaskDecoder`` copies the image embedding, its positional embedding and both
 high-resolution skip levels once per prompt and upscales all four outputs of every prompt. This
-module computes the same function with the same weights, in three ways cheaper:
+module computes the same function with the same weights, in four ways cheaper:
 
 - per-image tensors stay per image: the first layer's image projections are computed once per image,
   skip levels are shared by the prompts of an image, positional projections are made once per image;
@@ -10,6 +10,8 @@ module computes the same function with the same weights, in three ways cheaper:
   ``q . (Wk p + bk) = (Wk^T q) . p + q . bk`` and ``A (Wv p + bv) = (A p) Wv^T + bv`` for tokens reading
   pixels, ``o_proj(A V) = sum_h A_h (V_h Wo_h^T) + bo`` for pixels reading tokens, so each pixel
   meets ``heads x T`` token vectors (64) instead of the internal width twice (2 x 128);
+- inside :func:`reusing_buffers` (``proposals.propose``: the prompt batches of an image) the largest
+  matrix products write into buffers kept from batch to batch instead of fresh memory (CPU);
 - :func:`decode_best` reads SAM2's IoU head (which needs no upscaling) first, then upscales and
   predicts a mask only for the prompts that pass the IoU filter and only for their chosen output.
 
@@ -19,8 +21,61 @@ speed in benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
+
+
+class Scratch:
+    """Outputs of the decoder's largest per-batch matrix products (the first layer's pixel update,
+    both upscalings, the passing prompts' pixels), kept from one prompt batch to the next. On CPU glibc
+    hands every freed block above 32 MiB back to the kernel, which zeroes it again page by page for
+    the next batch (a quarter of the decoder's CPU time is kernel time); a third of those faults go."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous ``shape`` tensor of ``like``'s dtype and device: the buffer
+        ``name``, grown where it is too small. Its contents last until ``name`` is taken again."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffers[name] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buffer[:size].view(shape)
+
+
+_SCRATCH: ContextVar[Scratch | None] = ContextVar("ntt_prompt_decoder_scratch", default=None)
+
+
+@contextlib.contextmanager
+def reusing_buffers() -> Iterator[None]:
+    """Decoder calls inside share one :class:`Scratch` (on CPU, without autograd or autocast; elsewhere
+    nothing changes: CUDA's caching allocator reuses memory already). Its memory is freed at the end."""
+    token = _SCRATCH.set(Scratch())
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
+
+
+def _buffer(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """The current :class:`Scratch`'s buffer ``name`` for an output of ``like``'s dtype, or None where
+    there is none or an ``out=`` argument would not do (autograd, autocast, another device than CPU)."""
+    scratch = _SCRATCH.get()
+    if scratch is None or like.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return None
+    return scratch.take(name, shape, like)
+
+
+def _matmul(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (``[..., n, k] @ [k, m]``, or batched ``[N, n, k] @ [N, k, m]``) into buffer ``name``."""
+    out = _buffer(name, (*a.shape[:-1], b.shape[-1]), a) if a.dtype == b.dtype else None
+    return a @ b if out is None else torch.matmul(a, b, out=out)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -87,7 +142,8 @@ def _pixels_read_tokens(
     attention, pixels: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
 ) -> torch.Tensor:
     """``pixels + attention(pixels + positions, keys, values)``: pixels ``[B, 1 or P, N, C]``
-    (positions ``[1 or B, N, C]``) read tokens ``[B, P, T, C]`` -> ``[B, P, N, C]``."""
+    (positions ``[1 or B, N, C]``) read tokens ``[B, P, T, C]`` -> ``[B, P, N, C]`` (in place in
+    per-prompt pixels, else in the :class:`Scratch` buffer "pixels" where there is one)."""
     heads = attention.num_attention_heads
     batch, prompts, tokens, channels = keys.shape
     k = _split_heads(attention.k_proj(keys), heads) * attention.scaling  # [B, P, h, T, d]
@@ -99,7 +155,7 @@ def _pixels_read_tokens(
     value_maps = torch.einsum("bphtd,chd->bphtc", v, output_weight) + attention.o_proj.bias / heads
     value_maps = value_maps.reshape(batch * prompts, heads * tokens, channels)
     if pixels.shape[1] == 1:
-        return _add((weights @ value_maps).unflatten(0, (batch, prompts)), pixels)
+        return _add(_matmul("pixels", weights, value_maps).unflatten(0, (batch, prompts)), pixels)
     return _baddbmm(pixels.flatten(0, 1), weights, value_maps).unflatten(0, (batch, prompts))
 
 
@@ -160,15 +216,22 @@ def _masks(
     ``[4hw, ...]``) and dot them with hypernetwork weights ``[n, k, C/8]`` -> logits ``[n, k, 4h, 4w]``
     (h = w = side). The two stride-2 transposed convolutions are matrix products whose output pixels
     stay in block order until the final masks are reordered."""
-    upscaled = pixels @ decoder.upscale_conv1.weight.permute(0, 2, 3, 1).flatten(1)  # [n, hw, 4 * C/4]
+    # [n, hw, 4 * C/4], in a scratch buffer where there is one: the first layer's update is dead by now
+    upscaled = _matmul("pixels", pixels, decoder.upscale_conv1.weight.permute(0, 2, 3, 1).flatten(1))
     norm = decoder.upscale_layer_norm  # channels-first in transformers; here the channels are last
     upscaled = _add(upscaled, coarse).unflatten(-1, (4, -1))  # [n, hw, 4, C/4]
     upscaled = _activate(decoder, F.layer_norm(upscaled, upscaled.shape[-1:], norm.weight, norm.bias, norm.eps))
-    upscaled = upscaled.flatten(1, 2) @ decoder.upscale_conv2.weight.permute(0, 2, 3, 1).flatten(1)
+    upscaled = _matmul("upscaled", upscaled.flatten(1, 2), decoder.upscale_conv2.weight.permute(0, 2, 3, 1).flatten(1))
     upscaled = _activate(decoder, _add(upscaled, fine)).unflatten(-1, (4, -1)).flatten(1, 2)  # [n, 16hw, C/8]
     logits = weights @ upscaled.transpose(1, 2)  # [n, k, 16hw] in order (y, x, i, j, k, l)
     logits = logits.unflatten(-1, (side, side, 2, 2, 2, 2)).permute(0, 1, 2, 4, 6, 3, 5, 7)
     return logits.reshape(*weights.shape[:2], 4 * side, 4 * side)
+
+
+def _index_select(name: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` into buffer ``name``."""
+    out = _buffer(name, (rows.numel(), *x.shape[1:]), x)
+    return x[rows] if out is None else torch.index_select(x, 0, rows, out=out)
 
 
 def _activate(decoder, x: torch.Tensor) -> torch.Tensor:
@@ -243,6 +306,7 @@ def decode_best(
     for index, count in enumerate(keep.sum(dim=1).tolist()):
         # the passing prompts in order, without a second sync (a stable sort puts them first; any device)
         rows = keep[index].int().argsort(descending=True, stable=True)[:count] if count < keep.shape[1] else slice(None)
-        logits = _masks(decoder, pixels[index, rows], coarse[index], fine[index], weights[index, rows], side)
+        passing = pixels[index] if count == keep.shape[1] else _index_select("passing", pixels[index], rows)
+        logits = _masks(decoder, passing, coarse[index], fine[index], weights[index, rows], side)
         chosen.append((logits[:, 0], best_iou[index, rows]))
     return chosen

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ntt_core.models import autocast, load_segmenter
-from ntt_core.prompt_decoder import decode_best, decode_multimask
+from ntt_core.prompt_decoder import decode_best, decode_multimask, reusing_buffers
 from ntt_core.proposals import best_of_three
 
 
@@ -132,6 +132,29 @@ def test_best_outputs_match_transformers_after_best_of_three_and_filter(segmente
         assert logits.shape == reference_logits.shape == (len(reference_iou), 32, 32)
         torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(iou, reference_iou, rtol=1e-5, atol=1e-6)
+
+
+def test_reused_buffers_change_no_output(segmenter):
+    """Prompt batches that share the decoder's buffers (as propose's do) give exactly the outputs of
+    separate calls, also where a batch needs larger buffers than the one before or passes fewer
+    prompts, and no batch's kept masks are overwritten by a later batch."""
+    calls = [(2, 5, "all"), (1, 3, "half"), (2, 8, "half"), (1, 8, "all")]
+    inputs, expected = [], []
+    for batch, prompts, share in calls:
+        features, sparse, dense = decoder_inputs(segmenter, batch, prompts, seed=batch * 10 + prompts + 7)
+        (_, iou), _ = both_decoders(segmenter, features, sparse, dense)
+        threshold = split_threshold(iou) if share == "half" else 0.0
+        inputs.append((features, sparse, dense, threshold))
+        expected.append(best_outputs(segmenter, *inputs[-1]))
+    with reusing_buffers():
+        chosen = [best_outputs(segmenter, *arguments) for arguments in inputs]
+    assert any(
+        0 < len(iou) < sparse.shape[1] for (_, sparse, _, _), outputs in zip(inputs, chosen) for _, iou in outputs
+    )
+    for outputs, reference in zip(chosen, expected):
+        assert [len(iou) for _, iou in outputs] == [len(iou) for _, iou in reference]
+        for (logits, iou), (reference_logits, reference_iou) in zip(outputs, reference):
+            assert torch.equal(logits, reference_logits) and torch.equal(iou, reference_iou)
 
 
 def test_segmenter_best_points_equal_best_of_three_of_all_outputs(segmenter):
