@@ -192,6 +192,25 @@ def model_options(params: dict) -> dict:
     return {name: params[name] for name in ("device", "dtype")}
 
 
+def timed_progress(progress, key: str):
+    """``progress`` that also keeps the seconds per image (item) of this run (after its first image when
+    no figure exists yet, and at its end): see ``ntt_core.fiftyone.timings``."""
+    from ntt_core.fiftyone.timings import record_timing, seconds_per_image
+
+    started, counted = time.monotonic(), 0
+    first = seconds_per_image(key) is None
+
+    def timed(done: int, total: int, detail: str = "") -> None:
+        nonlocal started, counted, first
+        if not detail and done > counted and (first or done == total):
+            now = time.monotonic()
+            record_timing(key, now - started, done - counted)
+            started, counted, first = now, done, False
+        progress(done, total, detail)
+
+    return timed
+
+
 def result(operator, report: dict) -> dict:
     """The operator's result: its report (for scripts) and the report's summary (shown in the App,
     ``operator.summarize``, see :mod:`.reports`)."""

@@ -25,6 +25,7 @@ from .common import (
     require_library,
     result,
     run_with_progress,
+    timed_progress,
 )
 
 MODES = {
@@ -75,8 +76,9 @@ class BuildMemoryBank(foo.Operator):
             inputs.str("tag", default=DEFAULT_REFERENCE_TAG, label="Tag", description="The tag references carry")
         inputs.list("classes", types.String(), label="Classes", description="Classes to include (empty: all)")
         gt_field = current(ctx, inputs, "gt_field")
+        chosen = None
         if gt_field in fields:  # the counts right after the choices they follow
-            self._counts(ctx, inputs, target, gt_field, mode)
+            chosen = self._counts(ctx, inputs, target, gt_field, mode)
         count_input(ctx, inputs, "max_per_class", "Max references per class", description="First ones in dataset order")
         key_prop = inputs.str("bank_key", default=DEFAULT_BANK_KEY, label="Memory bank name")
         inputs.bool("overwrite", default=False, label="Overwrite a bank of that name")
@@ -84,30 +86,43 @@ class BuildMemoryBank(foo.Operator):
         check_models(ctx, inputs)
         key, overwrite = current(ctx, inputs, "bank_key"), current(ctx, inputs, "overwrite")
         check(key_prop, lambda: check_bank_key(ctx.dataset, key, overwrite))
+        if chosen is not None:
+            self._estimate(ctx, inputs, target, gt_field, chosen)
 
-    def _counts(self, ctx, inputs, target, gt_field: str, mode: str) -> None:
+    def _counts(self, ctx, inputs, target, gt_field: str, mode: str) -> dict | None:
         """References found per class, or the error under the field it is about (the classes, else
-        the tag, else the field)."""
+        the tag, else the field); returns the references' choice, None on an error."""
         from ntt_core.errors import NttError
         from ntt_core.fiftyone.references import ClassesNotFoundError, count_references
 
+        chosen = dict(
+            mode=mode,
+            tag=current(ctx, inputs, "tag"),
+            label_ids=selected_label_ids(ctx, gt_field),
+            classes=ctx.params.get("classes"),
+        )
         try:
-            counts = count_references(
-                target,
-                gt_field,
-                mode=mode,
-                tag=current(ctx, inputs, "tag"),
-                label_ids=selected_label_ids(ctx, gt_field),
-                classes=ctx.params.get("classes"),
-            )
+            counts = count_references(target, gt_field, **chosen)
         except NttError as error:
             about = (
                 "classes" if isinstance(error, ClassesNotFoundError) else "tag" if mode != "label_ids" else "gt_field"
             )
             invalid(inputs.properties[about], str(error))
-            return
+            return None
         found = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
         inputs.view("found", types.Notice(label=f"References found per class: {found}"))
+        return chosen
+
+    def _estimate(self, ctx, inputs, target, gt_field: str, chosen: dict) -> None:
+        """How long describing the references takes on the chosen device, from the kept figure per
+        reference image (see ``ntt_core.fiftyone.timings``), or that none exists yet."""
+        from ntt_core.fiftyone.references import reference_view
+        from ntt_core.fiftyone.timings import BUILD, estimate, timing_key
+
+        images = len(reference_view(target, gt_field, **chosen))  # what the run's progress counts
+        models = [current(ctx, inputs, name) for name in ("sam2", "dinov2")]
+        key = timing_key(current(ctx, inputs, "device"), *models, BUILD)
+        inputs.view("estimate", types.Notice(label=estimate(key, images)[1]))
 
     def execute(self, ctx):
         p = params_with_defaults(self, ctx)
@@ -117,9 +132,11 @@ class BuildMemoryBank(foo.Operator):
         require_library()
         from ntt_core.fiftyone.building import build_dataset_memory_bank
         from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG
+        from ntt_core.fiftyone.timings import BUILD, timing_key
         from ntt_core.models import load_encoder, load_segmenter, segmenter_source
 
         options = model_options(p)
+        progress = timed_progress(progress, timing_key(p["device"], p["sam2"], p["dinov2"], BUILD))
         encoder = load_encoder(p["dinov2"] or None, **options)
         return build_dataset_memory_bank(
             ctx.target_view(),

@@ -78,6 +78,9 @@ class MemoryBanksPanel(foo.Panel):
     def on_change_selected_labels(self, ctx):
         pass  # re-render: the review buttons depend on the selected labels
 
+    def on_change_current_sample(self, ctx):
+        pass  # re-render: the layout keeps clear of the sample modal's arrows while it is open
+
     def refresh(self, ctx):
         cached_overview.cache_clear()
         ctx.panel.state.message = None
@@ -184,7 +187,7 @@ class MemoryBanksPanel(foo.Panel):
             require_library()
         except LibraryMissingError as error:
             panel.view("library_missing", types.Error(label="The ntt_core library is missing", description=str(error)))
-            return types.Property(panel, view=types.GridView(orientation="vertical"))
+            return _layout(ctx, panel)
         from ntt_core.fiftyone.bank_runs import list_memory_banks
 
         self._render_running(ctx, panel)
@@ -196,7 +199,7 @@ class MemoryBanksPanel(foo.Panel):
         if banks:
             panel.md(THRESHOLD_NOTE, name="threshold_note")
             panel.md(REVIEW_HELP, name="review_help")
-        return types.Property(panel, view=types.GridView(orientation="vertical"))
+        return _layout(ctx, panel)
 
     def _render_running(self, ctx, panel) -> None:
         """The scheduled segmentations a worker is running, each with its progress and a stop button."""
@@ -270,6 +273,16 @@ class MemoryBanksPanel(foo.Panel):
 NEEDS_PREDICTION = "Show matched reference: select a prediction in the sample modal first"
 NEEDS_SAMPLES = "Preview: select samples in the grid first"
 NEEDS_LABELS = "Add selected predictions: select predictions (sample modal or patches view) first"
+
+
+MODAL_ARROWS_PAD = 7  # layout units of 8 px: the modal's previous/next buttons (about 42 px) sit over its sides
+
+
+def _layout(ctx, panel) -> types.Property:
+    """The panel's rows top to bottom; in the sample modal's tab (a sample is open), with room on
+    each side for the modal's previous/next sample buttons, which the App draws over the tab."""
+    room = {"pad_x": MODAL_ARROWS_PAD} if ctx.current_sample else {}
+    return types.Property(panel, view=types.GridView(orientation="vertical", **room))
 
 
 def _button(row, name: str, label: str, on_click, why_disabled: str | None, **options) -> None:

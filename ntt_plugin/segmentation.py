@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
@@ -26,6 +24,7 @@ from .common import (
     report_output,
     require_library,
     run_with_progress,
+    timed_progress,
 )
 from .videos import is_video, target_problem, tracking_inputs
 from .videos import run as run_video
@@ -96,25 +95,6 @@ def _run_plan(ctx, params: dict):
     paper_models_on_cpu = not sam2 and not dinov2 and device in ("auto", "cpu")
     schedule = (seconds is not None and seconds > LONG_RUN_S) or (seconds is None and paper_models_on_cpu)
     return plan, seconds, line, schedule
-
-
-def _timed(progress, key: str):
-    """``progress`` that also keeps the seconds per image of this run (after its first image when
-    no figure exists yet, and at its end): see ``ntt_core.fiftyone.timings``."""
-    from ntt_core.fiftyone.timings import record_timing, seconds_per_image
-
-    started, counted = time.monotonic(), 0
-    first = seconds_per_image(key) is None
-
-    def timed(done: int, total: int, detail: str = "") -> None:
-        nonlocal started, counted, first
-        if not detail and done > counted and (first or done == total):
-            now = time.monotonic()
-            record_timing(key, now - started, done - counted)
-            started, counted, first = now, done, False
-        progress(done, total, detail)
-
-    return timed
 
 
 def _shard_watch(ctx) -> dict:
@@ -299,7 +279,7 @@ class SegmentByReference(foo.Operator):
         run = dict(
             bank_key=p["bank_key"], pred_field=p["pred_field"], segmenter=segmenter, encoder=encoder, settings=settings
         )
-        progress = _timed(progress, timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"]))
+        progress = timed_progress(progress, timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"]))
         target = ctx.target_view()
         if p.get("skip_reference_samples"):
             target = without_references(target, p["bank_key"])

@@ -294,6 +294,38 @@ def test_the_segment_form_says_what_will_run_how_long_it_takes_and_advises_sched
     assert execution_options("segment_by_reference", dataset, slow)["default_choice_to_delegated"] is True
 
 
+def test_the_build_form_estimates_its_time_per_reference_image_from_the_kept_figure(dataset, models):
+    from fiftyone import ViewField as F
+    from fiftyone.operators.store import ExecutionStore
+
+    from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG
+    from ntt_core.fiftyone.timings import BUILD, STORE, seconds_per_image, timing_key
+
+    key = timing_key("cpu", models["sam2"], models["dinov2"], BUILD)
+    ExecutionStore.create(STORE).delete(key)  # other tests build with these models too
+    params = dict(gt_field="gt", **models)
+    assert inputs_of("build_memory_bank", dataset, params)["estimate"].view.label == (
+        "No time measured yet on 'cpu' for these models on this machine: this run measures its first "
+        "reference image (the figure is kept for the next estimates)."
+    )
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    assert seconds_per_image(key) is not None  # the run measured it
+    images = len(dataset.filter_labels("gt", F("tags").contains(DEFAULT_REFERENCE_TAG)))
+    assert images == 2
+    estimate = inputs_of("build_memory_bank", dataset, {**params, "bank_key": "other"})["estimate"].view.label
+    assert re.fullmatch(
+        r"About \d+ s on 'cpu' for 2 reference image\(s\) \([\d.]+ s per reference image measured on this "
+        r"machine with these models\), plus loading the models\.",
+        estimate,
+    ), estimate
+    ExecutionStore.create(STORE).set(key, {"seconds_per_image": 90.0, "images": 50})  # a slow machine's figure
+    slow = inputs_of("build_memory_bank", dataset, {**params, "bank_key": "other", "max_per_class": 1})
+    assert slow["estimate"].view.label.startswith("About 3 min on 'cpu' for 2 reference image(s) (90.0 s per")
+    ExecutionStore.create(STORE).delete(timing_key("auto", models["sam2"], models["dinov2"], BUILD))
+    other_device = inputs_of("build_memory_bank", dataset, {**params, "device": "auto"})["estimate"].view.label
+    assert other_device.startswith("No time measured yet on 'auto'")  # a figure is per device
+
+
 def test_a_kept_timing_is_the_mean_of_the_last_50_images_and_a_corrupt_one_is_measured_again():
     from fiftyone.operators.store import ExecutionStore
 

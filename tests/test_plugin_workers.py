@@ -8,16 +8,12 @@ operation is stale) and ``fiftyone delegated rerun <id>`` (a new queued copy); s
 run with ``skip_existing``, so the copy only does what the dead worker left undone.
 """
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import fiftyone.operators as foo
 import pytest
 from bson import ObjectId
+from delegated_workers import start_worker, stop, wait_for
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_scenes import scenes_dataset
@@ -25,7 +21,6 @@ from fiftyone_scenes import scenes_dataset
 SEGMENT = "@ntt/no-time-to-train/segment_by_reference"
 BUILD = "@ntt/no-time-to-train/build_memory_bank"
 SLOW = dict(points_per_side=4, sam_iou_threshold=0.0, max_detections=5)
-FIFTYONE_CLI = Path(sys.executable).parent / "fiftyone"
 pytestmark = pytest.mark.slow
 
 
@@ -38,35 +33,6 @@ def dataset(tmp_path, tiny_models):
     yield dataset
     DelegatedOperationService().delete_for_dataset(dataset._doc.id)
     dataset.delete()
-
-
-def start_worker(log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(FIFTYONE_CLI), "delegated", "launch"],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=os.environ,
-        start_new_session=True,
-    )
-
-
-def stop(worker: subprocess.Popen, sig=signal.SIGINT) -> None:
-    if worker.poll() is None:
-        os.kill(worker.pid, sig)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(worker.pid, signal.SIGKILL)
-            worker.wait()
-
-
-def wait_for(condition, timeout: float, what: str, logs=()):
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            tails = "\n".join(log.read_text()[-3000:] for log in logs if log.exists())
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
-        time.sleep(0.05)
 
 
 def queue_shards(dataset, tiny_models, shards: int) -> list[str]:

@@ -1,6 +1,7 @@
-"""Seconds per image of a segmentation, measured on this machine and kept (in FiftyOne's execution
-store) per device, models and prompt grid; refined after each run. The Segment form estimates a
-run's time from them, and says so when no figure exists yet."""
+"""Seconds per image of a segmentation (per reference image of a bank's build), measured on this
+machine and kept (in FiftyOne's execution store) per device, models and prompt grid (``BUILD`` for
+a build); refined after each run. The Segment and Build forms estimate a run's time from them, and
+say so when no figure exists yet."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import platform
 
 STORE = "ntt_timings"
 LONG_RUN_S = 60.0  # above this, the form recommends a scheduled run
+BUILD = "build"  # the work of a figure for building a bank, in place of a segmentation's grid
 WINDOW = 50  # a figure is the mean over the last this many images measured
 
 
@@ -18,9 +20,9 @@ def _store():
     return ExecutionStore.create(STORE)
 
 
-def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int) -> str:
+def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int | str) -> str:
     """The key of a figure: this machine, the requested device ("auto" too), the model fields as given
-    ("" is the paper's model) and the grid."""
+    ("" is the paper's model) and the grid (``BUILD`` for a build)."""
     return "|".join((platform.node(), device, sam2 or "paper", dinov2 or "paper", str(points_per_side)))
 
 
@@ -51,18 +53,20 @@ def _kept(key: str) -> tuple[float, int] | None:
 
 
 def estimate(key: str, images: int) -> tuple[float | None, str]:
-    """The estimated seconds of a run over ``images`` images (None when unknown) and the form's line on it."""
+    """The estimated seconds of a run over ``images`` images (reference images for a ``BUILD`` key;
+    None when unknown) and the form's line on it."""
     per_image = seconds_per_image(key)
-    device = key.split("|")[1]
+    device, work = key.split("|")[1], key.split("|")[-1]
+    image, setup = ("reference image", "these models") if work == BUILD else ("image", "these models and grid")
     if per_image is None:
         return None, (
-            f"No time measured yet on '{device}' for these models and grid on this machine: this run measures "
-            "its first image (the figure is kept for the next estimates)."
+            f"No time measured yet on '{device}' for {setup} on this machine: this run measures "
+            f"its first {image} (the figure is kept for the next estimates)."
         )
     seconds = per_image * images
     return seconds, (
-        f"About {_duration(seconds)} on '{device}' for {images} image(s) ({per_image:.1f} s per image measured "
-        "on this machine with these models and grid), plus loading the models."
+        f"About {_duration(seconds)} on '{device}' for {images} {image}(s) ({per_image:.1f} s per {image} "
+        f"measured on this machine with {setup}), plus loading the models."
     )
 
 

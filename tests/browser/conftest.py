@@ -104,6 +104,19 @@ def own_app(browser, own_app_server, request):
     yield from _app(browser, own_app_server, request)
 
 
+@pytest.fixture
+def plain_app(browser, tmp_path, request):
+    """A page on an App server of this test's own with no plugin at all: FiftyOne's own behaviour."""
+    plugins = tmp_path / "no-plugins"
+    plugins.mkdir()
+    env = {**os.environ, "FIFTYONE_PLUGINS_DIR": str(plugins)}
+    server = AppServer(env, ARTIFACTS / f"app-server-{request.node.name}.log")
+    try:
+        yield from _app(browser, server, request)
+    finally:
+        server.stop()
+
+
 def _app(browser, server, request):
     context = browser.new_context(viewport=VIEWPORT)
     context.set_default_timeout(STEP_MS)

@@ -15,7 +15,7 @@ import re
 
 import fiftyone as fo
 import pytest
-from app_pages import expect
+from app_pages import expect, filter_reset_and_open
 from fiftyone import ViewField as F
 from fiftyone_scenes import scenes_dataset
 
@@ -97,6 +97,59 @@ def test_memory_banks_panel_shows_the_bank_with_its_references(app, dataset):
     prompt.get_by_role("button", name="Cancel").click()
 
 
+PANEL_ROWS = (  # the panel's rows of buttons, each on one line
+    ("Build memory bank", "Import", "Matched reference", "Refresh"),
+    ("Segment view", "Preview selected", "Export", "Delete"),
+    ("Accept selected", "Add negatives", "Remove tagged"),
+)
+
+
+def assert_rows_fit(panel) -> None:
+    """Each row of the panel's buttons on one line, every button's label on one line, nothing past
+    the panel's right edge."""
+    right = panel.bounding_box()["x"] + panel.bounding_box()["width"]
+    for row in PANEL_ROWS:
+        boxes = [panel.get_by_role("button", name=name, exact=True).bounding_box() for name in row]
+        assert len({round(box["y"]) for box in boxes}) == 1, f"the row {row} wraps: {boxes}"
+        assert max(box["height"] for box in boxes) < 40, f"a label of {row} wraps: {boxes}"
+        assert max(box["x"] + box["width"] for box in boxes) <= right + 0.5, f"{row} is cut off: {boxes}"
+    overflow = panel.evaluate("(node) => node.scrollWidth - node.clientWidth")
+    assert overflow <= 0, f"the panel scrolls sideways by {overflow} px"
+
+
+def test_memory_banks_panel_fits_a_split_layout(app, dataset):
+    app.open(dataset)  # 1280 x 800: the panel opens next to the grid, in half of it
+    app.open_panel("memory_banks")
+    panel = app.page.get_by_test_id("panel-content-memory_banks")
+    expect(panel.get_by_role("table")).to_be_visible()
+    grid = app.grid.bounding_box()
+    assert panel.bounding_box()["width"] < 600 and panel.bounding_box()["x"] >= grid["x"] + grid["width"] - 1
+    assert_rows_fit(panel)
+    app.page.wait_for_timeout(500)  # the thumbnails finish decoding
+    app.screenshot("split")
+
+
+def test_memory_banks_panel_in_the_sample_modal_keeps_clear_of_its_arrows(app, dataset):
+    app.open(dataset)
+    modal = app.open_sample(1)  # a middle sample: both the previous and the next arrow
+    modal.get_by_test_id("panel-tab-memory_banks").click()
+    panel = app.page.get_by_test_id("panel-content-memory_banks")
+    expect(panel.get_by_role("table")).to_be_visible()
+    arrows = [app.page.get_by_test_id(f"nav-{side}-button").locator("xpath=..") for side in ("left", "right")]
+    left, right = (arrow.bounding_box() for arrow in arrows)  # the buttons the App draws over the tab
+    content = [*panel.get_by_role("button").all(), panel.get_by_role("table"), *panel.get_by_role("img").all()]
+    for element in content:
+        box = element.bounding_box()
+        assert left["x"] + left["width"] <= box["x"] and box["x"] + box["width"] <= right["x"], (
+            f"{element} {box} is under a sample arrow ({left}, {right})"
+        )
+    assert_rows_fit(panel)
+    app.page.wait_for_timeout(500)  # the thumbnails finish decoding
+    app.screenshot("modal-tab", modal)
+    modal.get_by_test_id("panel-tab-fo-sample-modal-plugin").click()  # back to the sample: it still draws
+    expect(modal.locator("[canvas-loaded='true']")).to_have_count(1)
+
+
 def test_evaluate_opens_in_the_model_evaluation_panel_with_the_sdk_map(app, dataset):
     add_false_positives(dataset, 2)
     app.open(dataset)
@@ -128,3 +181,11 @@ def test_evaluate_opens_in_the_model_evaluation_panel_with_the_sdk_map(app, data
     row.get_by_role("button").click()
     expect(page.get_by_test_id("entry-counts")).to_contain_text(f"{false_positives} sample")
     app.screenshot("false-positives")
+
+
+def test_filtering_confidence_resetting_it_and_opening_a_sample_logs_no_unknown_error(app, dataset):
+    """The steps that logged "An ImageBitmap is detached" on the demo dataset: FiftyOne's own error
+    (see test_app_upstream.py), known; nothing else is logged (checked at the end)."""
+    app.open(dataset)
+    filter_reset_and_open(app, "ntt_predictions")
+    app.screenshot("reset-then-opened")
