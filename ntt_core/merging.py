@@ -68,7 +68,14 @@ def _resample_rows(values: torch.Tensor, index: torch.Tensor, weight: torch.Tens
 
 
 def upsample_window(
-    logits: torch.Tensor, rows: Taps, cols: Taps, y0: int, y1: int, x0: int, x1: int, members: torch.Tensor | None = None
+    logits: torch.Tensor,
+    rows: Taps,
+    cols: Taps,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    members: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows y0:y1 and columns x0:x1 of the upsampled logits ``[N, m, m]`` (of ``logits[members]``
     ``[A]`` only, when given) -> ``[N or A, y1-y0, x1-x0]`` (columns first, then rows, like PyTorch's
