@@ -15,3 +15,20 @@ def test_segmenting_fills_the_cache_and_clearing_empties_it(dataset, models, tmp
     report = foo.get_operator(f"{PLUGIN}/clear_candidate_cache")(dataset)["report"]
     assert report == {"folder": str(tmp_path / "cache"), "freed_bytes": sum(sizes)}
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_panel_shows_the_cache_size_and_clear_cache_opens_the_operator(dataset, models, tmp_path, monkeypatch):
+    from test_panel import PANEL, panel_event, prompts, rendered
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("NTT_CACHE_DIR", str(folder))
+    assert "**Candidate cache:** 0 KB" in rendered(panel_event("on_load", dataset))["candidate_cache.size"]["default"]
+    assert not folder.exists()  # showing the size creates nothing
+    foo.get_operator(f"{PLUGIN}/build_memory_bank")(dataset, "gt", **models)
+    foo.get_operator(f"{PLUGIN}/segment_by_reference")(dataset, "references", "pred", **FAST, **models)
+    held = sum(path.stat().st_size for path in folder.iterdir())
+    assert 0 < held < 2**20
+    requests = panel_event("clear_cache", dataset)
+    assert f"{held / 2**10:.0f} KB in `{folder}`" in rendered(requests)["candidate_cache.size"]["default"]
+    (prompt,) = prompts(requests)
+    assert prompt["operator_uri"] == f"{PLUGIN}/clear_candidate_cache" and prompt["on_success"] == f"{PANEL}#refresh"
