@@ -1,6 +1,8 @@
 """Seconds per image of a segmentation, measured on this machine and kept (in FiftyOne's execution
 store) per device, models and prompt grid; refined after each run. The Segment form estimates a
-run's time from them, and says so when no figure exists yet."""
+run's time from them, and says so when no figure exists yet. Images served from the candidate
+cache (segmented before with the same models and grid, whatever the bank) cost only the
+bank-dependent finishing: they are kept as a figure of their own (:func:`cached_key`)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int) -> str
     return "|".join((platform.node(), device, sam2 or "paper", dinov2 or "paper", str(points_per_side)))
 
 
+def cached_key(key: str) -> str:
+    """The key of the figure of images served from the candidate cache, for the run figure ``key``."""
+    return key + "|cached"
+
+
 def seconds_per_image(key: str) -> float | None:
     """The kept figure of ``key``, or None before any run measured one."""
     kept = _kept(key)
@@ -37,6 +44,17 @@ def record_timing(key: str, seconds: float, images: int) -> None:
     weight = min(counted, WINDOW - min(images, WINDOW))
     total = per_image * weight + seconds
     _store().set(key, {"seconds_per_image": total / (weight + images), "images": weight + images})
+
+
+def record_run(key: str, seconds: float, images: int, from_cache: int) -> None:
+    """Refine the figures of ``key`` with ``images`` images that took ``seconds``, ``from_cache`` of
+    them served from the candidate cache: those are charged at the kept cached figure (none yet: no
+    charge), the rest of the time to the others; a part made of cached images only refines the cached figure."""
+    if from_cache >= images:
+        record_timing(cached_key(key), seconds, images)
+        return
+    charged = from_cache * (seconds_per_image(cached_key(key)) or 0.0)
+    record_timing(key, max(seconds - charged, 0.0), images - from_cache)
 
 
 def _kept(key: str) -> tuple[float, int] | None:
@@ -60,9 +78,16 @@ def estimate(key: str, images: int) -> tuple[float | None, str]:
             "its first image (the figure is kept for the next estimates)."
         )
     seconds = per_image * images
+    cached = seconds_per_image(cached_key(key))
+    reuse = (
+        ""
+        if cached is None
+        else f" Images segmented before with these models and grid (any bank) come from the candidate cache at "
+        f"{cached:.1f} s each: about {_duration(cached * images)} if all of them do."
+    )
     return seconds, (
         f"About {_duration(seconds)} on '{device}' for {images} image(s) ({per_image:.1f} s per image measured "
-        "on this machine with these models and grid), plus loading the models."
+        f"on this machine with these models and grid), plus loading the models.{reuse}"
     )
 
 
