@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 #: Elements of float32 scratch per chunk of upsampled masks (256 MB).
 CHUNK_ELEMENTS = 1 << 26
-#: Largest side of the square tiles :func:`full_resolution_stats` works in (smaller with many masks).
-TILE_SIDE = 1024
+#: Largest side of the square tiles :func:`full_resolution_stats` works in (smaller with many masks):
+#: small tiles upsample each mask over little more than its own window (benchmarks/RESULTS.md).
+TILE_SIDE = 128
 
 
 @dataclass(frozen=True)
@@ -57,21 +58,36 @@ def taps(source: int, target: int, device: torch.device) -> Taps:
     return Taps(*(t.to(device) for t in (cpu.index, cpu.weight, cpu.first, cpu.last)))
 
 
-def _resample(values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum over k of weight[:, k] * values[..., index[:, k]] along the last axis."""
-    out = values[..., index[:, 0]] * weight[:, 0]
+def _resample_rows(values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over k of weight[:, k] * values[:, index[:, k]] along dim 1 of ``values`` ``[N, A, B]`` -> ``[N, n, B]``
+    (whole rows copied per tap, so the cost is a few passes over memory, not a gather per pixel)."""
+    out = values.index_select(1, index[:, 0]) * weight[:, 0, None]
     for k in range(1, index.shape[1]):  # over taps, a handful, never over masks
-        out = out + values[..., index[:, k]] * weight[:, k]
+        out = out + values.index_select(1, index[:, k]) * weight[:, k, None]
     return out
 
 
-def upsample_window(logits: torch.Tensor, rows: Taps, cols: Taps, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
-    """Rows y0:y1 and columns x0:x1 of the upsampled logits ``[N, m, m]`` -> ``[N, y1-y0, x1-x0]``
-    (columns first, then rows, like PyTorch's separable kernel)."""
-    row_index = rows.index[y0:y1]
+def upsample_window(
+    logits: torch.Tensor,
+    rows: Taps,
+    cols: Taps,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    members: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows y0:y1 and columns x0:x1 of the upsampled logits ``[N, m, m]`` (of ``logits[members]``
+    ``[A]`` only, when given) -> ``[N or A, y1-y0, x1-x0]`` (columns first, then rows, like PyTorch's
+    separable kernel). Only the low-resolution rows and columns the window reads are copied."""
+    row_index, col_index = rows.index[y0:y1], cols.index[x0:x1]
     low, high = int(rows.first[y0]), int(row_index.max()) + 1  # the low-resolution rows this window reads
-    band = _resample(logits[:, low:high], cols.index[x0:x1], cols.weight[x0:x1])  # [N, rows read, x1-x0]
-    return _resample(band.transpose(1, 2), row_index - low, rows.weight[y0:y1]).transpose(1, 2)
+    left, right = int(cols.first[x0]), int(col_index.max()) + 1  # and columns
+    read = logits[:, low:high, left:right]
+    if members is not None:
+        read = read.index_select(0, members)
+    band = _resample_rows(read.transpose(1, 2), col_index - left, cols.weight[x0:x1])  # [N, x1-x0, rows read]
+    return _resample_rows(band.transpose(1, 2), row_index - low, rows.weight[y0:y1])
 
 
 def window_bounds(low_boxes: torch.Tensor, mask_size: int, image_size: tuple[int, int]) -> torch.Tensor:
@@ -130,16 +146,16 @@ def full_resolution_stats(
             x0, x1 = max(left, int(reach[:, 0].min())), min(left + side, width, int(reach[:, 2].max()))
             if y1 <= y0 or x1 <= x0:
                 continue
-            masks = upsample_window(logits[active], rows, cols, y0, y1, x0, x1) > 0  # [A, y1 - y0, x1 - x0]
+            active = active[labels[active].argsort(stable=True)]  # each class's members side by side
+            masks = upsample_window(logits, rows, cols, y0, y1, x0, x1, active) > 0  # [A, y1 - y0, x1 - x0]
             flat = masks.flatten(1).float()
             areas[active] += flat.sum(1).double()
-            active_labels = labels[active]
-            for label in torch.unique(active_labels).tolist():  # same-class pairs only
-                members = torch.nonzero(active_labels == label).flatten()
-                if members.numel() > 1:
-                    of_class = flat[members]
-                    index = active[members]
+            start = 0
+            for size in torch.unique_consecutive(labels[active], return_counts=True)[1].tolist():  # same-class pairs
+                if size > 1:
+                    of_class, index = flat[start : start + size], active[start : start + size]
                     intersections[index[:, None], index[None, :]] += (of_class @ of_class.T).double()
+                start += size
             in_tile_rows, in_tile_cols = masks.any(dim=2), masks.any(dim=1)  # [A, y1 - y0], [A, x1 - x0]
             row_index = torch.arange(y0, y1, device=device)
             col_index = torch.arange(x0, x1, device=device)
@@ -147,6 +163,7 @@ def full_resolution_stats(
             y_max[active] = torch.maximum(y_max[active], torch.where(in_tile_rows, row_index, -1).max(1).values)
             x_min[active] = torch.minimum(x_min[active], torch.where(in_tile_cols, col_index, width).min(1).values)
             x_max[active] = torch.maximum(x_max[active], torch.where(in_tile_cols, col_index, -1).max(1).values)
+    intersections.diagonal().copy_(areas)  # a mask alone in its class in a tile adds no product there
     boxes = torch.stack([x_min, y_min, x_max + 1, y_max + 1], dim=1) * (areas > 0)[:, None]
     return areas, boxes, intersections
 
@@ -223,7 +240,7 @@ def _upsample_windows(
 
 def _gather_resample(values: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each item's own taps along ``dim`` (1 or 2) of ``values`` ``[G, A, B]``: index, weight ``[G, n, K]``
-    -> ``[G, n, B]`` (dim 1) or ``[G, A, n]`` (dim 2); the same sums, in the same order, as :func:`_resample`."""
+    -> ``[G, n, B]`` (dim 1) or ``[G, A, n]`` (dim 2); the same sums, in the same order, as :func:`_resample_rows`."""
 
     def tap(k: int) -> torch.Tensor:
         if dim == 1:

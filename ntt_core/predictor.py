@@ -67,6 +67,7 @@ class Predictor:
         self.min_side = max(1, encoder.input_size // encoder.grid_size)
         self.cache = cache
         self.cache_context = None if cache is None else context_key(segmenter, encoder, self.settings)
+        self.cache_hits = 0  # images served from the cache so far
 
     def predict(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[Instances]:
         """Instances for each image of the batch; raises :class:`ImageError` on an unusable image.
@@ -93,6 +94,7 @@ class Predictor:
         keys = [image_key(self.cache_context, array) for array in arrays]
         found = [self.cache.load(key, size, self.encoder.device) for key, size in zip(keys, sizes)]
         missing = [i for i, entry in enumerate(found) if entry is None]
+        self.cache_hits += len(found) - len(missing)
         for i, computed in zip(missing, self._describe_candidates([arrays[i] for i in missing])):
             self.cache.store(keys[i], computed, sizes[i])
             found[i] = computed

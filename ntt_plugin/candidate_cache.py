@@ -9,6 +9,20 @@ import fiftyone.operators.types as types
 from .common import call, form, product_label, require_library
 
 
+def cache_summary() -> str:
+    """The Memory banks panel's line on the candidate cache: its folder and the bytes it holds (the
+    folder is not created to say so)."""
+    from ntt_core.candidate_cache import CandidateCache, default_folder
+
+    folder = default_folder()
+    held = CandidateCache(folder).size_bytes() if folder.is_dir() else 0
+    size = f"{held / 2**20:.1f} MB" if held >= 2**20 else f"{held / 2**10:.0f} KB"
+    return (
+        f"**Candidate cache:** {size} in `{folder}` (each image's bank-independent work, "
+        "reused when images are segmented again)"
+    )
+
+
 class ClearCandidateCache(foo.Operator):
     @property
     def config(self):

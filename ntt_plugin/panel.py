@@ -118,6 +118,9 @@ class MemoryBanksPanel(foo.Panel):
     def import_bank(self, ctx):
         ctx.prompt(operator_uri("import_memory_bank"), on_success=self.refresh)
 
+    def clear_cache(self, ctx):
+        ctx.prompt(operator_uri("clear_candidate_cache"), on_success=self.refresh)
+
     def stop_run(self, ctx):
         require_library()
         from ntt_core.fiftyone.stops import request_stop
@@ -196,6 +199,7 @@ class MemoryBanksPanel(foo.Panel):
             panel.md(EMPTY_STATE, name="empty")
         for index, key in enumerate(banks):
             self._render_bank(ctx, panel, f"bank_{index}", key)
+        self._render_cache(panel)
         if banks:
             panel.md(THRESHOLD_NOTE, name="threshold_note")
             panel.md(REVIEW_HELP, name="review_help")
@@ -215,6 +219,14 @@ class MemoryBanksPanel(foo.Panel):
                 params={"operation_id": run["id"]},
                 disabled=run["stop_requested"],
             )
+
+    def _render_cache(self, panel) -> None:
+        """The candidate cache's size and the action that empties it."""
+        from .candidate_cache import cache_summary
+
+        row = panel.h_stack("candidate_cache", gap=1, align_y="center")
+        row.md(cache_summary(), name="size")
+        row.btn("clear_cache", label="Clear cache", on_click=self.clear_cache)
 
     def _render_bank(self, ctx, panel, name: str, key: str) -> None:
         from ntt_core.errors import NttError

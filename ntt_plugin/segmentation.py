@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
@@ -24,7 +26,6 @@ from .common import (
     report_output,
     require_library,
     run_with_progress,
-    timed_progress,
 )
 from .videos import is_video, target_problem, tracking_inputs
 from .videos import run as run_video
@@ -95,6 +96,25 @@ def _run_plan(ctx, params: dict):
     paper_models_on_cpu = not sam2 and not dinov2 and device in ("auto", "cpu")
     schedule = (seconds is not None and seconds > LONG_RUN_S) or (seconds is None and paper_models_on_cpu)
     return plan, seconds, line, schedule
+
+
+def _timed(key: str):
+    """``on_batch(done, total, from_cache)`` for ``segment_by_reference`` that keeps this run's seconds
+    per image (after its first batch when a figure is missing, and at its end), the images served
+    from the candidate cache apart: see ``ntt_core.fiftyone.timings``."""
+    from ntt_core.fiftyone.timings import cached_key, record_run, seconds_per_image
+
+    started, counted, cached = time.monotonic(), 0, 0
+    first = seconds_per_image(key) is None or seconds_per_image(cached_key(key)) is None
+
+    def on_batch(done: int, total: int, from_cache: int) -> None:
+        nonlocal started, counted, cached, first
+        if done > counted and (first or done == total):
+            now = time.monotonic()
+            record_run(key, now - started, done - counted, from_cache - cached)
+            started, counted, cached, first = now, done, from_cache, False
+
+    return on_batch
 
 
 def _shard_watch(ctx) -> dict:
@@ -279,14 +299,20 @@ class SegmentByReference(foo.Operator):
         run = dict(
             bank_key=p["bank_key"], pred_field=p["pred_field"], segmenter=segmenter, encoder=encoder, settings=settings
         )
-        progress = timed_progress(progress, timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"]))
+        timed = dict(on_batch=_timed(timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"])))
         target = ctx.target_view()
         if p.get("skip_reference_samples"):
             target = without_references(target, p["bank_key"])
         if p.get("shard_sample_ids") is not None:
             target = ctx.dataset.select(p["shard_sample_ids"])
             return segment_by_reference(
-                target, **run, batch_size=p["batch_size"], skip_existing=True, progress=progress, **_shard_watch(ctx)
+                target,
+                **run,
+                **timed,
+                batch_size=p["batch_size"],
+                skip_existing=True,
+                progress=progress,
+                **_shard_watch(ctx),
             )
         flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
         if p["num_shards"] > 1:
@@ -297,7 +323,7 @@ class SegmentByReference(foo.Operator):
             queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
             finish_planning(ctx.dataset, p["pred_field"])
             return {"field": p["pred_field"], "shards": queued, "left_to_queued_shards": len(assigned)}
-        return segment_by_reference(target, **run, batch_size=p["batch_size"], **flags, progress=progress)
+        return segment_by_reference(target, **run, **timed, batch_size=p["batch_size"], **flags, progress=progress)
 
     def _queue_shard(self, ctx, p: dict, sample_ids: list[str], index: int, count: int) -> dict:
         """Queue one shard: a delegated operation over fixed sample ids, resuming the field."""

@@ -28,7 +28,10 @@ from ntt_core.synthetic import make_dataset
 STANDIN_SETTINGS = Settings(points_per_side=6)
 TINY_SETTINGS = Settings(points_per_side=4, prompt_batch_size=8, sam_iou_threshold=0.0)
 #: PIPELINE_VERSION -> digest of the source of the code that computes candidates and descriptors.
-PIPELINE_SOURCES = {1: "3fc0828086889d4c7d6587ffe7ec446b6981e47c9a638ca039c067be263c1795"}
+PIPELINE_SOURCES = {
+    1: "3fc0828086889d4c7d6587ffe7ec446b6981e47c9a638ca039c067be263c1795",
+    2: "194cc81d4ba7f5fae9eae4685912344f335b53dd27a735aaa9a1cca75aa2b096",  # decoder buffer reuse, cache hit count
+}
 
 
 def candidate_code_digest() -> str:

@@ -190,6 +190,7 @@ def segment_by_reference(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     cache=True,
+    on_batch: Callable[[int, int, int], None] | None = None,
 ) -> dict:
     """Predict every instance of the bank's classes in ``samples`` into ``pred_field``.
 
@@ -205,7 +206,8 @@ def segment_by_reference(
     was marked failed). ``progress(done, total, detail)`` is called at every stage of each batch
     (image encoders, each prompt batch, post-processing, writing) and after it; a
     :class:`~ntt_core.errors.RunStopped` it raises stops the run there (inside a batch: nothing of
-    the batch is written) with the resume hint. Returns ``{"field",
+    the batch is written) with the resume hint. ``on_batch(done, total, from_cache)`` is called after
+    each batch is written, with the images served from the candidate cache so far (timings). Returns ``{"field",
     "processed", "instances", "skipped_existing", "failed", "note"}``.
     """
     check_count(batch_size, "batch_size")
@@ -260,6 +262,8 @@ def segment_by_reference(
         if values:
             dataset.set_values(pred_field, values, key_field="id")
         report["processed"] += len(values)
+        if on_batch is not None:
+            on_batch(start + len(batch_ids), total, predictor.cache_hits)
         if progress is not None:
             try:
                 progress(start + len(batch_ids), total)

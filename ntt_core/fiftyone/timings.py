@@ -1,7 +1,9 @@
 """Seconds per image of a segmentation (per reference image of a bank's build), measured on this
 machine and kept (in FiftyOne's execution store) per device, models and prompt grid (``BUILD`` for
 a build); refined after each run. The Segment and Build forms estimate a run's time from them, and
-say so when no figure exists yet."""
+say so when no figure exists yet. Images served from the candidate cache (segmented before with the
+same models and grid, whatever the bank) cost only the bank-dependent finishing: they are kept as a
+figure of their own (:func:`cached_key`)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int | str) 
     return "|".join((platform.node(), device, sam2 or "paper", dinov2 or "paper", str(points_per_side)))
 
 
+def cached_key(key: str) -> str:
+    """The key of the figure of images served from the candidate cache, for the run figure ``key``."""
+    return key + "|cached"
+
+
 def seconds_per_image(key: str) -> float | None:
     """The kept figure of ``key``, or None before any run measured one."""
     kept = _kept(key)
@@ -39,6 +46,17 @@ def record_timing(key: str, seconds: float, images: int) -> None:
     weight = min(counted, WINDOW - min(images, WINDOW))
     total = per_image * weight + seconds
     _store().set(key, {"seconds_per_image": total / (weight + images), "images": weight + images})
+
+
+def record_run(key: str, seconds: float, images: int, from_cache: int) -> None:
+    """Refine the figures of ``key`` with ``images`` images that took ``seconds``, ``from_cache`` of
+    them served from the candidate cache: those are charged at the kept cached figure (none yet: no
+    charge), the rest of the time to the others; a part made of cached images only refines the cached figure."""
+    if from_cache >= images:
+        record_timing(cached_key(key), seconds, images)
+        return
+    charged = from_cache * (seconds_per_image(cached_key(key)) or 0.0)
+    record_timing(key, max(seconds - charged, 0.0), images - from_cache)
 
 
 def _kept(key: str) -> tuple[float, int] | None:
@@ -64,9 +82,16 @@ def estimate(key: str, images: int) -> tuple[float | None, str]:
             f"its first {image} (the figure is kept for the next estimates)."
         )
     seconds = per_image * images
+    cached = seconds_per_image(cached_key(key))
+    reuse = (
+        ""
+        if cached is None
+        else f" Images segmented before with these models and grid (any bank) come from the candidate cache at "
+        f"{cached:.1f} s each: about {_duration(cached * images)} if all of them do."
+    )
     return seconds, (
         f"About {_duration(seconds)} on '{device}' for {images} {image}(s) ({per_image:.1f} s per {image} "
-        f"measured on this machine with {setup}), plus loading the models."
+        f"measured on this machine with {setup}), plus loading the models.{reuse}"
     )
 
 
