@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 from .geometry import mask_boxes
 from .input_rules import InputError
@@ -149,21 +149,24 @@ class CandidateCache:
         at ``image_size``; None otherwise (a damaged entry also warns)."""
         path = self._path(key)
         try:
-            with safe_open(str(path), framework="pt") as entry:
-                metadata = entry.metadata() or {}
-                tensors = {name: entry.get_tensor(name) for name in entry.keys()}
-        except FileNotFoundError:
+            with open(path, "rb") as file:  # the entry as it was when opened, even if replaced or evicted meanwhile
+                opened, data = os.fstat(file.fileno()), file.read()
+        except (FileNotFoundError, NotADirectoryError):  # not stored, or the folder is gone
             return None
-        except (OSError, SafetensorError, ValueError, RuntimeError) as error:
-            return self._damaged(path, f"unreadable ({error})")
+        except OSError as error:
+            return self._damaged(path, None, f"unreadable ({error})")
+        try:
+            tensors, metadata = _read_entry(data)
+        except (SafetensorError, ValueError, RuntimeError) as error:
+            return self._damaged(path, opened, f"unreadable ({error})")
         if metadata.get("schema") != str(SCHEMA) or metadata.get("key") != key:
             return None
         if metadata.get("digest") != _digest(tensors):
-            return self._damaged(path, "its contents do not match their digest")
+            return self._damaged(path, opened, "its contents do not match their digest")
         try:
             found = _unpack(tensors, int(metadata["mask_size"]))
         except (KeyError, ValueError, RuntimeError, IndexError) as error:
-            return self._damaged(path, f"inconsistent ({error})")
+            return self._damaged(path, opened, f"inconsistent ({error})")
         if int(metadata["margin"]) < reading_margin(found.logits.shape[-1], image_size):
             return None  # stored for a larger image: masks this small read further (recomputed, stored again)
         _touch(path)
@@ -243,9 +246,15 @@ class CandidateCache:
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}{SUFFIX}"
 
-    def _damaged(self, path: Path, why: str) -> None:
+    def _damaged(self, path: Path, opened: os.stat_result | None, why: str) -> None:
+        """Warn, and remove the damaged entry unless another process has replaced it since it was ``opened``."""
         warnings.warn(f"candidate cache entry {path} is damaged: {why}; recomputing it", CacheWarning, stacklevel=3)
-        path.unlink(missing_ok=True)
+        try:
+            now = os.stat(path)
+            if opened is None or (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+                path.unlink()
+        except OSError:
+            pass  # gone already, or a read-only folder: it is recomputed either way
         return None
 
     def _stop_writing(self, error: OSError) -> None:
@@ -306,6 +315,17 @@ def _inside(regions: torch.Tensor, size: int) -> torch.Tensor:
     rows = (axis >= regions[:, 1:2]) & (axis <= regions[:, 3:4])  # [N, size]
     cols = (axis >= regions[:, 0:1]) & (axis <= regions[:, 2:3])
     return rows[:, :, None] & cols[:, None, :]
+
+
+def _read_entry(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file's bytes (a ValueError or SafetensorError if malformed)."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    header_size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("its metadata is not a table")
+    return load(data), metadata
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -7,7 +7,10 @@ import errno
 import hashlib
 import inspect
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import torch
 from PIL import Image
 
 from ntt_core import candidate_cache, frames, matching, models, predictor, prompt_decoder, proposals
-from ntt_core.candidate_cache import CacheWarning, CandidateCache, reading_margin
+from ntt_core.candidate_cache import CacheWarning, CandidateCache, DescribedCandidates, reading_margin
 from ntt_core.input_rules import InputError
 from ntt_core.memory_bank import build_memory_bank
 from ntt_core.models import load_encoder, load_segmenter
@@ -229,6 +232,60 @@ def test_partial_writes_left_by_a_dead_process_are_removed(tmp_path):
     Predictor(segmenter, encoder, bank, STANDIN_SETTINGS, CandidateCache(tmp_path)).predict(images[:1])
     assert not abandoned.exists() and under_way.exists()
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def concurrent_entry(writer: int, index: int) -> DescribedCandidates:
+    """Writer ``writer``'s candidates for key ``index``: boxes of positive logits on -1 (stored exactly)."""
+    generator = torch.Generator().manual_seed(1000 * writer + index)
+    logits = torch.full((6, 32, 32), -1.0)
+    for n in range(6):
+        x, y = (int(v) for v in torch.randint(0, 24, (2,), generator=generator))
+        logits[n, y : y + 8, x : x + 8] = torch.rand(8, 8, generator=generator) + 0.1
+    return DescribedCandidates(logits, torch.rand(6, generator=generator), torch.rand(6, 16, generator=generator))
+
+
+CONCURRENT_WRITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_candidate_cache import concurrent_entry
+from ntt_core.candidate_cache import CandidateCache
+cache = CandidateCache(sys.argv[2], max_bytes=int(sys.argv[4]))
+writer = int(sys.argv[3])
+for round in range(40):
+    for index in range(4):
+        cache.store(f"k{index}", concurrent_entry(writer, index), (64, 64))
+"""
+
+
+def test_two_processes_writing_and_evicting_never_let_a_reader_see_half_an_entry(tmp_path):
+    entry_bytes = sum(t.numel() * t.element_size() for t in candidate_cache._pack(concurrent_entry(1, 0), 2).values())
+    limit = 3 * entry_bytes  # below the four keys: the writers evict each other's entries all along
+    cache = CandidateCache(tmp_path, max_bytes=limit)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_WRITER, str(Path(__file__).parent), str(tmp_path), str(w), str(limit)]
+        )
+        for w in (1, 2)
+    ]
+    hits = reads = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CacheWarning)
+        while any(w.poll() is None for w in writers) or reads == 0:
+            for index in range(4):
+                found, reads = cache.load(f"k{index}", (64, 64), torch.device("cpu")), reads + 1
+                if found is not None:
+                    hits += 1
+                    assert any(
+                        all(
+                            torch.equal(a, b)
+                            for a, b in zip(found.__dict__.values(), concurrent_entry(w, index).__dict__.values())
+                        )
+                        for w in (1, 2)
+                    ), f"key k{index} read as neither writer's entry"
+    assert [w.wait() for w in writers] == [0, 0]
+    assert not [str(c.message) for c in caught if issubclass(c.category, CacheWarning)]
+    assert hits > 0, (hits, reads)
+    assert not list(tmp_path.glob(".part-*")) and cache.size_bytes() <= limit
 
 
 # --- bad input ---
