@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import fiftyone.operators as foo
@@ -278,22 +279,19 @@ class SegmentByReference(foo.Operator):
         return run_with_progress(self, ctx, unit, lambda progress: self._run(ctx, p, progress))
 
     def _run(self, ctx, p: dict, progress) -> dict:
-        if is_video(ctx.dataset):
-            return run_video(ctx, p, progress)
         require_library()
-        from ntt_core.fiftyone.predictions import (
-            finish_planning,
-            segment_by_reference,
-            start_sharded_prediction,
-            without_references,
-        )
-        from ntt_core.fiftyone.timings import timing_key
-        from ntt_core.models import load_models
-
         if p["overwrite"] and p.get("shard_sample_ids") is None:
             from ntt_core.shards import check_no_live_shards
 
             check_no_live_shards(ctx.dataset.name, p["pred_field"])
+        if is_video(ctx.dataset):
+            return run_video(
+                ctx, p, progress, lambda: _shard_watch(ctx), functools.partial(self._plan_and_queue, ctx, p)
+            )
+        from ntt_core.fiftyone.predictions import segment_by_reference, start_sharded_prediction, without_references
+        from ntt_core.fiftyone.timings import timing_key
+        from ntt_core.models import load_models
+
         segmenter, encoder = load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
         settings = form_settings(p)
         run = dict(
@@ -316,14 +314,26 @@ class SegmentByReference(foo.Operator):
             )
         flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
         if p["num_shards"] > 1:
-            from ntt_core.shards import live_shard_sample_ids
 
-            assigned = live_shard_sample_ids(ctx.dataset.name, p["pred_field"]) if not p["overwrite"] else set()
-            shards = start_sharded_prediction(target, **run, num_shards=p["num_shards"], **flags, assigned=assigned)
-            queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
-            finish_planning(ctx.dataset, p["pred_field"])
-            return {"field": p["pred_field"], "shards": queued, "left_to_queued_shards": len(assigned)}
+            def plan(assigned):
+                return start_sharded_prediction(target, **run, num_shards=p["num_shards"], **flags, assigned=assigned)
+
+            return self._plan_and_queue(ctx, p, plan, p["pred_field"])
         return segment_by_reference(target, **run, **timed, batch_size=p["batch_size"], **flags, progress=progress)
+
+    def _plan_and_queue(self, ctx, p: dict, plan, record_key: str) -> dict:
+        """Plan a sharded run (``plan(assigned)``: each shard's sample ids, leaving out ``assigned``, the
+        ids of the field's shards still queued or running) and queue its shards, then mark the run
+        record ``record_key`` planned (see ``ntt_core.fiftyone.predictions.finish_planning``)."""
+        from ntt_core.fiftyone.predictions import finish_planning
+        from ntt_core.shards import live_shard_sample_ids
+
+        assigned = live_shard_sample_ids(ctx.dataset.name, p["pred_field"]) if not p["overwrite"] else set()
+        shards = plan(assigned)
+        queued = [self._queue_shard(ctx, p, ids, i, len(shards)) for i, ids in enumerate(shards)]
+        finish_planning(ctx.dataset, record_key)
+        field = f"frames.{p['pred_field']}" if is_video(ctx.dataset) else p["pred_field"]
+        return {"field": field, "shards": queued, "left_to_queued_shards": len(assigned)}
 
     def _queue_shard(self, ctx, p: dict, sample_ids: list[str], index: int, count: int) -> dict:
         """Queue one shard: a delegated operation over fixed sample ids, resuming the field."""

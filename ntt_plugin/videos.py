@@ -3,10 +3,12 @@ Segment by reference operator (ntt_plugin/segmentation.py) when its dataset hold
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import fiftyone.core.media as fom
 import fiftyone.operators.types as types
 
-from .common import count_input, invalid, model_options, require_library
+from .common import count_input, invalid, model_options
 
 
 def is_video(collection) -> bool:
@@ -44,18 +46,16 @@ def tracking_inputs(ctx, inputs) -> None:
     count_input(ctx, inputs, "lost_frames", "Frames before a lost track ends", default=10)
 
 
-def run(ctx, p: dict, progress) -> dict:
-    """Track the bank's instances through the target videos into ``frames.<pred_field>``."""
-    require_library()
-    from ntt_core.fiftyone.fields import FiftyOneAdapterError
-    from ntt_core.fiftyone.videos import segment_videos_by_reference
+def run(ctx, p: dict, progress, shard_watch: Callable[[], dict], queue_shards: Callable[..., dict]) -> dict:
+    """Track the bank's instances through the target videos into ``frames.<pred_field>``: one run,
+    one shard's videos (``shard_sample_ids``, watched by ``shard_watch()``), or the planning of a
+    sharded run (``queue_shards(plan, record key)``, ``plan(assigned ids)`` giving each shard's ids)."""
+    from ntt_core.fiftyone.videos import segment_videos_by_reference, start_sharded_tracking
     from ntt_core.models import load_models
     from ntt_core.propagation import load_propagator
     from ntt_core.settings import Settings
     from ntt_core.tracking import TrackingSettings
 
-    if p.get("num_shards", 1) > 1:
-        raise FiftyOneAdapterError("shards are not supported for video datasets yet: run with one shard")
     tracking = TrackingSettings(p["key_frame_stride"], float(p["match_iou"]), p["lost_frames"])
     segmenter, encoder = load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
     settings = Settings(
@@ -68,16 +68,25 @@ def run(ctx, p: dict, progress) -> dict:
     def make_propagator():
         return load_propagator(p["sam2"] or None, feature_frames=tracking.key_frame_stride + 1, **model_options(p))
 
-    return segment_videos_by_reference(
-        ctx.target_view(),
-        p["bank_key"],
-        p["pred_field"],
-        segmenter,
-        encoder,
-        make_propagator,
+    run = dict(
+        bank_key=p["bank_key"],
+        pred_field=p["pred_field"],
+        segmenter=segmenter,
+        encoder=encoder,
+        make_propagator=make_propagator,
         settings=settings,
         tracking_settings=tracking,
-        overwrite=p["overwrite"],
-        skip_existing=p["skip_existing"],
-        progress=progress,
     )
+    if p.get("shard_sample_ids") is not None:
+        target = ctx.dataset.select(p["shard_sample_ids"])
+        return segment_videos_by_reference(target, **run, skip_existing=True, progress=progress, **shard_watch())
+    flags = dict(overwrite=p["overwrite"], skip_existing=p["skip_existing"])
+    if p["num_shards"] > 1:
+
+        def plan(assigned):
+            return start_sharded_tracking(
+                ctx.target_view(), **run, num_shards=p["num_shards"], **flags, assigned=assigned
+            )
+
+        return queue_shards(plan, f"frames_{p['pred_field']}")
+    return segment_videos_by_reference(ctx.target_view(), **run, **flags, progress=progress)

@@ -447,3 +447,40 @@ def test_video_benchmark_times_key_and_propagated_frames(monkeypatch, capsys):
     assert 0 < propagated < key
     assert report["key_to_propagated_cost_ratio"] == pytest.approx(key / propagated, abs=0.02)
     assert report["frames_per_second"] == pytest.approx(5 / (key + 4 * propagated), rel=0.05)
+
+
+def test_video_benchmark_counts_flops_of_key_and_propagated_frames(monkeypatch, capsys):
+    """benchmarks/video.py's FLOP account: a further track costs the first one less the image encoder,
+    a key frame adds the image pipeline, and the prompt decoding counted on a 4x4 grid and scaled by
+    the prompts is the 8x8 grid's counted directly (decoding is per prompt)."""
+    from tiny_models import tiny_dinov2_config, tiny_meta_sam2_config
+    from video_scenes import WIDTH, tiny_video_config
+
+    video = _load("video")
+    monkeypatch.setattr(video, "sam2_config", lambda arch: tiny_meta_sam2_config(WIDTH))
+    monkeypatch.setattr(video, "dinov2_config", lambda arch: tiny_dinov2_config())
+    monkeypatch.setattr(video, "video_config", lambda arch: tiny_video_config())
+    argv = ["--device", "cpu", "--points", "8", "--tracks", "2", "--frames", "1", "--key-frames", "1"]
+    flops = []
+    for points in ("8", "4"):
+        video.main([*argv, "--size", "192x256", "--flop-points", points, "--json"])
+        report = _last_json(capsys)
+        assert report["tracks"] == 2
+        flops.append(report["flops"])
+    direct, scaled = flops
+    assert scaled["prompt_decoding_counted_at_points"] == 4
+    decoding = [f["image_pipeline_gflops_by_stage"]["prompt_decoding"] for f in flops]
+    assert decoding[0] > 0 and decoding[1] == pytest.approx(decoding[0], rel=0.02)  # 1% over: the per-image part
+    first, further = direct["propagation_first_track_gflops"], direct["propagation_further_track_gflops"]
+    assert 0 < further < first and direct["propagation_image_encoder_gflops"] == pytest.approx(
+        first - further, abs=0.02
+    )
+    assert direct["memory_frames_read"] == 2  # the first frame and the timed one
+    propagated, key, ratio = (
+        direct[k] for k in ("propagated_frame_gflops", "key_frame_gflops", "key_to_propagated_flop_ratio")
+    )
+    assert propagated["4"] == pytest.approx(first + 3 * further, abs=0.003)
+    for n in ("1", "4"):
+        assert key[n] == pytest.approx(direct["image_pipeline_gflops"] + propagated[n], abs=0.003)
+        assert ratio[n] == pytest.approx(key[n] / propagated[n], rel=0.02)
+    assert ratio["1"] > ratio["4"] > 1

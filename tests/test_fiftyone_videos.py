@@ -15,6 +15,7 @@ import pytest
 import torch
 from video_scenes import CLASSES, FRAMES, OBJECTS, TRACKING, tiny_video_config, write_video
 
+from ntt_core.input_rules import InputError
 from ntt_core.memory_bank import build_memory_bank
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter, RegionPropagator
@@ -29,7 +30,11 @@ import fiftyone as fo  # noqa: E402
 
 from ntt_core.fiftyone.bank_runs import save_memory_bank  # noqa: E402
 from ntt_core.fiftyone.fields import FiftyOneAdapterError  # noqa: E402
-from ntt_core.fiftyone.videos import evaluate_video, segment_videos_by_reference  # noqa: E402
+from ntt_core.fiftyone.videos import (  # noqa: E402
+    evaluate_video,
+    segment_videos_by_reference,
+    start_sharded_tracking,
+)
 
 SETTINGS = Settings(points_per_side=16)
 
@@ -78,19 +83,32 @@ def frame_gt(dataset) -> list[bytes]:
     return [bson.encode({"v": doc.get("gt")}) for doc in dataset._frame_collection.find({}, {"gt": 1}).sort("_id")]
 
 
-def run(dataset, models, **options):
+def standin_propagator() -> RegionPropagator:
+    return RegionPropagator(input_size=128, mask_size=128)
+
+
+def run(dataset, models, field: str = "tracks", **options):
     segmenter, encoder = models
     return segment_videos_by_reference(
         dataset,
         "shapes",
-        "tracks",
+        field,
         segmenter,
         encoder,
-        lambda: RegionPropagator(input_size=128, mask_size=128),
+        standin_propagator,
         settings=SETTINGS,
         tracking_settings=TRACKING,
         **options,
     )
+
+
+def frame_labels(dataset, field: str) -> list:
+    """Per video (in order), per frame: each detection's label, track id, confidence, box and mask."""
+    detections = dataset.values(f"frames.{field}.detections")
+    return [
+        [[(d.label, d.index, d.confidence, d.bounding_box, d.mask.tolist()) for d in frame or []] for frame in video]
+        for video in detections
+    ]
 
 
 def test_tracks_are_written_as_frame_detections_and_evaluate_well(videos, models):
@@ -147,6 +165,25 @@ def test_a_failed_video_keeps_the_ones_before_and_a_rerun_finishes(videos, model
     assert videos.values("tracks_tracks") == [4, 4]
 
 
+def test_two_shards_write_every_video_once_with_the_labels_of_one_run(videos, models):
+    """Shards over videos: disjoint whole videos, planned the same way again, each shard resuming the
+    field, and together the labels of one unsharded run."""
+    videos.add_samples([videos.first().copy()])  # a third video: shards of sizes 1 and 2
+    run(videos, models)
+    segmenter, encoder = models
+    common = dict(settings=SETTINGS, tracking_settings=TRACKING)
+    shards = start_sharded_tracking(videos, "shapes", "sharded", segmenter, encoder, standin_propagator, 2, **common)
+    assert [len(ids) for ids in shards] == [1, 2] and sum(shards, []) == videos.values("id")
+    assert videos.has_frame_field("sharded") and videos.values("sharded_tracks") == [None] * 3
+    again = start_sharded_tracking(videos, "shapes", "sharded", segmenter, encoder, standin_propagator, 2, **common)
+    assert again == shards  # a planning step run again (it died before queuing) gives the same shards
+    reports = [run(videos.select(ids), models, field="sharded", skip_existing=True) for ids in shards]
+    assert [r["videos"] for r in reports] == [1, 2] and all(r["skipped_existing"] == 0 for r in reports)
+    assert videos.values("sharded_tracks") == videos.values("tracks_tracks") == [4, 4, 4]
+    assert frame_labels(videos, "sharded") == frame_labels(videos, "tracks")
+    assert run(videos, models, field="sharded", skip_existing=True)["skipped_existing"] == 3  # each written once
+
+
 @pytest.mark.bad_input
 def test_bad_videos_and_views_get_clear_errors(videos, models, tmp_path):
     broken = tmp_path / "broken.mkv"
@@ -175,24 +212,26 @@ def test_bad_videos_and_views_get_clear_errors(videos, models, tmp_path):
     images.add_sample(fo.Sample(filepath=str(tmp_path / "x.png")))
     with pytest.raises(FiftyOneAdapterError, match="only video samples"):
         run(images, models)
-    images.delete()
     other = ColourStatsEncoder(input_size=112, grid_size=14, hue_bins=8)
     with pytest.raises(Exception, match="encoder"):
         segment_videos_by_reference(
             videos, "shapes", "other", models[0], other, lambda: RegionPropagator(input_size=128), settings=SETTINGS
         )
+    with pytest.raises(Exception, match="encoder"):
+        start_sharded_tracking(videos, "shapes", "other", models[0], other, standin_propagator, 2)
+    with pytest.raises(InputError, match=r"^num_shards must be at least 1, got 0$"):  # as for images
+        start_sharded_tracking(videos, "shapes", "other", *models, standin_propagator, 0)
+    with pytest.raises(FiftyOneAdapterError, match="only video samples"):
+        start_sharded_tracking(images, "shapes", "other", *models, standin_propagator, 2)
+    assert not videos.has_frame_field("other")
+    images.delete()
 
 
-def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos, tiny_models, tmp_path, monkeypatch):
-    """The Segment and Evaluate operators on a video dataset with tiny random weights saved as users'
-    are: transformers' inference sessions forward, backward and released, through the plugin; the
-    progress counts frames."""
-    import fiftyone.operators as foo
-    from fiftyone.operators.executor import ExecutionContext
+@pytest.fixture
+def tiny_sam2(videos, tiny_models, tmp_path) -> dict:
+    """Operator parameters for tiny random-weight SAM2 video and DINOv2 models saved as users' are, with
+    their bank stored on ``videos`` as "tiny"."""
     from transformers import Sam2VideoModel
-
-    shown = []
-    monkeypatch.setattr(ExecutionContext, "set_progress", lambda self, progress=None, label=None: shown.append(label))
 
     from ntt_core.models import load_encoder
 
@@ -203,13 +242,26 @@ def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos
     references = make_dataset(3, seed=100, size=(96, 128), classes=CLASSES)
     bank = build_memory_bank(reference_images(references), encoder, settings=SETTINGS, classes=CLASSES)
     save_memory_bank(videos, "tiny", bank, source={"gt_field": "frames.gt"})
+    return dict(
+        sam2=str(folder), dinov2=str(tiny_models[1]), device="cpu", points_per_side=4, key_frame_stride=5, lost_frames=2
+    )
+
+
+SEGMENT = "@ntt/no-time-to-train/segment_by_reference"
+
+
+def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos, tiny_sam2, monkeypatch):
+    """The Segment and Evaluate operators on a video dataset with tiny random weights saved as users'
+    are: transformers' inference sessions forward, backward and released, through the plugin; the
+    progress counts frames."""
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    shown = []
+    monkeypatch.setattr(ExecutionContext, "set_progress", lambda self, progress=None, label=None: shown.append(label))
     before = frame_gt(videos)
 
-    segment = foo.get_operator("@ntt/no-time-to-train/segment_by_reference")
-    result = segment(
-        videos, "tiny", "sam", sam2=str(folder), dinov2=str(tiny_models[1]), device="cpu", points_per_side=4,
-        key_frame_stride=5, lost_frames=2,
-    )  # fmt: skip
+    result = foo.get_operator(SEGMENT)(videos, "tiny", "sam", **tiny_sam2)
     report = result["report"]
     assert (report["videos"], report["frames"], report["failed"]) == (2, 2 * FRAMES, [])
     assert f"over {2 * FRAMES} frame(s) of 2 video(s)" in result["summary"]  # the App's summary of a video run
@@ -225,3 +277,33 @@ def test_operators_track_with_a_tiny_sam2_video_model_and_evaluate_frames(videos
     assert "on 2 video(s)" in evaluated["summary"]
     assert evaluation["gt_field"] == "frames.gt" and 0.0 <= evaluation["mAP"] <= 1.0
     assert "segm" in evaluation["pycocotools"] and evaluation["pycocotools"]["segm"] is not None
+
+
+def test_the_operator_shards_videos_into_delegated_runs_with_the_labels_of_one_run(videos, tiny_sam2):
+    """Segment by reference with 2 shards on a video dataset: the planning run creates the frame field
+    and queues one delegated operation per whole video; run by FiftyOne's delegated service, they write
+    each video once, with the labels of one unsharded run; shards of 0 get the images' form error."""
+    import fiftyone.operators as foo
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionError
+
+    segment = foo.get_operator(SEGMENT)
+    segment(videos, "tiny", "sam", **tiny_sam2)
+    service = DelegatedOperationService()
+    try:
+        report = segment(videos, "tiny", "sharded", num_shards=2, **tiny_sam2)["report"]
+        assert report["field"] == "frames.sharded" and [s["shard"] for s in report["shards"]] == ["1/2", "2/2"]
+        queued = service.get_queued_operations(dataset_name=videos.name)
+        ids = [o.context.request_params["params"]["shard_sample_ids"] for o in queued]
+        assert sorted(sum(ids, [])) == sorted(videos.values("id"))  # disjoint whole videos, all of them
+        assert videos.values("sharded_tracks") == [None, None]  # nothing tracked before the shards run
+        results = service.execute_queued_operations(dataset_name=videos.name)
+        assert [r.error for r in results] == [None, None]
+        assert [r.result["report"]["videos"] for r in results] == [1, 1]
+        assert videos.values("sharded_tracks") == videos.values("sam_tracks")
+        assert frame_labels(videos, "sharded") == frame_labels(videos, "sam")
+        with pytest.raises(ExecutionError, match="num_shards must be at least 1, got 0"):
+            segment(videos, "tiny", "other", num_shards=0, **tiny_sam2)
+        assert not videos.has_frame_field("other")
+    finally:
+        service.delete_for_dataset(videos._doc.id)

@@ -27,11 +27,13 @@ FRAMES = 31
 TRACKING = TrackingSettings(key_frame_stride=10, match_iou=0.5, lost_frames=4)
 
 
-def write_video(frames, path) -> str:
-    """Frames -> a lossless video file (FFV1 in Matroska: decoded back exactly)."""
+def write_video(frames, path, web: bool = False) -> str:
+    """Frames -> a lossless video file (FFV1 in Matroska: decoded back exactly), or with ``web`` one a
+    browser plays (VP9 in WebM, lossy: for the App's video player)."""
     height, width = frames[0].shape[:2]
     command = ["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}"]
-    command += ["-r", "10", "-i", "-", "-c:v", "ffv1", "-pix_fmt", "bgr0", str(path)]
+    codec = ["libvpx-vp9", "-pix_fmt", "yuv420p", "-b:v", "0", "-crf", "20"] if web else ["ffv1", "-pix_fmt", "bgr0"]
+    command += ["-r", "10", "-i", "-", "-c:v", *codec, str(path)]
     subprocess.run(command, input=np.stack(frames).tobytes(), check=True)
     return str(path)
 

@@ -366,7 +366,12 @@ def plan_shards(samples, pred_field: str, num_shards: int) -> list[list[str]]:
     check_count(num_shards, "num_shards")
     samples, _ = image_collection(samples)
     todo = samples.exists(pred_field, False) if samples.has_field(pred_field) else samples
-    ids = todo.values("id")
+    return split_into_shards(todo.values("id"), num_shards)
+
+
+def split_into_shards(ids: list[str], num_shards: int) -> list[list[str]]:
+    """``ids`` in up to ``num_shards`` contiguous parts of sizes differing by at most one (none empty)."""
+    check_count(num_shards, "num_shards")
     count = min(num_shards, len(ids))
     return [ids[i * len(ids) // count : (i + 1) * len(ids) // count] for i in range(count)]
 

@@ -4,12 +4,13 @@ evaluation (FiftyOne's COCO evaluation on the frame fields plus pycocotools figu
 
 A video is finished when its sample-level ``<field>_tracks`` (the number of tracks) is set: a run
 that dies keeps the videos before the one it was on; run again with ``skip_existing`` to finish the
-rest (a half-written video is cleared and redone).
+rest (a half-written video is cleared and redone). A sharded run splits the videos still to do
+into whole videos per shard (:func:`start_sharded_tracking`), each shard resuming the same field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import fiftyone as fo
 import fiftyone.core.fields as fof
@@ -18,11 +19,20 @@ import fiftyone.core.utils as fou
 import numpy as np
 
 from .. import coco_evaluation
+from ..input_rules import check_count
 from ..settings import Settings
 from .bank_runs import load_memory_bank
 from .evaluation import _coco_entry, check_eval_key, coco_evaluation_with_figures
 from .fields import PREDICTION_METHOD, FiftyOneAdapterError, Progress, check_new_field_name
-from .predictions import RECORD_MATCH_KEYS, _resume_part, make_prediction_record, prediction_record, prediction_run_key
+from .predictions import (
+    RECORD_MATCH_KEYS,
+    _resume_part,
+    make_prediction_record,
+    planning_unfinished,
+    prediction_record,
+    prediction_run_key,
+    split_into_shards,
+)
 
 # these import torch: loaded at first use, so that forms resolve in the App without it
 pipeline = fou.lazy_import("ntt_core.predictor")
@@ -127,6 +137,7 @@ def segment_videos_by_reference(
     overwrite: bool = False,
     skip_existing: bool = False,
     progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Track every instance of the bank's classes through each video of ``samples`` into the frame
     field ``frames.<pred_field>`` (see :class:`~ntt_core.tracking.VideoTracker`).
@@ -136,7 +147,9 @@ def segment_videos_by_reference(
     ``key_frame``; ``<pred_field>_tracks`` on the sample counts the tracks and marks the video done.
     A video that cannot be read, has no frames or changes frame size is reported in ``failed`` (and
     left empty); any other error stops the run, the finished videos kept. ``progress(frames done,
-    frames total)`` is called per frame. Returns ``{"field", "videos", "frames", "tracks",
+    frames total)`` is called per frame. ``should_stop`` is asked before each video; when it says so
+    the run stops with an error, starting no more videos (a delegated shard whose operation was
+    marked failed). Returns ``{"field", "videos", "frames", "tracks",
     "skipped_existing", "failed", "note"}``.
     """
     settings = settings or Settings()
@@ -160,6 +173,11 @@ def segment_videos_by_reference(
     report["skipped_existing"] = len(samples) - len(todo)
     propagator = probe
     for sample in todo.iter_samples(autosave=False):
+        if should_stop is not None and should_stop():
+            raise FiftyOneAdapterError(
+                f"stopped after {report['videos']} of {len(todo)} videos: this run's operation is no longer "
+                f"running (marked failed or taken over); the finished videos are saved in 'frames.{pred_field}'"
+            )
         propagator = propagator or make_propagator()
         tracker = tracking.VideoTracker(predictor, propagator, tracking_settings)
         try:
@@ -181,6 +199,40 @@ def segment_videos_by_reference(
         report["tracks"] += len(tracker.tracks)
         propagator = None
     return report
+
+
+def start_sharded_tracking(
+    samples,
+    bank_key: str,
+    pred_field: str,
+    segmenter,
+    encoder,
+    make_propagator: Callable[[], object],
+    num_shards: int,
+    settings: Settings | None = None,
+    tracking_settings=None,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    assigned: Collection[str] = (),
+) -> list[list[str]]:
+    """Everything a sharded video run does before its shards are queued (as
+    :func:`.predictions.start_sharded_prediction` for images): check the bank against the encoder,
+    create ``frames.<pred_field>`` and its run record, and fix each shard's video ids (the videos
+    not finished and not ``assigned`` to shards already queued, in the collection's order, split into
+    contiguous parts: whole videos, never split). Each shard then runs
+    :func:`segment_videos_by_reference` on its ids with ``skip_existing=True``; planning again before
+    :func:`.predictions.finish_planning` (``"frames_" + pred_field``) continues it."""
+    settings = settings or Settings()
+    tracking_settings = tracking_settings or tracking.TrackingSettings()
+    samples, _ = video_collection(samples)
+    check_count(num_shards, "num_shards")
+    dataset = samples._root_dataset
+    skip_existing = skip_existing or (planning_unfinished(dataset, f"frames_{pred_field}") and not overwrite)
+    load_memory_bank(dataset, bank_key).check_encoder(encoder)
+    record = _record(dataset, pred_field, bank_key, segmenter, encoder, make_propagator(), settings, tracking_settings)
+    _prepare_field(dataset, pred_field, {**record, "planning": True}, overwrite, skip_existing)
+    todo = samples.exclude(list(assigned)).exists(pred_field + TRACKS_SUFFIX, False)
+    return split_into_shards(todo.values("id"), num_shards)
 
 
 def _track_sample(sample, tracker, field: str, report: dict, total: int, progress) -> int:
