@@ -20,7 +20,7 @@ from test_plugin import FAST, uri
 from ntt_core.bank_review import suggest_thresholds
 from ntt_core.fiftyone import review
 from ntt_core.fiftyone.bank_runs import load_memory_bank, memory_bank_info
-from ntt_plugin.panel import EMPTY_STATE, NEEDS_LABELS, NEEDS_PREDICTION, NEEDS_SAMPLES
+from ntt_plugin.panel import EMPTY_STATE, NEEDS_LABELS, NEEDS_PREDICTION, NEEDS_SAMPLES, OUTSIDE_VIEW_IN_MODAL
 
 PANEL = uri("memory_banks")
 
@@ -247,6 +247,7 @@ def test_show_matched_reference_opens_the_reference_sample(segmented):
 
     # outside it, from the panel: the whole dataset first (no Select stage), the user's view remembered
     elsewhere = segmented.exclude(match["sample_id"])
+    sample_id = elsewhere.first().id
     requests = panel_event("show_matched_reference", elsewhere, selected_labels=[label])
     asked = {r["operator_uri"]: r["params"] for r in requests}
     assert json.loads(json.dumps(asked["set_view"]["view"])) == [] and "open_sample" not in asked
@@ -255,6 +256,10 @@ def test_show_matched_reference_opens_the_reference_sample(segmented):
     assert state["return_to"]["step"] == "pending" and state["return_to"]["match"] == match
     kept = [{k: v for k, v in stage.items() if k != "_uuid"} for stage in state["return_to"]["view"]]
     assert kept == [{"_cls": "fiftyone.core.stages.Exclude", "kwargs": [["sample_ids", [match["sample_id"]]]]}]
+    # from the sample modal's tab the change would close the modal and the panel with it: the view is kept
+    requests = panel_event("show_matched_reference", elsewhere, selected_labels=[label], current_sample=sample_id)
+    assert not [r for r in requests if r["operator_uri"] in ("set_view", "open_sample")]
+    assert rendered(requests)["message"]["view"]["label"] == OUTSIDE_VIEW_IN_MODAL
     # the operator keeps the user's view and says how to see the reference
     report = foo.get_operator(uri("show_matched_reference"))(segmented, "pred", prediction.id)["report"]
     assert report == {**match, "note": None}
