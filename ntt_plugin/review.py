@@ -72,7 +72,7 @@ def show_reference(ctx, match: dict) -> None:
 
 
 def restore_view(ctx, user_view: dict) -> None:
-    """Show the user's view again (as :func:`show_reference` returned it): their saved view, or their stages."""
+    """Show the user's view again (as :func:`user_view_to_restore` gave it): their saved view, or their stages."""
     if user_view.get("view_name"):
         ctx.ops.set_view(name=user_view["view_name"])
     else:
@@ -132,10 +132,10 @@ class ShowMatchedReference(foo.Operator):
 
         field, label_id = selected_prediction(ctx)
         match = matched_reference(ctx.dataset, field, label_id)
-        outside = user_view_to_restore(ctx, match) is not None
-        if not outside:
+        inside = in_view(ctx.view, match)
+        if inside:  # else the view is kept: asked together, the App would open it in the old view
             show_reference(ctx, match)
-        return result(self, {**match, "note": OUTSIDE_VIEW if outside else None})
+        return result(self, {**match, "note": None if inside else OUTSIDE_VIEW})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Matched reference")
