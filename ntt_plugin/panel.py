@@ -15,7 +15,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from .common import LibraryMissingError, require_library
-from .review import selected_prediction, show_reference
+from .review import in_view, restore_view, selected_prediction, show_reference, user_view_to_restore
 
 PLUGIN = "@ntt/no-time-to-train"
 PREVIEW_FIELD = "ntt_preview"
@@ -36,6 +36,15 @@ REVIEW_HELP = (
 STOP_NOTE = (
     "Stop requested: the run stops after the image it is on and keeps every sample written so far. "
     "To resume, run Segment by reference into the same field with 'Skip samples that already have predictions'."
+)
+BACK_NOTE = (
+    "Matched reference: it is outside your view, so the App shows the whole dataset; closing the sample "
+    "(or Back to my view) shows your view again."
+)
+OUTSIDE_VIEW_IN_MODAL = (
+    "Matched reference: it is outside your view. Close the sample (your selection stays) and click "
+    "Matched reference in this panel next to the grid: it shows the whole dataset until you close the "
+    "reference, then your view again."
 )
 THUMBNAILS_PER_CLASS = 8
 
@@ -69,6 +78,14 @@ class MemoryBanksPanel(foo.Panel):
     def on_load(self, ctx):
         ctx.panel.state.message = None
 
+    def on_change_view(self, ctx):
+        """Once the App shows the whole dataset that Matched reference asked for, open the reference."""
+        return_to = ctx.panel.get_state("return_to")
+        whole_dataset = ctx.params.get("value") == []  # the view's own event (the App also sends others)
+        if return_to and return_to["step"] == "pending" and whole_dataset and in_view(ctx.view, return_to["match"]):
+            ctx.panel.state.return_to = {**return_to, "step": "shown"}
+            show_reference(ctx, return_to["match"])
+
     def on_change_dataset(self, ctx):
         ctx.panel.state.message = None
 
@@ -79,7 +96,16 @@ class MemoryBanksPanel(foo.Panel):
         pass  # re-render: the review buttons depend on the selected labels
 
     def on_change_current_sample(self, ctx):
-        pass  # re-render: the layout keeps clear of the sample modal's arrows while it is open
+        """Re-render (the layout keeps clear of the sample modal's arrows while it is open); once the
+        reference that Matched reference opened outside the user's view is closed, their view again."""
+        return_to = ctx.panel.get_state("return_to")
+        if return_to and return_to["step"] == "shown" and ctx.params.get("value") is None:
+            self.back_to_view(ctx)
+
+    def back_to_view(self, ctx):
+        restore_view(ctx, ctx.panel.get_state("return_to"))
+        ctx.panel.state.return_to = None
+        ctx.panel.state.message = None
 
     def refresh(self, ctx):
         cached_overview.cache_clear()
@@ -152,7 +178,21 @@ class MemoryBanksPanel(foo.Panel):
         self._show(ctx, match)
 
     def _show(self, ctx, match: dict) -> None:
-        ctx.panel.state.message = show_reference(ctx, match)
+        """Open the reference of ``match`` in the modal. When it is outside the user's view, the App
+        is first asked to show the whole dataset, and on_change_view opens the reference once it does
+        (asked together, the App would look for it in the old view); from the sample modal, where
+        that change would close the modal and this panel with it, the message says what to do."""
+        user_view = user_view_to_restore(ctx, match)
+        ctx.panel.state.return_to = None
+        if user_view is None:
+            ctx.panel.state.message = None
+            show_reference(ctx, match)
+        elif ctx.current_sample:
+            ctx.panel.state.message = OUTSIDE_VIEW_IN_MODAL
+        else:
+            ctx.panel.state.return_to = {**user_view, "match": match, "step": "pending"}
+            ctx.panel.state.message = BACK_NOTE
+            ctx.ops.set_view(ctx.dataset.view())
 
     def _bank(self, ctx) -> dict:
         return {"bank_key": ctx.params.get("bank_key")}
@@ -182,6 +222,8 @@ class MemoryBanksPanel(foo.Panel):
             None if ctx.selected_labels else NEEDS_PREDICTION,
         )
         actions.btn("refresh", label="Refresh", on_click=self.refresh)
+        if ctx.panel.get_state("return_to"):
+            panel.btn("back_to_view", label="Back to my view", on_click=self.back_to_view)
         _why_disabled(panel, "actions_disabled", [None if ctx.selected_labels else NEEDS_PREDICTION])
         message = ctx.panel.get_state("message")
         if message:

@@ -27,6 +27,11 @@ from .common import (
     run_with_progress,
 )
 
+OUTSIDE_VIEW = (
+    "the reference is outside your view, which is kept: the Memory banks panel's Matched reference opens it "
+    "(showing the whole dataset until you close the sample, then your view again)"
+)
+
 
 def selected_labels(ctx) -> dict[str, list[str]]:
     """``{field: label ids}``: ``label_ids`` of ``label_field`` when given, else the App's selection."""
@@ -48,26 +53,43 @@ def selected_prediction(ctx) -> tuple[str, str] | None:
     return None
 
 
-def show_reference(ctx, match: dict) -> str | None:
-    """Open the reference of ``match`` (see ``ntt_core.fiftyone.review.matched_reference``) in the
-    App's modal with its label selected (drawn highlighted). The user's view is kept when it holds
-    the reference's sample; otherwise the App shows the whole dataset (never a one-sample view that
-    would outlive the review) and the returned note says so."""
-    note = None
-    if not in_view(ctx.view, match["sample_id"]):
-        ctx.ops.set_view(ctx.dataset.view())
-        note = "the reference's sample is outside the current view: the App now shows the whole dataset"
+def user_view_to_restore(ctx, match: dict) -> dict | None:
+    """None when the user's view holds the reference of ``match`` (see
+    ``ntt_core.fiftyone.review.matched_reference``), else their view, for :func:`restore_view`:
+    ``{"view": its stages as the App sent them, "view_name": its saved view or None}``."""
+    if in_view(ctx.view, match):
+        return None
+    return {"view": ctx.request_params.get("view") or [], "view_name": ctx.request_params.get("view_name")}
+
+
+def show_reference(ctx, match: dict) -> None:
+    """Open the reference of ``match``, which the App's view holds, in the sample modal with its label
+    selected (the App draws it highlighted while its field is shown in the sidebar)."""
     ctx.ops.open_sample(match["sample_id"])
     if match["field"]:
         label = {"label_id": match["reference_id"], "sample_id": match["sample_id"], "field": match["field"]}
         ctx.ops.set_selected_labels([{**label, "frame_number": None}])
-    return note
 
 
-def in_view(view, sample_id: str) -> bool:
-    """Whether sample ``sample_id`` is among the samples of ``view`` (a patches or other generated view
-    holds other documents, so never)."""
-    return not view._is_generated and len(view.select(sample_id)) == 1
+def restore_view(ctx, user_view: dict) -> None:
+    """Show the user's view again (as :func:`user_view_to_restore` gave it): their saved view, or their stages."""
+    if user_view.get("view_name"):
+        ctx.ops.set_view(name=user_view["view_name"])
+    else:
+        ctx.trigger("set_view", params={"view": user_view["view"]})
+
+
+def in_view(view, match: dict) -> bool:
+    """Whether the reference of ``match`` is in ``view``: its sample, and its label if it still has one
+    (a patches or other generated view holds other documents, so never)."""
+    if view._is_generated:
+        return False
+    samples = view.select(match["sample_id"])
+    if match["field"] is None:
+        return len(samples) == 1
+    if match["field"] not in view.get_field_schema():
+        return False
+    return len(samples.select_labels(ids=[match["reference_id"]], fields=match["field"])) == 1
 
 
 def bank_of_selection(ctx, inputs) -> types.Property:
@@ -110,8 +132,10 @@ class ShowMatchedReference(foo.Operator):
 
         field, label_id = selected_prediction(ctx)
         match = matched_reference(ctx.dataset, field, label_id)
-        note = show_reference(ctx, match)
-        return result(self, {**match, "note": note})
+        inside = in_view(ctx.view, match)
+        if inside:  # else the view is kept: asked together, the App would open it in the old view
+            show_reference(ctx, match)
+        return result(self, {**match, "note": None if inside else OUTSIDE_VIEW})
 
     def resolve_output(self, ctx):
         return report_output(ctx, "Matched reference")

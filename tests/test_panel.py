@@ -20,7 +20,7 @@ from test_plugin import FAST, uri
 from ntt_core.bank_review import suggest_thresholds
 from ntt_core.fiftyone import review
 from ntt_core.fiftyone.bank_runs import load_memory_bank, memory_bank_info
-from ntt_plugin.panel import EMPTY_STATE, NEEDS_LABELS, NEEDS_PREDICTION, NEEDS_SAMPLES
+from ntt_plugin.panel import EMPTY_STATE, NEEDS_LABELS, NEEDS_PREDICTION, NEEDS_SAMPLES, OUTSIDE_VIEW_IN_MODAL
 
 PANEL = uri("memory_banks")
 
@@ -233,34 +233,38 @@ def test_show_matched_reference_opens_the_reference_sample(segmented):
     prediction = segmented.values("pred.detections", unwind=True)[0]
     match = review.matched_reference(segmented, "pred", prediction.id)
     label = selected(segmented, "pred", prediction)
-    elsewhere = segmented.exclude(match["sample_id"])  # a view of the user's that lacks the reference's sample
-    for view, changed in ((segmented.view(), False), (elsewhere, True)):
-        for requests in (
-            panel_event("show_matched_reference", view, selected_labels=[label]),
-            foo.execute_operator(
-                uri("show_matched_reference"), dict(view=view, selected_labels=[label])
-            ).executor.to_json()["requests"],
-        ):
-            asked = {r["operator_uri"]: r["params"] for r in requests}
-            if "show_panel_output" in asked:
-                assert rendered(requests)["actions.show_matched_reference"]["view"]["disabled"] is False
-            if changed:  # the whole dataset: no Select stage is left behind
-                assert json.loads(json.dumps(asked["set_view"]["view"])) == []
-            else:  # the user's view is kept
-                assert "set_view" not in asked
-            assert asked["open_sample"] == {"id": match["sample_id"], "group_id": None}
-            assert asked["set_selected_labels"]["labels"] == [
-                {
-                    "label_id": prediction.reference_id,
-                    "sample_id": match["sample_id"],
-                    "field": "gt",
-                    "frame_number": None,
-                }
-            ]
+    reference = {"label_id": prediction.reference_id, "sample_id": match["sample_id"], "field": "gt"}
+    for requests in (  # in the user's view: opened at once, the view kept
+        panel_event("show_matched_reference", segmented.view(), selected_labels=[label]),
+        foo.execute_operator(
+            uri("show_matched_reference"), dict(view=segmented.view(), selected_labels=[label])
+        ).executor.to_json()["requests"],
+    ):
+        asked = {r["operator_uri"]: r["params"] for r in requests}
+        assert "set_view" not in asked
+        assert asked["open_sample"] == {"id": match["sample_id"], "group_id": None}
+        assert asked["set_selected_labels"]["labels"] == [{**reference, "frame_number": None}]
+
+    # outside it, from the panel: the whole dataset first (no Select stage), the user's view remembered
+    elsewhere = segmented.exclude(match["sample_id"])
+    sample_id = elsewhere.first().id
+    requests = panel_event("show_matched_reference", elsewhere, selected_labels=[label])
+    asked = {r["operator_uri"]: r["params"] for r in requests}
+    assert json.loads(json.dumps(asked["set_view"]["view"])) == [] and "open_sample" not in asked
+    patches = [r["params"]["state"] for r in requests if r["operator_uri"] == "patch_panel_state"]
+    state = {key: value for patch in patches for key, value in patch.items()}
+    assert state["return_to"]["step"] == "pending" and state["return_to"]["match"] == match
+    kept = [{k: v for k, v in stage.items() if k != "_uuid"} for stage in state["return_to"]["view"]]
+    assert kept == [{"_cls": "fiftyone.core.stages.Exclude", "kwargs": [["sample_ids", [match["sample_id"]]]]}]
+    # from the sample modal's tab the change would close the modal and the panel with it: the view is kept
+    requests = panel_event("show_matched_reference", elsewhere, selected_labels=[label], current_sample=sample_id)
+    assert not [r for r in requests if r["operator_uri"] in ("set_view", "open_sample")]
+    assert rendered(requests)["message"]["view"]["label"] == OUTSIDE_VIEW_IN_MODAL
+    # the operator keeps the user's view and says how to see the reference
     report = foo.get_operator(uri("show_matched_reference"))(segmented, "pred", prediction.id)["report"]
     assert report == {**match, "note": None}
     report = foo.get_operator(uri("show_matched_reference"))(elsewhere, "pred", prediction.id)["report"]
-    assert report["note"] == "the reference's sample is outside the current view: the App now shows the whole dataset"
+    assert report["note"].startswith("the reference is outside your view, which is kept")
 
 
 @pytest.mark.bad_input

@@ -23,6 +23,7 @@ from ntt_core.fiftyone.bank_runs import load_memory_bank
 from ntt_core.fiftyone.building import build_dataset_memory_bank
 from ntt_core.fiftyone.predictions import segment_by_reference
 from ntt_core.fiftyone.references import DEFAULT_REFERENCE_TAG
+from ntt_core.fiftyone.review import matched_reference
 from ntt_core.settings import Settings
 from ntt_core.standins import ColourStatsEncoder, ConnectedRegionSegmenter
 
@@ -189,3 +190,122 @@ def test_filtering_confidence_resetting_it_and_opening_a_sample_logs_no_unknown_
     app.open(dataset)
     filter_reset_and_open(app, "ntt_predictions")
     app.screenshot("reset-then-opened")
+
+
+SCENE = (256, 192)  # width, height of the `predicted` scenes
+
+
+def prediction_elsewhere(dataset):
+    """A prediction on a sample that holds no reference, and the reference that produced it."""
+    with_references = set(dataset.filter_labels("gt", F("tags").contains(DEFAULT_REFERENCE_TAG)).values("id"))
+    ids = dataset.values("id")
+    index = next(i for i, sample_id in enumerate(ids) if sample_id not in with_references)
+    prediction = dataset[ids[index]].ntt_predictions.detections[0]
+    return index, prediction, matched_reference(dataset, "ntt_predictions", prediction.id)
+
+
+def app_view(app) -> list[str]:
+    """The stages of the view the App shows (kept in its history entry), by class name."""
+    stages = app.page.evaluate("() => window.history.state?.usr?.view ?? []")
+    return [stage["_cls"].rsplit(".", 1)[-1] for stage in stages]
+
+
+def expect_reference_open(app, match, drawn: bool = True) -> None:
+    """The sample modal shows the reference's sample with its label selected (and, if ``drawn``, its
+    field shown, so that the App draws the label highlighted)."""
+    modal = app.page.get_by_test_id("modal")
+    expect(app.page).to_have_url(re.compile(rf"[?&]id={match['sample_id']}"))
+    modal.locator("[canvas-loaded='true']").wait_for()
+    expect(modal.get_by_test_id("action-manage-selected")).to_have_text("1")
+    if not drawn:
+        return
+    checkbox = modal.get_by_test_id("sidebar").get_by_test_id(f"checkbox-{match['field']}").locator("input")
+    expect(checkbox).to_be_checked()  # the field is shown, so the selected label is drawn
+
+
+def select_prediction(app, index: int, prediction) -> None:
+    """Open the ``index``-th sample of the grid, click ``prediction`` and close the modal (the selection stays)."""
+    modal = app.open_sample(index)
+    app.click_label(modal, prediction, SCENE)
+    expect(modal.get_by_test_id("action-manage-selected")).to_have_text("1")
+    close_modal(app)
+
+
+def close_modal(app) -> None:
+    app.page.mouse.click(5, 400)  # outside the modal, as a user closes it
+    expect(app.page.get_by_test_id("modal")).to_have_count(0)
+
+
+def matched_reference_from_the_panel(app):
+    app.open_panel("memory_banks")
+    panel = app.page.get_by_test_id("panel-content-memory_banks")
+    panel.get_by_role("button", name="Matched reference").click()
+    return panel
+
+
+def test_matched_reference_opens_in_the_modal_highlighted_without_changing_the_view(app, dataset):
+    index, prediction, match = prediction_elsewhere(dataset)
+    app.open(dataset)
+    app.sidebar_checkbox("gt").click()  # predictions only: the click selects one
+    modal = app.open_sample(index)
+    app.click_label(modal, prediction, SCENE)
+    expect(modal.get_by_test_id("action-manage-selected")).to_have_text("1")
+    modal.get_by_test_id("sidebar").get_by_test_id("checkbox-gt").click()  # the ground truth shown again
+    app.page.keyboard.press("`")  # the operator browser, from the modal (Escape would clear the selection)
+    app.page.get_by_test_id("operators-browser").wait_for()
+    app.page.keyboard.type("Show matched reference")
+    app.page.keyboard.press("Enter")
+    prompt = app.page.get_by_test_id("operators-prompt-modal")
+    app.primary(prompt).wait_for()
+    app.settle(prompt)
+    app.execute(prompt)
+    expect(prompt).to_contain_text(f"Matched reference {match['reference_id']}")
+    prompt.get_by_role("button", name="Close").click()
+    expect_reference_open(app, match)
+    app.page.wait_for_timeout(500)
+    app.screenshot("matched-reference", modal)
+    assert app_view(app) == []  # the view is unchanged
+    close_modal(app)
+    assert app_view(app) == [] and app.sample_count() == len(dataset)
+    app.open(dataset)  # re-opened: still the whole dataset, no Select stage
+    assert app_view(app) == [] and app.sample_count() == len(dataset)
+
+
+def test_matched_reference_from_a_patches_view_restores_it_when_the_reference_is_closed(app, dataset):
+    patches = dataset.to_patches("ntt_predictions")
+    prediction = patches.first().ntt_predictions
+    match = matched_reference(dataset, "ntt_predictions", prediction.id)
+    app.open(dataset)
+    app.page.get_by_test_id("action-clips-patches").click()
+    app.page.get_by_title('Switch to patches view for the "ntt_predictions" field').click()
+    expect(app.page.get_by_test_id("entry-counts")).to_contain_text(f"{len(patches)} patches")
+    select_prediction(app, 0, prediction)
+    panel = matched_reference_from_the_panel(app)
+    # FiftyOne 1.22's modal sidebar keeps the patches view's fields: `gt` is not listed, so not drawn
+    expect_reference_open(app, match, drawn=False)
+    assert app_view(app) == []  # the whole dataset while the reference is open
+    app.screenshot("reference-open")
+    close_modal(app)
+    expect(app.page.get_by_test_id("entry-counts")).to_contain_text(f"{len(patches)} patches")
+    assert app_view(app) == ["ToPatches"]  # the user's patches view again
+    expect(panel.get_by_role("button", name="Back to my view")).to_have_count(0)
+    app.open(dataset)  # re-opened: the App brings back the user's last view, nothing of ours in it
+    assert app_view(app) == ["ToPatches"]
+
+
+def test_matched_reference_from_a_saved_view_without_it_restores_the_saved_view(app, dataset):
+    index, prediction, match = prediction_elsewhere(dataset)
+    saved = dataset.exclude(match["sample_id"])
+    dataset.save_view("without-the-reference", saved)
+    app.open(dataset, view="without-the-reference")
+    assert app.sample_count() == len(saved)
+    app.sidebar_checkbox("gt").click()  # predictions only: the click selects one
+    select_prediction(app, saved.values("id").index(dataset.values("id")[index]), prediction)
+    panel = matched_reference_from_the_panel(app)
+    expect_reference_open(app, match, drawn=False)  # the modal keeps the fields shown when it was last open
+    expect(panel).to_contain_text("it is outside your view")
+    close_modal(app)
+    expect(app.page).to_have_url(re.compile(r"[?&]view=without-the-reference"))
+    expect(app.page.get_by_test_id("entry-counts")).to_contain_text(f"{len(saved)} samples")
+    app.open(dataset)  # re-opened: the App brings back the user's last view, no Select stage
+    assert app_view(app) == ["Exclude"] and app.sample_count() == len(saved)
