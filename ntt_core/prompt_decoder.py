@@ -14,8 +14,8 @@ module computes the same function with the same weights, in five ways cheaper:
   matrix products write into buffers kept from batch to batch instead of fresh memory (CPU);
 - :func:`decode_best` reads SAM2's IoU head (which needs no upscaling) first, then upscales and
   predicts a mask only for the prompts that pass the IoU filter and only for their chosen output;
-- the transformer's final attention, where each token reads the pixels on its own, runs only for the
-  5 of a prompt's 8 tokens that the output heads read.
+- the transformer's final attention, where each token reads the pixels on its own, runs only for a
+  prompt's IoU and mask tokens (5 of its 8), the ones the output heads read.
 
 Equal to the transformers forward up to float rounding (tests/test_prompt_decoder.py); costs and
 speed in benchmarks/RESULTS.md.
@@ -194,7 +194,8 @@ def _multimask_heads(
     """The transformer's final attention and the output heads, from :func:`_two_way_layers`'s outputs ->
     the three multimask outputs' predicted IoUs ``[B, P, 3]`` and hypernetwork weights ``[B, P, 3, C/8]``
     (output 0, the single mask, is not used). Each token reads the pixels on its own in the final
-    attention, so only the 5 tokens that the heads read do (the IoU token and the mask tokens, of 8)."""
+    attention, so only the IoU token and the mask tokens do (5 of 8; of these the single-mask token is
+    not read, kept for one contiguous slice), not the object-score token nor the sparse prompt tokens."""
     used = slice(1, 2 + decoder.num_mask_tokens)  # the IoU token, then the single-mask and multimask tokens
     transformer = decoder.transformer
     queries = tokens[:, :, used] + prompt_tokens[:, :, used]
