@@ -2,7 +2,7 @@
 
 ``transformers.Sam2MaskDecoder`` copies the image embedding, its positional embedding and both
 high-resolution skip levels once per prompt and upscales all four outputs of every prompt. This
-module computes the same function with the same weights, in four ways cheaper:
+module computes the same function with the same weights, in five ways cheaper:
 
 - per-image tensors stay per image: the first layer's image projections are computed once per image,
   skip levels are shared by the prompts of an image, positional projections are made once per image;
@@ -13,7 +13,9 @@ module computes the same function with the same weights, in four ways cheaper:
 - inside :func:`reusing_buffers` (``proposals.propose``: the prompt batches of an image) the largest
   matrix products write into buffers kept from batch to batch instead of fresh memory (CPU);
 - :func:`decode_best` reads SAM2's IoU head (which needs no upscaling) first, then upscales and
-  predicts a mask only for the prompts that pass the IoU filter and only for their chosen output.
+  predicts a mask only for the prompts that pass the IoU filter and only for their chosen output;
+- the transformer's final attention, where each token reads the pixels on its own, runs only for a
+  prompt's IoU and mask tokens (5 of its 8), the ones the output heads read.
 
 Equal to the transformers forward up to float rounding (tests/test_prompt_decoder.py); costs and
 speed in benchmarks/RESULTS.md.
@@ -159,10 +161,11 @@ def _pixels_read_tokens(
     return _baddbmm(pixels.flatten(0, 1), weights, value_maps).unflatten(0, (batch, prompts))
 
 
-def _two_way_transformer(
+def _two_way_layers(
     decoder, image: torch.Tensor, positional: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM2's two-way transformer -> output tokens ``[B, P, T, C]`` and pixels ``[B, P, hw, C]``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAM2's two-way transformer up to its final attention -> tokens ``[B, P, T, C]``, their positional
+    part (the prompt tokens, same shape), pixels ``[B, P, hw, C]`` and their positions ``[1 or B, hw, C]``."""
     batch = image.shape[0]
     prompts = sparse.shape[1]
     output_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
@@ -170,8 +173,7 @@ def _two_way_transformer(
     tokens = prompt_tokens  # [B, P, T, C]
     pixels = (image + dense).flatten(2).transpose(1, 2)[:, None]  # [B, 1, hw, C] until the first layer's end
     positions = positional.flatten(2).transpose(1, 2)  # [1 or B, hw, C]
-    transformer = decoder.transformer
-    for layer in transformer.layers:
+    for layer in decoder.transformer.layers:
         if layer.skip_first_layer_pe:
             tokens = attend(layer.self_attn, tokens, tokens, tokens)
         else:
@@ -183,17 +185,25 @@ def _two_way_transformer(
         tokens = layer.layer_norm3(tokens + layer.mlp(tokens))
         pixels = _pixels_read_tokens(layer.cross_attn_image_to_token, pixels, positions, tokens + prompt_tokens, tokens)
         pixels = layer.layer_norm4(pixels)  # [B, P, hw, C] from here on
-    final = _tokens_read_pixels(transformer.final_attn_token_to_image, tokens + prompt_tokens, pixels, positions)
-    return transformer.layer_norm_final_attn(tokens + final), pixels
+    return tokens, prompt_tokens, pixels, positions
 
 
-def _multimask_heads(decoder, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output tokens ``[B, P, T, C]`` -> the three multimask outputs' predicted IoUs ``[B, P, 3]`` and
-    hypernetwork weights ``[B, P, 3, C/8]`` (output 0, the single mask, is not used)."""
-    mask_tokens = tokens[:, :, 3 : 2 + decoder.num_mask_tokens]
+def _multimask_heads(
+    decoder, tokens: torch.Tensor, prompt_tokens: torch.Tensor, pixels: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformer's final attention and the output heads, from :func:`_two_way_layers`'s outputs ->
+    the three multimask outputs' predicted IoUs ``[B, P, 3]`` and hypernetwork weights ``[B, P, 3, C/8]``
+    (output 0, the single mask, is not used). Each token reads the pixels on its own in the final
+    attention, so only the IoU token and the mask tokens do (5 of 8; of these the single-mask token is
+    not read, kept for one contiguous slice), not the object-score token nor the sparse prompt tokens."""
+    used = slice(1, 2 + decoder.num_mask_tokens)  # the IoU token, then the single-mask and multimask tokens
+    transformer = decoder.transformer
+    queries = tokens[:, :, used] + prompt_tokens[:, :, used]
+    final = _tokens_read_pixels(transformer.final_attn_token_to_image, queries, pixels, positions)
+    tokens = transformer.layer_norm_final_attn(tokens[:, :, used] + final)
     hypernetworks = decoder.output_hypernetworks_mlps[1:]
-    weights = torch.stack([mlp(mask_tokens[:, :, i]) for i, mlp in enumerate(hypernetworks)], dim=2)
-    return decoder.iou_prediction_head(tokens[:, :, 1])[..., 1:], weights
+    weights = torch.stack([mlp(tokens[:, :, 2 + i]) for i, mlp in enumerate(hypernetworks)], dim=2)
+    return decoder.iou_prediction_head(tokens[:, :, 0])[..., 1:], weights
 
 
 def _blocked_skips(decoder, high_resolution: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,8 +286,8 @@ def decode_multimask(
     [B, C/4, 2h, 2w])``, sparse prompt embeddings ``[B, P, S, C]``, dense ``[B, C, h, w]`` ->
     mask logits ``[B, P, 3, 4h, 4w]`` and predicted IoUs ``[B, P, 3]``.
     """
-    tokens, pixels = _two_way_transformer(decoder, image, positional, sparse, dense)
-    iou, weights = _multimask_heads(decoder, tokens)
+    tokens, prompt_tokens, pixels, positions = _two_way_layers(decoder, image, positional, sparse, dense)
+    iou, weights = _multimask_heads(decoder, tokens, prompt_tokens, pixels, positions)
     coarse, fine = _blocked_skips(decoder, high_resolution)
     side = image.shape[-1]
     logits = [_masks(decoder, *per_image, side) for per_image in zip(pixels, coarse, fine, weights)]
@@ -296,8 +306,8 @@ def decode_best(
     """:func:`decode_multimask` followed by :func:`choose_outputs`, with only the chosen output of the
     prompts that pass upscaled: inputs as there -> per image, the chosen logits ``[n, 4h, 4w]`` and IoUs
     ``[n]`` of its n passing prompts, in prompt order. One host sync per call (the pass counts)."""
-    tokens, pixels = _two_way_transformer(decoder, image, positional, sparse, dense)
-    iou, weights = _multimask_heads(decoder, tokens)
+    tokens, prompt_tokens, pixels, positions = _two_way_layers(decoder, image, positional, sparse, dense)
+    iou, weights = _multimask_heads(decoder, tokens, prompt_tokens, pixels, positions)
     best_iou, best, keep = choose_outputs(iou, iou_threshold)
     weights = weights.gather(2, best[:, :, None, None].expand(-1, -1, 1, weights.shape[-1]))  # [B, P, 1, C/8]
     coarse, fine = _blocked_skips(decoder, high_resolution)

@@ -34,6 +34,7 @@ TINY_SETTINGS = Settings(points_per_side=4, prompt_batch_size=8, sam_iou_thresho
 PIPELINE_SOURCES = {
     1: "3fc0828086889d4c7d6587ffe7ec446b6981e47c9a638ca039c067be263c1795",
     2: "194cc81d4ba7f5fae9eae4685912344f335b53dd27a735aaa9a1cca75aa2b096",  # decoder buffer reuse, cache hit count
+    3: "99b8638d5d247eed1cc66d1439eceb42d36ca7f10242ea96ce987bfea77af31e",  # final attention for the 5 tokens read
 }
 
 
