@@ -1,5 +1,7 @@
 """Our SAM2 / DINOv2 wrappers against the transformers models' own forward paths."""
 
+import copy
+
 import pytest
 import torch
 
@@ -19,7 +21,8 @@ def test_sizes_come_from_the_configs(models):
 
 
 def test_segmenter_matches_sam2_forward_when_the_no_memory_embedding_is_added(tiny_models):
-    segmenter = load_segmenter(str(tiny_models[0]), device="cpu", add_no_memory_embedding=True)
+    loaded = load_segmenter(str(tiny_models[0]), device="cpu", add_no_memory_embedding=True)
+    segmenter = copy.deepcopy(loaded)  # the loaded model is shared with the other tests: change a copy
     model = segmenter.model
     torch.manual_seed(0)
     with torch.no_grad():

@@ -1,5 +1,7 @@
 """The shared-image mask decoder against transformers' Sam2MaskDecoder, which copies the image per prompt."""
 
+import copy
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from ntt_core.proposals import best_of_three
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_models):
-    segmenter = load_segmenter(str(tiny_models[0]), device="cpu")
+    segmenter = copy.deepcopy(load_segmenter(str(tiny_models[0]), device="cpu"))  # the loaded model is shared
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # random init gives logits near 0; larger weights make every difference visible
         for parameter in segmenter.model.mask_decoder.parameters():
