@@ -194,18 +194,14 @@ def model_options(params: dict) -> dict:
 
 def timed_progress(progress, key: str):
     """``progress`` that also keeps the seconds per image (item) of this run (after its first image when
-    no figure exists yet, and at its end): see ``ntt_core.fiftyone.timings``."""
-    from ntt_core.fiftyone.timings import record_timing, seconds_per_image
+    no figure exists yet, and at its end): see ``ntt_core.fiftyone.timings.run_timer``."""
+    from ntt_core.fiftyone.timings import run_timer
 
-    started, counted = time.monotonic(), 0
-    first = seconds_per_image(key) is None
+    timer = run_timer(key)
 
     def timed(done: int, total: int, detail: str = "") -> None:
-        nonlocal started, counted, first
-        if not detail and done > counted and (first or done == total):
-            now = time.monotonic()
-            record_timing(key, now - started, done - counted)
-            started, counted, first = now, done, False
+        if not detail:
+            timer(done, total)
         progress(done, total, detail)
 
     return timed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
@@ -97,25 +96,6 @@ def _run_plan(ctx, params: dict):
     paper_models_on_cpu = not sam2 and not dinov2 and device in ("auto", "cpu")
     schedule = (seconds is not None and seconds > LONG_RUN_S) or (seconds is None and paper_models_on_cpu)
     return plan, seconds, line, schedule
-
-
-def _timed(key: str):
-    """``on_batch(done, total, from_cache)`` for ``segment_by_reference`` that keeps this run's seconds
-    per image (after its first batch when a figure is missing, and at its end), the images served
-    from the candidate cache apart: see ``ntt_core.fiftyone.timings``."""
-    from ntt_core.fiftyone.timings import cached_key, record_run, seconds_per_image
-
-    started, counted, cached = time.monotonic(), 0, 0
-    first = seconds_per_image(key) is None or seconds_per_image(cached_key(key)) is None
-
-    def on_batch(done: int, total: int, from_cache: int) -> None:
-        nonlocal started, counted, cached, first
-        if done > counted and (first or done == total):
-            now = time.monotonic()
-            record_run(key, now - started, done - counted, from_cache - cached)
-            started, counted, cached, first = now, done, from_cache, False
-
-    return on_batch
 
 
 def _shard_watch(ctx) -> dict:
@@ -289,7 +269,7 @@ class SegmentByReference(foo.Operator):
                 ctx, p, progress, lambda: _shard_watch(ctx), functools.partial(self._plan_and_queue, ctx, p)
             )
         from ntt_core.fiftyone.predictions import segment_by_reference, start_sharded_prediction, without_references
-        from ntt_core.fiftyone.timings import timing_key
+        from ntt_core.fiftyone.timings import run_timer, timing_key
         from ntt_core.models import load_models
 
         segmenter, encoder = load_models(p["sam2"] or None, p["dinov2"] or None, **model_options(p))
@@ -297,7 +277,10 @@ class SegmentByReference(foo.Operator):
         run = dict(
             bank_key=p["bank_key"], pred_field=p["pred_field"], segmenter=segmenter, encoder=encoder, settings=settings
         )
-        timed = dict(on_batch=_timed(timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"])))
+        # seconds per image kept for the estimates, images served from the candidate cache apart
+        timed = dict(
+            on_batch=run_timer(timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"]), cached=True)
+        )
         target = ctx.target_view()
         if p.get("skip_reference_samples"):
             target = without_references(target, p["bank_key"])

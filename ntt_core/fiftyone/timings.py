@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import platform
+import time
+from collections.abc import Callable
 
 STORE = "ntt_timings"
 LONG_RUN_S = 60.0  # above this, the form recommends a scheduled run
@@ -57,6 +59,24 @@ def record_run(key: str, seconds: float, images: int, from_cache: int) -> None:
         return
     charged = from_cache * (seconds_per_image(cached_key(key)) or 0.0)
     record_timing(key, max(seconds - charged, 0.0), images - from_cache)
+
+
+def run_timer(key: str, cached: bool = False) -> Callable[..., None]:
+    """``timer(done, total, from_cache=0)``, to call after each batch of a run, that keeps the run's
+    seconds per image under ``key`` (after its first batch when a figure is missing, and at its end),
+    the images served from the candidate cache apart (:func:`record_run`; ``cached``: the run can
+    have such images, so a missing cached figure also counts as missing)."""
+    started, counted, from_cache_counted = time.monotonic(), 0, 0
+    first = seconds_per_image(key) is None or (cached and seconds_per_image(cached_key(key)) is None)
+
+    def timer(done: int, total: int, from_cache: int = 0) -> None:
+        nonlocal started, counted, from_cache_counted, first
+        if done > counted and (first or done == total):
+            now = time.monotonic()
+            record_run(key, now - started, done - counted, from_cache - from_cache_counted)
+            started, counted, from_cache_counted, first = now, done, from_cache, False
+
+    return timer
 
 
 def _kept(key: str) -> tuple[float, int] | None:
