@@ -51,7 +51,7 @@ from speed import (
 )
 
 from ntt_core.models import SAM2_MODELS, autocast
-from ntt_core.prompt_decoder import decode_best, reusing_buffers
+from ntt_core.prompt_decoder import decode_best
 from ntt_core.proposals import best_of_three, point_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,13 +178,7 @@ def _minor_faults() -> int:
 
 
 def measure_row(decoders: dict, model, inputs: dict, share: float, args, device, dtype) -> dict:
-    """One pass-rate row: every decoder timed, calls interleaved, on the same inputs and threshold;
-    this tree's calls share its buffers as the prompt batches of one image do in ``propose``."""
-    with reusing_buffers():
-        return _measure_row(decoders, model, inputs, share, args, device, dtype)
-
-
-def _measure_row(decoders: dict, model, inputs: dict, share: float, args, device, dtype) -> dict:
+    """One pass-rate row: every decoder timed, calls interleaved, on the same inputs and threshold."""
     sync = device_sync(device)
     with autocast(device, dtype):  # transformers' best IoUs of every prompt (threshold 0: all pass) set the threshold
         threshold = threshold_for(torch.cat([iou for _, iou in transformers_decoder(model, inputs, 0.0)]), share)

@@ -42,7 +42,7 @@ SCHEMA = 1
 #: Version of the code that computes candidates and descriptors (frames, SAM2 encoder and prompt
 #: decoding, the IoU filter, DINOv2 features, pooling). Bump it whenever that code changes:
 #: tests/test_candidate_cache.py fails until its recorded source digest is updated with it.
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 #: Default size limit of a cache folder.
 DEFAULT_MAX_BYTES = 4 * 2**30
 #: The logit stored for pixels no result reads (outside a candidate's box and margin).

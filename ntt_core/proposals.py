@@ -9,7 +9,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from .models import PromptSegmenter
-from .prompt_decoder import choose_outputs, reusing_buffers
+from .prompt_decoder import choose_outputs
 from .stages import stage
 
 
@@ -50,16 +50,15 @@ def propose(
     """
     kept_logits: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     kept_iou: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
-    with reusing_buffers():  # the decoder's largest tensors reused by every prompt batch, freed after
-        for start in range(0, points.shape[0], prompt_batch_size):
-            chunk = points[start : start + prompt_batch_size][None].expand(batch_size, -1, -1)
-            with stage("prompt_decoding", items=chunk.shape[0] * chunk.shape[1]):
-                chosen = segmenter.segment_best_points(features, chunk, iou_threshold)
-            for image, (logits, iou) in enumerate(chosen):
-                kept_logits[image].append(logits)
-                kept_iou[image].append(iou)
-            if on_batch is not None:
-                on_batch(min(start + prompt_batch_size, points.shape[0]), points.shape[0])
+    for start in range(0, points.shape[0], prompt_batch_size):
+        chunk = points[start : start + prompt_batch_size][None].expand(batch_size, -1, -1)
+        with stage("prompt_decoding", items=chunk.shape[0] * chunk.shape[1]):
+            chosen = segmenter.segment_best_points(features, chunk, iou_threshold)
+        for image, (logits, iou) in enumerate(chosen):
+            kept_logits[image].append(logits)
+            kept_iou[image].append(iou)
+        if on_batch is not None:
+            on_batch(min(start + prompt_batch_size, points.shape[0]), points.shape[0])
     return [Candidates(torch.cat(logits), torch.cat(iou)) for logits, iou in zip(kept_logits, kept_iou)]
 
 

@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
+from ntt_core import prompt_decoder
 from ntt_core.models import autocast, load_segmenter
-from ntt_core.prompt_decoder import decode_best, decode_multimask, reusing_buffers
+from ntt_core.prompt_decoder import decode_best, decode_multimask
 from ntt_core.proposals import best_of_three
 
 
@@ -136,27 +137,42 @@ def test_best_outputs_match_transformers_after_best_of_three_and_filter(segmente
         torch.testing.assert_close(iou, reference_iou, rtol=1e-5, atol=1e-6)
 
 
-def test_reused_buffers_change_no_output(segmenter):
-    """Prompt batches that share the decoder's buffers (as propose's do) give exactly the outputs of
-    separate calls, also where a batch needs larger buffers than the one before or passes fewer
-    prompts, and no batch's kept masks are overwritten by a later batch."""
-    calls = [(2, 5, "all"), (1, 3, "half"), (2, 8, "half"), (1, 8, "all")]
-    inputs, expected = [], []
-    for batch, prompts, share in calls:
-        features, sparse, dense = decoder_inputs(segmenter, batch, prompts, seed=batch * 10 + prompts + 7)
-        (_, iou), _ = both_decoders(segmenter, features, sparse, dense)
-        threshold = split_threshold(iou) if share == "half" else 0.0
-        inputs.append((features, sparse, dense, threshold))
-        expected.append(best_outputs(segmenter, *inputs[-1]))
-    with reusing_buffers():
-        chosen = [best_outputs(segmenter, *arguments) for arguments in inputs]
-    assert any(
-        0 < len(iou) < sparse.shape[1] for (_, sparse, _, _), outputs in zip(inputs, chosen) for _, iou in outputs
-    )
-    for outputs, reference in zip(chosen, expected):
-        assert [len(iou) for _, iou in outputs] == [len(iou) for _, iou in reference]
-        for (logits, iou), (reference_logits, reference_iou) in zip(outputs, reference):
-            assert torch.equal(logits, reference_logits) and torch.equal(iou, reference_iou)
+@pytest.mark.parametrize(("prompts_per_piece", "pieces"), [(1, [1] * 8), (3, [3, 3, 2])])
+def test_prompts_decoded_in_pieces_give_the_outputs_of_one_piece(segmenter, monkeypatch, prompts_per_piece, pieces):
+    """On CPU each image's prompts go through the decoder a few at a time (``PIECE_BYTES`` of a prompt's
+    pixels) and the passing ones through the upscaling likewise (twice a prompt's pixels each): masks
+    and IoUs of every image of a batch equal those of one piece, with about half the prompts failing
+    the filter (so pieces pass different numbers of prompts, some none)."""
+    features, sparse, dense = decoder_inputs(segmenter, 2, 8, seed=5)
+    (_, iou), _ = both_decoders(segmenter, features, sparse, dense)
+    threshold = split_threshold(iou)
+    whole = best_outputs(segmenter, features, sparse, dense, threshold)  # tiny sizes: one piece
+    pixel_bytes = features.embeddings[0].numel() * features.embeddings.element_size()
+    monkeypatch.setattr(prompt_decoder, "PIECE_BYTES", prompts_per_piece * pixel_bytes)
+    decoded, two_way_layers = [], prompt_decoder._two_way_layers
+
+    def recording(decoder, image_wide, sparse):
+        decoded.append(tuple(sparse.shape[:2]))
+        return two_way_layers(decoder, image_wide, sparse)
+
+    monkeypatch.setattr(prompt_decoder, "_two_way_layers", recording)
+    in_pieces = best_outputs(segmenter, features, sparse, dense, threshold)
+    assert decoded == [(1, size) for size in pieces] * 2  # one image at a time, its prompts in pieces
+    assert 0 < sum(len(iou) for _, iou in whole) < 16
+    for (logits, iou), (expected_logits, expected_iou) in zip(in_pieces, whole):
+        assert len(iou) == len(expected_iou)
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(iou, expected_iou, rtol=1e-5, atol=1e-7)
+
+
+def test_pieces_only_on_cpu():
+    """Elsewhere a decoder call keeps its prompts together (a piece more would be a host sync more)."""
+    assert prompt_decoder._pieces(10, prompt_decoder.PIECE_BYTES, torch.device("meta")) == [slice(0, 10)]
+    assert prompt_decoder._pieces(10, prompt_decoder.PIECE_BYTES // 4, torch.device("cpu")) == [
+        slice(0, 4),
+        slice(4, 8),
+        slice(8, 10),
+    ]
 
 
 def test_segmenter_best_points_equal_best_of_three_of_all_outputs(segmenter):
