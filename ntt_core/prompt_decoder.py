@@ -272,7 +272,8 @@ def decode_multimask(
 
 def _pieces(count: int, item_bytes: int, device: torch.device) -> list[slice]:
     """``range(count)`` in slices of items whose ``item_bytes`` add up to at most :data:`PIECE_BYTES`
-    on CPU; elsewhere one slice (a GPU wants large batches, and a slice more is a host sync more)."""
+    (one item where a single one is larger) on CPU; elsewhere one slice (a GPU wants large batches,
+    and a slice more is a host sync more)."""
     step = max(1, PIECE_BYTES // item_bytes)
     if device.type != "cpu" or step >= count:
         return [slice(0, count)]
@@ -328,5 +329,5 @@ def decode_best(
                 )
                 kept[index][0].append(logits)
                 kept[index][1].append(best_iou[index, rows])
-        chosen += [tuple(parts[0] if len(parts) == 1 else torch.cat(parts) for parts in image) for image in kept]
+        chosen += [tuple(part[0] if len(part) == 1 else torch.cat(part) for part in outputs) for outputs in kept]
     return chosen

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from .input_rules import InputError
 
 #: Prompts decoded at once when ``prompt_batch_size`` is None: the paper's 256 on an accelerator; 64 on
-#: CPU, where it is faster and needs about 1.8 GiB of decoder scratch instead of 7 (benchmarks/RESULTS.md).
+#: CPU, where it was measured faster (the CPU decoder works through a batch a few prompts at a time, so
+#: its memory hardly grows with the batch; benchmarks/RESULTS.md).
 DEFAULT_PROMPT_BATCH = {"cpu": 64, "accelerator": 256}
 #: Settings that change memory and speed but never the results (proven in tests/test_predictor.py).
 MEMORY_ONLY = ("prompt_batch_size",)

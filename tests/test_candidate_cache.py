@@ -35,7 +35,7 @@ PIPELINE_SOURCES = {
     1: "3fc0828086889d4c7d6587ffe7ec446b6981e47c9a638ca039c067be263c1795",
     2: "194cc81d4ba7f5fae9eae4685912344f335b53dd27a735aaa9a1cca75aa2b096",  # decoder buffer reuse, cache hit count
     3: "99b8638d5d247eed1cc66d1439eceb42d36ca7f10242ea96ce987bfea77af31e",  # final attention for the 5 tokens read
-    4: "2ac8af26df9701d0b2fec32f09b6dd98d4c6f4b28c4640b97b3618994632d7ec",  # the decoder in pieces of a few prompts on CPU
+    4: "4755a8e3b82f97120fd054675fca9c8c6d3e7d7f0b891693e196dcf8a716b9bf",  # the decoder in pieces of a few prompts on CPU
 }
 
 

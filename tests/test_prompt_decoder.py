@@ -137,8 +137,12 @@ def test_best_outputs_match_transformers_after_best_of_three_and_filter(segmente
         torch.testing.assert_close(iou, reference_iou, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("prompts_per_piece", "pieces"), [(1, [1] * 8), (3, [3, 3, 2])])
-def test_prompts_decoded_in_pieces_give_the_outputs_of_one_piece(segmenter, monkeypatch, prompts_per_piece, pieces):
+@pytest.mark.parametrize(
+    ("prompts_per_piece", "pieces", "upscaled_per_piece"), [(1, [1] * 8, 1), (3, [3, 3, 2], 1), (4, [4, 4], 2)]
+)
+def test_prompts_decoded_in_pieces_give_the_outputs_of_one_piece(
+    segmenter, monkeypatch, prompts_per_piece, pieces, upscaled_per_piece
+):
     """On CPU each image's prompts go through the decoder a few at a time (``PIECE_BYTES`` of a prompt's
     pixels) and the passing ones through the upscaling likewise (twice a prompt's pixels each): masks
     and IoUs of every image of a batch equal those of one piece, with about half the prompts failing
@@ -149,16 +153,24 @@ def test_prompts_decoded_in_pieces_give_the_outputs_of_one_piece(segmenter, monk
     whole = best_outputs(segmenter, features, sparse, dense, threshold)  # tiny sizes: one piece
     pixel_bytes = features.embeddings[0].numel() * features.embeddings.element_size()
     monkeypatch.setattr(prompt_decoder, "PIECE_BYTES", prompts_per_piece * pixel_bytes)
-    decoded, two_way_layers = [], prompt_decoder._two_way_layers
+    decoded, upscaled = [], []
+    two_way_layers, masks = prompt_decoder._two_way_layers, prompt_decoder._masks
 
-    def recording(decoder, image_wide, sparse):
+    def recording_layers(decoder, image_wide, sparse):
         decoded.append(tuple(sparse.shape[:2]))
         return two_way_layers(decoder, image_wide, sparse)
 
-    monkeypatch.setattr(prompt_decoder, "_two_way_layers", recording)
+    def recording_masks(decoder, pixels, *arguments):
+        upscaled.append(pixels.shape[0])
+        return masks(decoder, pixels, *arguments)
+
+    monkeypatch.setattr(prompt_decoder, "_two_way_layers", recording_layers)
+    monkeypatch.setattr(prompt_decoder, "_masks", recording_masks)
     in_pieces = best_outputs(segmenter, features, sparse, dense, threshold)
     assert decoded == [(1, size) for size in pieces] * 2  # one image at a time, its prompts in pieces
-    assert 0 < sum(len(iou) for _, iou in whole) < 16
+    passed = sum(len(iou) for _, iou in whole)
+    assert 0 < passed < 16 and sum(upscaled) == passed
+    assert max(upscaled) == upscaled_per_piece
     for (logits, iou), (expected_logits, expected_iou) in zip(in_pieces, whole):
         assert len(iou) == len(expected_iou)
         torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
