@@ -173,7 +173,10 @@ def model_inputs(inputs, segmenter: bool = True, encoder: bool = True) -> None:
         list(DTYPES),
         default="auto",
         label="Compute dtype",
-        description="auto: float32 everywhere, as the authors ran; bfloat16 is an unmeasured speed option",
+        description=(
+            "auto: float32 everywhere, as the authors ran; bfloat16 is faster on GPUs and on CPUs with AMX "
+            "(1.6x per image measured on one), its accuracy against the paper's unmeasured"
+        ),
     )
 
 

@@ -121,7 +121,7 @@ class BuildMemoryBank(foo.Operator):
 
         images = len(reference_view(target, gt_field, **chosen))  # what the run's progress counts
         models = [current(ctx, inputs, name) for name in ("sam2", "dinov2")]
-        key = timing_key(current(ctx, inputs, "device"), *models, BUILD)
+        key = timing_key(current(ctx, inputs, "device"), *models, BUILD, current(ctx, inputs, "dtype"))
         inputs.view("estimate", types.Notice(label=estimate(key, images)[1]))
 
     def execute(self, ctx):
@@ -136,7 +136,7 @@ class BuildMemoryBank(foo.Operator):
         from ntt_core.models import load_encoder, load_segmenter, segmenter_source
 
         options = model_options(p)
-        progress = timed_progress(progress, timing_key(p["device"], p["sam2"], p["dinov2"], BUILD))
+        progress = timed_progress(progress, timing_key(p["device"], p["sam2"], p["dinov2"], BUILD, p["dtype"]))
         encoder = load_encoder(p["dinov2"] or None, **options)
         return build_dataset_memory_bank(
             ctx.target_view(),

@@ -91,7 +91,7 @@ def _run_plan(ctx, params: dict):
     except NttError:  # shown under its field
         return None
     sam2, dinov2, device = get("sam2", ""), get("dinov2", ""), get("device", "auto")
-    key = timing_key(device, sam2, dinov2, grid)
+    key = timing_key(device, sam2, dinov2, grid, get("dtype", "auto"))
     seconds, line = estimate(key, plan["samples"])
     paper_models_on_cpu = not sam2 and not dinov2 and device in ("auto", "cpu")
     schedule = (seconds is not None and seconds > LONG_RUN_S) or (seconds is None and paper_models_on_cpu)
@@ -279,7 +279,9 @@ class SegmentByReference(foo.Operator):
         )
         # seconds per image kept for the estimates, images served from the candidate cache apart
         timed = dict(
-            on_batch=run_timer(timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"]), cached=True)
+            on_batch=run_timer(
+                timing_key(p["device"], p["sam2"], p["dinov2"], p["points_per_side"], p["dtype"]), cached=True
+            )
         )
         target = ctx.target_view()
         if p.get("skip_reference_samples"):

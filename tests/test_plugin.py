@@ -294,6 +294,26 @@ def test_the_segment_form_says_what_will_run_how_long_it_takes_and_advises_sched
     assert execution_options("segment_by_reference", dataset, slow)["default_choice_to_delegated"] is True
 
 
+def test_a_bfloat16_run_keeps_a_figure_of_its_own_and_the_estimate_names_its_dtype(dataset, models):
+    """bfloat16 runs faster than the default float32, so its seconds per image are kept apart ("auto" is
+    float32 and shares float32's figure), and an estimate from them says so."""
+    from ntt_core.fiftyone.timings import seconds_per_image, timing_key
+
+    foo.get_operator(uri("build_memory_bank"))(dataset, "gt", **models)
+    grid = 7  # a grid no other test runs: no figure is kept for it yet
+    params = dict(bank_key="references", pred_field="pred", **{**FAST, "points_per_side": grid}, **models)
+    fp32, bf16 = (timing_key("cpu", models["sam2"], models["dinov2"], grid, dtype) for dtype in ("auto", "bfloat16"))
+    assert fp32 == timing_key("cpu", models["sam2"], models["dinov2"], grid, "float32") != bf16
+    foo.get_operator(uri("segment_by_reference"))(dataset, dtype="bfloat16", **params)
+    assert seconds_per_image(bf16) is not None and seconds_per_image(fp32) is None
+    line = inputs_of("segment_by_reference", dataset, {**params, "pred_field": "other", "dtype": "bfloat16"})
+    assert re.fullmatch(
+        r"About \d+ s on 'cpu' in bfloat16 for 3 image\(s\) \([\d.]+ s per image .*", line["estimate"].view.label
+    )
+    line = inputs_of("segment_by_reference", dataset, {**params, "pred_field": "other", "dtype": "float32"})
+    assert line["estimate"].view.label.startswith("No time measured yet on 'cpu' for these models and grid")
+
+
 def test_the_build_form_estimates_its_time_per_reference_image_from_the_kept_figure(dataset, models):
     from fiftyone import ViewField as F
     from fiftyone.operators.store import ExecutionStore

@@ -1,6 +1,6 @@
 """Seconds per image of a segmentation (per reference image of a bank's build), measured on this
-machine and kept (in FiftyOne's execution store) per device, models and prompt grid (``BUILD`` for
-a build); refined after each run. The Segment and Build forms estimate a run's time from them, and
+machine and kept (in FiftyOne's execution store) per device, compute dtype, models and prompt grid
+(``BUILD`` for a build); refined after each run. The Segment and Build forms estimate a run's time from them, and
 say so when no figure exists yet. Images served from the candidate cache (segmented before with the
 same models and grid, whatever the bank) cost only the bank-dependent finishing: they are kept as a
 figure of their own (:func:`cached_key`)."""
@@ -24,10 +24,15 @@ def _store():
     return ExecutionStore.create(STORE)
 
 
-def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int | str) -> str:
-    """The key of a figure: this machine, the requested device ("auto" too), the model fields as given
+def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int | str, dtype: str | None = "auto") -> str:
+    """The key of a figure: this machine, the requested device ("auto" too), the compute dtype where
+    it is not float32 (a bfloat16 run is faster: its figure is its own), the model fields as given
     ("" is the paper's model) and the grid (``BUILD`` for a build)."""
-    return "|".join((platform.node(), device, sam2 or "paper", dinov2 or "paper", str(points_per_side)))
+    from ntt_core.models import choose_dtype
+
+    name = str(choose_dtype(None, dtype)).removeprefix("torch.")  # "auto" is float32
+    reduced = () if name == "float32" else (name,)
+    return "|".join((platform.node(), device, *reduced, sam2 or "paper", dinov2 or "paper", str(points_per_side)))
 
 
 def cached_key(key: str) -> str:
@@ -94,11 +99,12 @@ def estimate(key: str, images: int) -> tuple[float | None, str]:
     """The estimated seconds of a run over ``images`` images (reference images for a ``BUILD`` key;
     None when unknown) and the form's line on it."""
     per_image = seconds_per_image(key)
-    device, work = key.split("|")[1], key.split("|")[-1]
+    parts = key.split("|")
+    where, work = f"'{parts[1]}'" + (f" in {parts[2]}" if len(parts) == 6 else ""), parts[-1]  # device, dtype
     image, setup = ("reference image", "these models") if work == BUILD else ("image", "these models and grid")
     if per_image is None:
         return None, (
-            f"No time measured yet on '{device}' for {setup} on this machine: this run measures "
+            f"No time measured yet on {where} for {setup} on this machine: this run measures "
             f"its first {image} (the figure is kept for the next estimates)."
         )
     seconds = per_image * images
@@ -110,7 +116,7 @@ def estimate(key: str, images: int) -> tuple[float | None, str]:
         f"{cached:.1f} s each: about {_duration(cached * images)} if all of them do."
     )
     return seconds, (
-        f"About {_duration(seconds)} on '{device}' for {images} {image}(s) ({per_image:.1f} s per {image} "
+        f"About {_duration(seconds)} on {where} for {images} {image}(s) ({per_image:.1f} s per {image} "
         f"measured on this machine with {setup}), plus loading the models.{reuse}"
     )
 
