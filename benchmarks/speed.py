@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ntt_core import prompt_decoder
 from ntt_core.coco import instances_to_coco_results
 from ntt_core.errors import NttError
 from ntt_core.frames import image_tensor
@@ -458,25 +459,48 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _in_place_product_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``x.baddbmm_(a, b)`` / ``x.addmm_(a, b)``: a ``[.., m, k]`` times b ``[.., k, n]``, 2 per multiply-add."""
+    return 2 * math.prod(a_shape) * b_shape[-1]
+
+
 def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter, also counting the attention kernel torch uses on CPU."""
+    """torch's FLOP counter, also counting the attention kernel torch uses on CPU and the in-place
+    matrix products (``baddbmm_``, ``addmm_``: the prompt decoder's accumulations), which it leaves out."""
     return FlopCounterMode(
-        display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+            aten.baddbmm_: _in_place_product_flops,
+            aten.addmm_: _in_place_product_flops,
+        },
     )
+
+
+@contextlib.contextmanager
+def decoding_as_on_a_gpu():
+    """The prompt decoder with each prompt batch in one piece, as it runs off CPU: on CPU it decodes a
+    batch a few prompts at a time (``prompt_decoder.PIECE_BYTES``, one pass count per piece), which
+    changes neither its FLOPs nor its outputs but would misstate a GPU's host syncs and tensor sizes."""
+    pieces = prompt_decoder.PIECE_BYTES
+    prompt_decoder.PIECE_BYTES = 2**62
+    try:
+        yield
+    finally:
+        prompt_decoder.PIECE_BYTES = pieces
 
 
 def cost_account(predictor: Predictor, path: Path, survivors: torch.Tensor | None) -> dict:
     """One image through the instrumented predictor (untimed): FLOPs per stage (``FlopCounterMode``:
     matrix products, convolutions and attention; elementwise work is not counted), host-device sync
-    calls per stage, and the largest tensors each stage allocates (prompt decoding: per prompt batch)."""
-    flops = FlopCounterMode(
-        display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-    )
+    calls per stage, and the largest tensors each stage allocates (prompt decoding: per prompt batch),
+    with the prompt decoder laid out as on a GPU (:func:`decoding_as_on_a_gpu`)."""
+    flops = flop_counter()
     syncs = SyncCounter()
     timer = StageTimer(lambda: None, {"flops": flops.get_total_flops, "sync_calls": lambda: syncs.total})
     sizes = LargestTensors(timer)
     category_ids = {name: i + 1 for i, name in enumerate(predictor.bank.classes)}
-    with instrumented(predictor, timer, survivors), flops, sizes, syncs:
+    with instrumented(predictor, timer, survivors), decoding_as_on_a_gpu(), flops, sizes, syncs:
         for result in predictor.predict_paths([path]):
             with stage("writing"):
                 instances_to_coco_results(result, 1, category_ids)

@@ -163,6 +163,8 @@ def test_speed_random_weights(monkeypatch, capsys):
     speed = _load("speed")
     monkeypatch.setattr(speed, "sam2_config", lambda arch: tiny_sam2_config())
     monkeypatch.setattr(speed, "dinov2_config", lambda arch: tiny_dinov2_config())
+    # on CPU the decoder would take each prompt alone (a pass count each); the cost account counts a GPU's layout
+    monkeypatch.setattr(speed.prompt_decoder, "PIECE_BYTES", 1)
     argv = ["--device", "cpu", "--arch", "sam2-tiny", "--dinov2-arch", "dinov2-small", "--images", "1", "--warmup", "0"]
     argv += [
         "--image-size",
@@ -203,6 +205,26 @@ def test_speed_random_weights(monkeypatch, capsys):
     assert cost["h100_compute_bound_s_per_image"] == pytest.approx(
         cost["gflops_per_image"] * 1e9 / (cost["h100_peak_tflops"] * 1e12)
     )
+
+
+def test_the_flop_counter_counts_in_place_products_as_their_out_of_place_forms():
+    """torch's counter leaves out ``baddbmm_`` and ``addmm_``, which the prompt decoder accumulates its
+    products with: the cost account counts them (2 per multiply-add, as torch counts ``baddbmm``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    speed = _load("speed")
+    x, a, b = torch.zeros(3, 8, 16), torch.randn(3, 8, 4), torch.randn(3, 4, 16)
+    y, c, d = torch.zeros(8, 16), torch.randn(8, 4), torch.randn(4, 16)
+    with speed.flop_counter() as counter:
+        x.baddbmm_(a, b)
+        y.addmm_(c, d)
+    assert counter.get_total_flops() == 2 * 3 * 8 * 4 * 16 + 2 * 8 * 4 * 16
+    with FlopCounterMode(display=False) as out_of_place:
+        torch.baddbmm(x, a, b)
+    assert out_of_place.get_total_flops() == 2 * 3 * 8 * 4 * 16
+    with FlopCounterMode(display=False) as in_place:
+        x.baddbmm_(a, b)
+    assert in_place.get_total_flops() == 0  # what the mapping is for (drop it once torch counts these)
 
 
 def test_sync_counter_counts_the_calls_that_wait_for_a_device():
