@@ -1,9 +1,9 @@
 """Seconds per image of a segmentation (per reference image of a bank's build), measured on this
 machine and kept (in FiftyOne's execution store) per device, compute dtype, models and prompt grid
-(``BUILD`` for a build); refined after each run. The Segment and Build forms estimate a run's time from them, and
-say so when no figure exists yet. Images served from the candidate cache (segmented before with the
-same models and grid, whatever the bank) cost only the bank-dependent finishing: they are kept as a
-figure of their own (:func:`cached_key`)."""
+(``BUILD`` for a build); refined after each run. The Segment and Build forms estimate a run's time
+from them, and say so when no figure exists yet. Images served from the candidate cache (segmented
+before with the same models and grid, whatever the bank) cost only the bank-dependent finishing:
+they are kept as a figure of their own (:func:`cached_key`)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,7 @@ def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int | str, 
     """The key of a figure: this machine, the requested device ("auto" too), the compute dtype where
     it is not float32 (a bfloat16 run is faster: its figure is its own), the model fields as given
     ("" is the paper's model) and the grid (``BUILD`` for a build)."""
-    from ntt_core.models import choose_dtype
-
-    name = str(choose_dtype(None, dtype)).removeprefix("torch.")  # "auto" is float32
-    reduced = () if name == "float32" else (name,)
+    reduced = () if dtype in (None, "auto", "float32") else (str(dtype),)  # the forms' choices; "auto" is float32
     return "|".join((platform.node(), device, *reduced, sam2 or "paper", dinov2 or "paper", str(points_per_side)))
 
 
