@@ -466,7 +466,7 @@ def _in_place_product_flops(self_shape, a_shape, b_shape, *args, out_shape=None,
 
 def flop_counter() -> FlopCounterMode:
     """torch's FLOP counter, also counting the attention kernel torch uses on CPU and the in-place
-    matrix products (``baddbmm_``, ``addmm_``: the prompt decoder's accumulations), which it leaves out."""
+    matrix products ``baddbmm_`` (the prompt decoder's accumulations) and ``addmm_``, which it leaves out."""
     return FlopCounterMode(
         display=False,
         custom_mapping={
@@ -479,9 +479,10 @@ def flop_counter() -> FlopCounterMode:
 
 @contextlib.contextmanager
 def decoding_as_on_a_gpu():
-    """The prompt decoder with each prompt batch in one piece, as it runs off CPU: on CPU it decodes a
-    batch a few prompts at a time (``prompt_decoder.PIECE_BYTES``, one pass count per piece), which
-    changes neither its FLOPs nor its outputs but would misstate a GPU's host syncs and tensor sizes."""
+    """The prompt decoder with each prompt batch in one piece, as it runs off CPU (for one image per
+    call, as the cost account decodes): on CPU it decodes a batch a few prompts at a time
+    (``prompt_decoder.PIECE_BYTES``, one pass count per piece), the same FLOPs and outputs up to float
+    rounding, which would misstate a GPU's host syncs and tensor sizes."""
     pieces = prompt_decoder.PIECE_BYTES
     prompt_decoder.PIECE_BYTES = 2**62
     try:
@@ -720,13 +721,13 @@ def run(args: argparse.Namespace) -> dict:
         resettable = reset_peak_host()
         report["host_before_run_mb"] = _status_mb("VmRSS")
         report.update(measure(predictor, paths, args.batch_size, args.warmup, timer, first))
+        # while predicting: read before the cost account, which decodes whole prompt batches even on CPU
+        report["peak_host_run_mb"] = peak_host_mb(since_reset=True) if resettable else None
+        report["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         if not args.no_cost:
             report["cost"] = cost_account(predictor, paths[0], first)
-        report["peak_host_mb"] = peak_host_mb(since_reset=False)
-        report["peak_host_run_mb"] = peak_host_mb(since_reset=True) if resettable else None
         height, width = args.image_size  # what the candidates of one image would take as full-size bool masks:
         report["full_size_masks_mb"] = report["candidates"]["after_nms"] * height * width / 2**20
-        report["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         if len(survivor_sets) > 1:
             report["survivor_rows"] = [{"survivors": args.survivors[0], **_row(report)}] + [
                 {"survivors": n, **_row(measure(predictor, paths, args.batch_size, 0, timer, logits))}

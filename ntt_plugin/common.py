@@ -174,8 +174,8 @@ def model_inputs(inputs, segmenter: bool = True, encoder: bool = True) -> None:
         default="auto",
         label="Compute dtype",
         description=(
-            "auto: float32 everywhere, as the authors ran; bfloat16 is faster on GPUs and on CPUs with AMX "
-            "(1.6x per image measured on one), its accuracy against the paper's unmeasured"
+            "auto: float32 everywhere, as the authors ran; bfloat16 is faster on CPUs with AMX (1.6x per "
+            "image measured on one) and expected to be on GPUs, its accuracy against the paper's unmeasured"
         ),
     )
 

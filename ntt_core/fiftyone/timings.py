@@ -28,7 +28,9 @@ def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int | str, 
     """The key of a figure: this machine, the requested device ("auto" too), the compute dtype where
     it is not float32 (a bfloat16 run is faster: its figure is its own), the model fields as given
     ("" is the paper's model) and the grid (``BUILD`` for a build)."""
-    reduced = () if dtype in (None, "auto", "float32") else (str(dtype),)  # the forms' choices; "auto" is float32
+    name = str(dtype or "auto").removeprefix("torch.")  # a name or a torch dtype, as the model loaders take it
+    name = {"auto": "float32", "fp32": "float32", "bf16": "bfloat16"}.get(name, name)
+    reduced = () if name == "float32" else (name,)
     return "|".join((platform.node(), device, *reduced, sam2 or "paper", dinov2 or "paper", str(points_per_side)))
 
 
@@ -97,7 +99,8 @@ def estimate(key: str, images: int) -> tuple[float | None, str]:
     None when unknown) and the form's line on it."""
     per_image = seconds_per_image(key)
     parts = key.split("|")
-    where, work = f"'{parts[1]}'" + (f" in {parts[2]}" if len(parts) == 6 else ""), parts[-1]  # device, dtype
+    dtype = f" in {parts[2]}" if len(parts) == 6 else ""  # a reduced dtype's figure (timing_key)
+    where, work = f"'{parts[1]}'{dtype}", parts[-1]
     image, setup = ("reference image", "these models") if work == BUILD else ("image", "these models and grid")
     if per_image is None:
         return None, (
