@@ -62,53 +62,56 @@ def detection_ids(dataset, field: str) -> dict[str, list[str]]:
     return {sample_id: [d.id for d in found] for sample_id, found in zip(ids, detections)}
 
 
-def test_a_run_that_runs_out_of_memory_shows_the_resume_hint_then_resumes(own_app, tmp_path):
-    app, server = own_app, own_app.server
+@pytest.fixture
+def dataset(tmp_path):
+    """Two small scenes, then the big image. Requested before the page, so that it is deleted after the
+    page closes (deleted under an open page, the App's next query fails in the console)."""
     dataset = scenes_dataset(tmp_path, count=2, size=SIZE)
     dataset.name = "browser-out-of-memory"
+    dataset.add_sample(fo.Sample(filepath=str(big_image(tmp_path / "big.png"))))  # segmented last
+    # the grid shows a small thumbnail of it: the browser never decodes the big image
+    thumbnail = tmp_path / "big-thumbnail.png"
+    Image.new("L", (130, 130), 90).save(thumbnail)
+    dataset.set_values("thumbnail", [*dataset.values("filepath")[:-1], str(thumbnail)])
+    dataset.app_config.media_fields = ["filepath", "thumbnail"]
+    dataset.app_config.grid_media_field = "thumbnail"
+    dataset.save()
+    yield dataset
+    dataset.delete()
+
+
+def test_a_run_that_runs_out_of_memory_shows_the_resume_hint_then_resumes(dataset, own_app):
+    app, server = own_app, own_app.server
+    scenes = dataset.values("id")[:2]
+    app.open(dataset)
+    # the bank, built in the App: the server imports torch and loads the models
+    shown = app.run(app.operator_form("Build memory bank from reference instances"))
+    expect(shown).to_contain_text(BUILT)
+    shown.get_by_role("button", name="Done").click()
+
+    base = vm_size(server.process.pid)
+    limit = base + HEADROOM
+    memory = f"the server's address space: {base / 2**30:.2f} GiB, capped at {limit / 2**30:.2f} GiB"
+    original = resource.prlimit(server.process.pid, resource.RLIMIT_AS)
+    resource.prlimit(server.process.pid, resource.RLIMIT_AS, (limit, original[1]))
     try:
-        dataset.add_sample(fo.Sample(filepath=str(big_image(tmp_path / "big.png"))))  # segmented last
-        # the grid shows a small thumbnail of it: the browser never decodes the big image
-        thumbnail = tmp_path / "big-thumbnail.png"
-        Image.new("L", (130, 130), 90).save(thumbnail)
-        dataset.set_values("thumbnail", [*dataset.values("filepath")[:-1], str(thumbnail)])
-        dataset.app_config.media_fields = ["filepath", "thumbnail"]
-        dataset.app_config.grid_media_field = "thumbnail"
-        dataset.save()
-        scenes = dataset.values("id")[:2]
-        app.open(dataset)
-        # the bank, built in the App: the server imports torch and loads the models
-        shown = app.run(app.operator_form("Build memory bank from reference instances"))
-        expect(shown).to_contain_text(BUILT)
-        shown.get_by_role("button", name="Done").click()
-
-        base = vm_size(server.process.pid)
-        limit = base + HEADROOM
-        memory = f"the server's address space: {base / 2**30:.2f} GiB, capped at {limit / 2**30:.2f} GiB"
-        original = resource.prlimit(server.process.pid, resource.RLIMIT_AS)
-        resource.prlimit(server.process.pid, resource.RLIMIT_AS, (limit, original[1]))
-        try:
-            shown = run_form(app)
-        finally:
-            resource.prlimit(server.process.pid, resource.RLIMIT_AS, original)
-        expect(shown.get_by_text("Segment by reference failed", exact=True)).to_be_visible()
-        expect(shown).to_contain_text("segmentation stopped after 2 of 3 samples")
-        expect(shown, memory).to_contain_text(
-            re.compile("can't allocate memory|MemoryError")
-        )  # torch's | numpy's, PIL's
-        expect(shown).to_contain_text("run again with skip_existing to finish the rest")
-        app.screenshot("failed")
-        dataset.reload()
-        finished = detection_ids(dataset, "ntt_predictions")
-        assert sorted(finished) == sorted(scenes) and all(finished.values()), (memory, finished, server.log_tail())
-        assert server.process.poll() is None, server.log_tail()
-
-        shown.get_by_role("button", name="Done").click()
-        shown = run_form(app, skip_existing=True)  # on the same page and server, without the cap
-        expect(shown).to_contain_text(segmented("ntt_predictions", 1))
-        dataset.reload()
-        resumed = detection_ids(dataset, "ntt_predictions")
-        assert sorted(resumed) == sorted(dataset.values("id")), (memory, resumed)
-        assert {sample_id: resumed[sample_id] for sample_id in scenes} == finished  # not done again
+        shown = run_form(app)
     finally:
-        dataset.delete()
+        resource.prlimit(server.process.pid, resource.RLIMIT_AS, original)
+    expect(shown.get_by_text("Segment by reference failed", exact=True)).to_be_visible()
+    expect(shown).to_contain_text("segmentation stopped after 2 of 3 samples")
+    expect(shown, memory).to_contain_text(re.compile("can't allocate memory|MemoryError"))  # torch's | numpy's, PIL's
+    expect(shown).to_contain_text("run again with skip_existing to finish the rest")
+    app.screenshot("failed")
+    dataset.reload()
+    finished = detection_ids(dataset, "ntt_predictions")
+    assert sorted(finished) == sorted(scenes) and all(finished.values()), (memory, finished, server.log_tail())
+    assert server.process.poll() is None, server.log_tail()
+
+    shown.get_by_role("button", name="Done").click()
+    shown = run_form(app, skip_existing=True)  # on the same page and server, without the cap
+    expect(shown).to_contain_text(segmented("ntt_predictions", 1))
+    dataset.reload()
+    resumed = detection_ids(dataset, "ntt_predictions")
+    assert sorted(resumed) == sorted(dataset.values("id")), (memory, resumed)
+    assert {sample_id: resumed[sample_id] for sample_id in scenes} == finished  # not done again
