@@ -26,6 +26,20 @@ def check_seed(seed, name: str = "seed") -> int:
     return seed
 
 
+#: The compute dtype names every path takes, by the dtype each means ("auto" is float32, the paper's).
+DTYPE_NAMES = {"auto": "float32", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def dtype_name(dtype) -> str:
+    """The name of the compute dtype ``dtype`` means: one of :data:`DTYPE_NAMES` (None is "auto") or a
+    torch dtype, by its torch name ("float32", "bfloat16"...); ValueError for any other name."""
+    if dtype is None or isinstance(dtype, str):
+        if (dtype or "auto") not in DTYPE_NAMES:
+            raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+        return DTYPE_NAMES[dtype or "auto"]
+    return str(dtype).removeprefix("torch.")
+
+
 def check_count(value, name: str) -> int:
     """``value`` if it is an integer >= 1 (shots, references per class, images per batch...)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -28,6 +28,7 @@ from .checkpoints import (
     hub_folder,
     load_pretrained,
 )
+from .input_rules import dtype_name
 from .meta_checkpoints import CheckpointError
 from .prompt_decoder import decode_best, decode_multimask
 
@@ -131,14 +132,7 @@ def choose_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = "auto") -> torch.dtype:
     """Compute dtype: "auto" (or None) is float32 on every device (the paper's); bfloat16 only when asked."""
-    if dtype is None or dtype == "auto":
-        return torch.float32
-    if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-        if dtype not in names:
-            raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}")
-        dtype = names[dtype]
-    return dtype
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype_name(dtype))
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

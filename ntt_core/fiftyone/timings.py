@@ -12,6 +12,8 @@ import platform
 import time
 from collections.abc import Callable
 
+from ..input_rules import dtype_name
+
 STORE = "ntt_timings"
 LONG_RUN_S = 60.0  # above this, the form recommends a scheduled run
 BUILD = "build"  # the work of a figure for building a bank, in place of a segmentation's grid
@@ -28,8 +30,7 @@ def timing_key(device: str, sam2: str, dinov2: str, points_per_side: int | str, 
     """The key of a figure: this machine, the requested device ("auto" too), the compute dtype where
     it is not float32 (a bfloat16 run is faster: its figure is its own), the model fields as given
     ("" is the paper's model) and the grid (``BUILD`` for a build)."""
-    name = str(dtype or "auto").removeprefix("torch.")  # a name or a torch dtype, as the model loaders take it
-    name = {"auto": "float32", "fp32": "float32", "bf16": "bfloat16"}.get(name, name)
+    name = dtype_name(dtype)  # a name or a torch dtype, as the model loaders take it
     reduced = () if name == "float32" else (name,)
     return "|".join((platform.node(), device, *reduced, sam2 or "paper", dinov2 or "paper", str(points_per_side)))
 
