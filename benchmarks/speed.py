@@ -39,7 +39,7 @@ import torch
 from torch.ops import aten
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, addmm_flop, baddbmm_flop, sdpa_flop_count
 
 if __package__ in (None, ""):  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -459,11 +459,6 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _in_place_product_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """``x.baddbmm_(a, b)`` / ``x.addmm_(a, b)``: a ``[.., m, k]`` times b ``[.., k, n]``, 2 per multiply-add."""
-    return 2 * math.prod(a_shape) * b_shape[-1]
-
-
 def flop_counter() -> FlopCounterMode:
     """torch's FLOP counter, also counting the attention kernel torch uses on CPU and the in-place
     matrix products ``baddbmm_`` (the prompt decoder's accumulations) and ``addmm_``, which it leaves out."""
@@ -471,8 +466,9 @@ def flop_counter() -> FlopCounterMode:
         display=False,
         custom_mapping={
             aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
-            aten.baddbmm_: _in_place_product_flops,
-            aten.addmm_: _in_place_product_flops,
+            # torch's own formulas for baddbmm / addmm, unwrapped (the mapping wraps them again)
+            aten.baddbmm_: baddbmm_flop.__wrapped__,
+            aten.addmm_: addmm_flop.__wrapped__,
         },
     )
 
